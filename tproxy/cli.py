@@ -1,2 +1,54 @@
-def main(argv=None) -> int:
-    raise NotImplementedError
+"""The ``tproxy`` command line: one entry point, one subcommand per job.
+
+Each subcommand lives with the code it drives (``tproxy.runner`` for ``run``,
+``tproxy.routing.cli`` for ``setup``/``teardown``/``status``/``doctor``) and
+registers itself here through a ``register(subparsers)`` function that sets
+``handler`` on its parser. Bad arguments end with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """A bad argument found after parsing (e.g. an interceptor that does not load)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    from . import __version__, runner
+    from .routing import cli as routing_cli
+
+    parser = ArgumentParser(prog="tproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    runner.register(sub)
+    routing_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"tproxy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

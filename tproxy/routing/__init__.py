@@ -1,0 +1,1 @@
+"""Interception routing: a pure plan, and backends that apply and revert it."""
