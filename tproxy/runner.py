@@ -1,9 +1,253 @@
-"""``tproxy run``: placeholder until the engine lands."""
+"""``tproxy run``: the engine behind one or more front doors.
+
+By default one transparent listener on 127.0.0.1:9091 and one on [::1]:9091
+(the addresses ``tproxy setup`` diverts to). ``--mode`` replaces that with
+any set of listeners; ``--setup IN OUT --port ...`` installs the routing
+once the listeners are up and removes it when the engine stops.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from . import loading
+from .cli import UsageError
+from .engine import Engine, EngineConfig
+from .modes import ModeError, ModeSpec, parse_mode
+from .server import Door, Handler, Server
+from .sockets import SourcePolicy
+
+log = logging.getLogger("tproxy")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``run`` to the ``tproxy`` parser."""
+    p = sub.add_parser(
+        "run",
+        help="run the proxy engine",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "--mode",
+        action="append",
+        type=_mode,
+        metavar="MODE@HOST:PORT",
+        help="a listener: transparent, socks, http or forward:HOST:PORT, at HOST:PORT "
+        "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
+        "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
+    )
+    loading.add_interceptor_arguments(p)
+    g = p.add_argument_group("flows")
+    g.add_argument(
+        "--source",
+        choices=[s.value for s in SourcePolicy],
+        default=SourcePolicy.CLIENT_PORT.value,
+        help="outgoing source address in transparent mode: the client's address and port "
+        "(default; falls back to a free port when the port is taken), the client's address "
+        "with a kernel-chosen port, or the gateway's own address (no spoofing)",
+    )
+    g.add_argument(
+        "--mark",
+        type=_mark,
+        default=None,
+        help="SO_MARK for outgoing sockets, so that firewall rules can exempt the proxy's own "
+        "traffic (e.g. from OUTPUT interception)",
+    )
+    g.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="SECONDS")
+    g.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="end a flow pair with no data either way for this long (default: never)",
+    )
+    g.add_argument(
+        "--grace",
+        type=_non_negative,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long open flows may go on before they are reset (default 5)",
+    )
+    g.add_argument("--max-flows", type=_count, default=None, metavar="N")
+    g.add_argument(
+        "--read-size",
+        type=_read_size,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="largest read per chunk (default 262144; larger reads relay faster)",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_optional_arguments(p)
+    p.set_defaults(handler=main)
+
+
+def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of parts that register their own flags (routing, explicit modes, workers)."""
+    from . import routing
+
+    add = getattr(routing, "add_run_arguments", None)
+    if add is not None:
+        add(p)
+    try:
+        from . import explicit
+    except ImportError:
+        return
+    explicit.add_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``tproxy run``."""
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        factories = loading.load_all(args.interceptors)
+    except loading.LoadError as exc:
+        raise UsageError(str(exc)) from None
+    config = EngineConfig(
+        read_size=args.read_size,
+        connect_timeout=args.connect_timeout,
+        source_policy=SourcePolicy(args.source),
+        mark=args.mark,
+        idle_timeout=args.idle_timeout,
+        grace=args.grace,
+        max_flows=args.max_flows,
+    )
+    engine = Engine(config, factories)
+    specs = args.mode or default_modes()
+    doors = open_doors(specs, engine, args)
+    routing = routing_for(args, specs)
+    server = Server(engine, doors)
+    trio.run(server.serve, routing)
+    log.info("stopped after %d flow(s)", engine.total)
+    return 0
+
+
+def default_modes() -> list[ModeSpec]:
+    """Transparent on 127.0.0.1:9091, and on [::1]:9091 where IPv6 is there."""
+    specs = [parse_mode("transparent@127.0.0.1:9091")]
+    if socket.has_ipv6 and _ipv6_loopback_usable():
+        specs.append(parse_mode("transparent@[::1]:9091"))
+    return specs
+
+
+def _ipv6_loopback_usable() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def open_doors(specs: list[ModeSpec], engine: Engine, args: argparse.Namespace) -> list[Door]:
+    """Bind every listener before anything is served; a failure closes what was opened."""
+    doors: list[Door] = []
+    try:
+        for spec in specs:
+            handler = front_door(spec, engine, args)
+            try:
+                doors.append(Door.open(spec, handler))
+            except OSError as exc:
+                raise UsageError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
+    except BaseException:
+        for door in doors:
+            door.listener.socket.close()
+        raise
+    return doors
+
+
+def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Handler:
+    """The coroutine that serves one accepted connection of this listener."""
+    if spec.kind == "transparent":
+        return engine.handle_transparent
+    try:
+        from . import explicit
+    except ImportError:
+        raise UsageError(f"mode {spec.kind!r} is not available in this build") from None
+    return explicit.front_door(spec, engine, args)
+
+
+def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[], Any] | None:
+    """The routing context for ``--setup``, bound to the transparent listeners."""
+    if getattr(args, "setup", None) is None:
+        return None
+    from . import routing
+
+    transparent = [s for s in specs if s.transparent]
+    if not transparent:
+        raise UsageError("--setup needs a transparent listener (--mode transparent@...)")
+    v4 = next((s for s in transparent if ":" not in s.host), None)
+    v6 = next((s for s in transparent if ":" in s.host), None)
+    if len({s.port for s in transparent}) != 1:
+        raise UsageError("--setup needs all transparent listeners on one port")
+
+    def enter() -> Any:
+        return routing.installed_for_run(
+            args,
+            proxy_port=transparent[0].port,
+            proxy_address_v4=v4.host if v4 else None,
+            proxy_address_v6=v6.host if v6 else None,
+        )
+
+    return enter
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _mode(text: str) -> ModeSpec:
+    try:
+        return parse_mode(text)
+    except ModeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _number(text: str, kind: type, check: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not check(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+    return value
+
+
+def _positive(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "must be positive")
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "must not be negative")
+
+
+def _count(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "must be at least 1")
+
+
+def _read_size(text: str) -> int:
+    return _number(text, int, lambda v: 1024 <= v <= 16 * 2**20, "must be 1024..16777216")
+
+
+def _mark(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r}: must fit in 32 bits")
+    return value

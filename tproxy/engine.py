@@ -1,0 +1,191 @@
+"""The engine: turns an accepted connection and a destination into a flow pair.
+
+Front doors (transparent, forward, SOCKS, HTTP) differ only in how they
+learn the destination. They all call the same two steps here:
+:meth:`Engine.connect` opens the outgoing flow (with the configured source
+policy, mark and timeout) and :meth:`Engine.relay` runs the pair through the
+interceptors, writes the flow records and closes both ends. Every flow's
+failure is caught inside that flow: one bad peer or interceptor never ends
+the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
+from .interceptor import Chain, Interceptor
+from .pair import DEFAULT_READ_SIZE, FlowPair
+from .sockets import ConnectError, SourcePolicy, connect_outgoing, flow_addresses, reset_stream
+
+log = logging.getLogger("tproxy.flow")
+
+InterceptorFactory = Callable[[FlowInfo], Interceptor]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-process settings of the engine, checked once here."""
+
+    read_size: int = DEFAULT_READ_SIZE
+    connect_timeout: float = 10.0
+    source_policy: SourcePolicy = SourcePolicy.CLIENT_PORT
+    mark: int | None = None
+    idle_timeout: float | None = None
+    grace: float = 5.0
+    max_flows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.read_size < 1024:
+            raise ValueError("read size must be at least 1024 bytes")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect timeout must be positive")
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ValueError("idle timeout must be positive")
+        if self.grace < 0:
+            raise ValueError("grace period must not be negative")
+        if self.mark is not None and not 0 <= self.mark < 2**32:
+            raise ValueError("mark must fit in 32 bits")
+        if self.max_flows is not None and self.max_flows < 1:
+            raise ValueError("max flows must be at least 1")
+
+
+class Engine:
+    """Opens outgoing flows and relays flow pairs; keeps the set of live flows."""
+
+    def __init__(
+        self, config: EngineConfig | None = None, factories: Sequence[InterceptorFactory] = ()
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.factories = list(factories)
+        self.live: dict[int, FlowRecord] = {}
+        self.total = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- flows --------------------------------------------------------------
+
+    def new_flow(self, client: Address, destination: Address, mode: str) -> FlowInfo:
+        """Metadata for a new flow pair, with a fresh id."""
+        return FlowInfo(id=next_flow_id(), client=client, destination=destination, mode=mode)
+
+    def at_capacity(self) -> bool:
+        """Whether ``max_flows`` flow pairs are already live."""
+        limit = self.config.max_flows
+        return limit is not None and len(self.live) >= limit
+
+    async def connect(
+        self, destination: Address, *, source: Address | None = None
+    ) -> tuple[trio.SocketStream, Address]:
+        """Open the outgoing flow; raise :class:`ConnectError` with a ``kind``."""
+        return await connect_outgoing(
+            destination,
+            source=source,
+            policy=self.config.source_policy,
+            mark=self.config.mark,
+            timeout=self.config.connect_timeout,
+        )
+
+    async def relay(
+        self,
+        incoming: trio.abc.Stream,
+        outgoing: trio.abc.Stream,
+        info: FlowInfo,
+        *,
+        client_prefix: bytes = b"",
+        source: Address | None = None,
+    ) -> FlowRecord:
+        """Run the flow pair to its end and log it; never raises for the flow's failures.
+
+        ``client_prefix`` is client data that arrived with a handshake and
+        must be forwarded first. ``source`` is the outgoing flow's local
+        address, for the open log line.
+        """
+        record = self._open(info)
+        record.outgoing_source = source
+        log.info(record.open_line())
+        try:
+            try:
+                chain = Chain([factory(info) for factory in self.factories])
+            except Exception as exc:
+                log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
+                record.end(EndReason.ERROR, f"interceptor init: {exc!r}", now=time.monotonic())
+                with trio.CancelScope(shield=True):
+                    await reset_stream(incoming)
+                    await reset_stream(outgoing)
+                return record
+            pair = FlowPair(
+                incoming,
+                outgoing,
+                record,
+                chain,
+                read_size=self.config.read_size,
+                idle_timeout=self.config.idle_timeout,
+            )
+            try:
+                await pair.run(client_prefix=client_prefix)
+            except Exception as exc:
+                log.error("flow %d: unexpected error", info.id, exc_info=exc)
+            return record
+        finally:
+            self._close(record)
+
+    def reject(self, info: FlowInfo, reason: EndReason, detail: str) -> FlowRecord:
+        """Log a flow that ended before it was relayed (connect failed, refused by policy)."""
+        record = self._open(info)
+        record.end(reason, detail, now=time.monotonic())
+        self._close(record)
+        return record
+
+    def _open(self, info: FlowInfo) -> FlowRecord:
+        record = FlowRecord(info=info, started=time.monotonic())
+        self.live[info.id] = record
+        self.total += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        return record
+
+    def _close(self, record: FlowRecord) -> None:
+        if record.reason is None:
+            record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
+        self.live.pop(record.info.id, None)
+        log.info(record.close_line())
+        if not self.live:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no flow pair is live."""
+        while self.live:
+            await self._idle.wait()
+
+    # -- the transparent front door -----------------------------------------
+
+    async def handle_transparent(self, incoming: trio.SocketStream) -> None:
+        """Serve one diverted connection: its local address is the destination."""
+        try:
+            client, destination = flow_addresses(incoming.socket)
+        except OSError as exc:
+            # the client already went away (ENOTCONN)
+            log.debug("diverted connection vanished before it was served: %s", exc)
+            await reset_stream(incoming)
+            return
+        info = self.new_flow(client, destination, "transparent")
+        if self.at_capacity():
+            self.reject(info, EndReason.REJECTED, "too many flows")
+            await reset_stream(incoming)
+            return
+        try:
+            outgoing, source = await self.connect(destination, source=client)
+        except ConnectError as exc:
+            self.reject(info, EndReason.CONNECT_FAILED, str(exc))
+            # Reset the client at once: a silent close would look like an empty reply.
+            await reset_stream(incoming)
+            return
+        except BaseException:
+            await reset_stream(incoming)
+            raise
+        await self.relay(incoming, outgoing, info, source=source)

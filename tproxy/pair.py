@@ -1,0 +1,245 @@
+"""A flow pair at run time: two pumps between the incoming and outgoing stream.
+
+One pump carries client bytes to the server, the other server bytes to the
+client; each passes them through the flow's interceptor chain. The rules the
+pumps keep:
+
+- *Half-close*: end of stream on one side is flushed through the chain and
+  becomes ``send_eof()`` (``shutdown(SHUT_WR)``) on the other; the pair ends
+  cleanly when both directions have ended.
+- *Reset*: a reset or broken pipe on either side, an interceptor abort or an
+  interceptor error ends the pair at once and both ends are reset (RST), so
+  no peer mistakes a failure for a complete reply.
+- *Backpressure*: a pump reads at most ``read_size`` bytes and does not read
+  again until they were sent, so memory per pair is bounded whatever the
+  peers do.
+
+Streams are any ``trio.abc.Stream``; ``send_eof`` is used when the stream has
+it (sockets do, TLS streams do not: there end of stream closes the pair).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .flow import EndReason, FlowRecord
+from .interceptor import AbortFlow, Chain, InterceptorError, Output
+from .sockets import reset_stream
+
+log = logging.getLogger("tproxy.flow")
+
+DEFAULT_READ_SIZE = 256 * 1024
+
+
+class _Side:
+    """One end of the pair: its stream, a write lock, and whether writing ended."""
+
+    __slots__ = ("lock", "name", "stream", "write_closed")
+
+    def __init__(self, name: str, stream: trio.abc.Stream) -> None:
+        self.name = name
+        self.stream = stream
+        self.lock = trio.Lock()
+        self.write_closed = False
+
+
+class FlowPair:
+    """Relays one incoming and one outgoing stream through a chain until both end.
+
+    :meth:`run` returns when the pair is over and both streams are closed;
+    it records how it ended in ``record`` and never raises for the flow's own
+    failures (only ``trio.Cancelled`` passes, after both ends were reset).
+    """
+
+    def __init__(
+        self,
+        incoming: trio.abc.Stream,
+        outgoing: trio.abc.Stream,
+        record: FlowRecord,
+        chain: Chain | None = None,
+        *,
+        read_size: int = DEFAULT_READ_SIZE,
+        idle_timeout: float | None = None,
+    ) -> None:
+        if read_size <= 0:
+            raise ValueError("read_size must be positive")
+        self.client = _Side("client", incoming)
+        self.server = _Side("server", outgoing)
+        self.record = record
+        self.chain = chain if chain is not None and chain.interceptors else None
+        self.read_size = read_size
+        self.idle_timeout = idle_timeout
+        self._last_activity = time.monotonic()
+
+    async def run(self, *, client_prefix: bytes = b"") -> FlowRecord:
+        """Relay until both directions end; close or reset both streams."""
+        graceful = False
+        try:
+            await self._relay(client_prefix)
+            graceful = self.record.reason is None
+            if graceful:
+                self.record.end(EndReason.EOF, now=time.monotonic())
+        except BaseException as exc:
+            if _is_cancellation(exc):
+                self.record.end(EndReason.SHUTDOWN, "cancelled", now=time.monotonic())
+            else:
+                self.record.end(EndReason.ERROR, repr(exc), now=time.monotonic())
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                if graceful:
+                    await _close_politely(self.client.stream)
+                    await _close_politely(self.server.stream)
+                else:
+                    await reset_stream(self.client.stream)
+                    await reset_stream(self.server.stream)
+                self._end_chain()
+        return self.record
+
+    async def _relay(self, client_prefix: bytes) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.chain is not None:
+                ok = await self._guard(self._start_chain)
+                if not ok:
+                    return
+            if client_prefix:
+                self.record.bytes_up += len(client_prefix)
+                ok = await self._guard(self._forward, self.client, self.server, client_prefix)
+                if not ok:
+                    return
+            nursery.start_soon(self._pump, self.client, self.server)
+            nursery.start_soon(self._pump, self.server, self.client)
+            if self.idle_timeout is not None:
+                nursery.start_soon(self._watch_idle)
+
+    async def _start_chain(self) -> None:
+        assert self.chain is not None
+        await self._send_output(self.chain.start())
+
+    async def _pump(self, src: _Side, dst: _Side) -> None:
+        await self._guard(self._copy, src, dst)
+
+    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
+        """Run ``fn``; translate a flow failure into the record and end the pair."""
+        try:
+            await fn(*args)
+            return True
+        except AbortFlow as exc:
+            self._over(EndReason.INTERCEPTOR_ABORT, exc.reason)
+        except InterceptorError as exc:
+            log.error(
+                "flow %d interceptor %s failed", self.record.info.id, exc, exc_info=exc.error
+            )
+            self._over(EndReason.ERROR, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__ or exc
+            self._over(EndReason.RESET, f"{cause!r}")
+        except OSError as exc:
+            self._over(EndReason.RESET, f"{exc!r}")
+        return False
+
+    def _over(self, reason: EndReason, detail: str) -> None:
+        self.record.end(reason, detail, now=time.monotonic())
+        self._nursery.cancel_scope.cancel()
+
+    async def _copy(self, src: _Side, dst: _Side) -> None:
+        receive = src.stream.receive_some
+        read_size = self.read_size
+        upstream = src is self.client
+        record = self.record
+        while True:
+            data = await receive(read_size)
+            if not data:
+                break
+            self._last_activity = time.monotonic()
+            if upstream:
+                record.bytes_up += len(data)
+            else:
+                record.bytes_down += len(data)
+            await self._forward(src, dst, data)
+        if self.chain is not None and not self.chain.passthrough:
+            flush = self.chain.client_eof if upstream else self.chain.server_eof
+            await self._send_output(flush())
+        await self._send_eof(dst)
+
+    async def _forward(self, src: _Side, dst: _Side, data: bytes) -> None:
+        chain = self.chain
+        if chain is None or chain.passthrough:
+            await self._send(dst, data)
+        elif src is self.client:
+            await self._send_output(chain.client_data(data))
+        else:
+            await self._send_output(chain.server_data(data))
+
+    async def _send_output(self, out: Output) -> None:
+        if out.to_client:
+            await self._send(self.client, out.to_client)
+        if out.to_server:
+            await self._send(self.server, out.to_server)
+
+    async def _send(self, dst: _Side, data: bytes) -> None:
+        if not data:
+            return
+        if dst.write_closed:
+            log.warning(
+                "flow %d: dropped %d bytes for the %s, which has been sent end of stream",
+                self.record.info.id,
+                len(data),
+                dst.name,
+            )
+            return
+        async with dst.lock:
+            await dst.stream.send_all(data)
+
+    async def _send_eof(self, dst: _Side) -> None:
+        send_eof = getattr(dst.stream, "send_eof", None)
+        async with dst.lock:
+            dst.write_closed = True
+            if send_eof is None:
+                # A stream without half-close (TLS): end of stream ends the pair.
+                self._nursery.cancel_scope.cancel()
+                return
+            await send_eof()
+
+    async def _watch_idle(self) -> None:
+        assert self.idle_timeout is not None
+        while True:
+            deadline = self._last_activity + self.idle_timeout
+            now = time.monotonic()
+            if now >= deadline:
+                self._over(EndReason.TIMEOUT, f"idle for {self.idle_timeout:g}s")
+                return
+            await trio.sleep(deadline - now)
+
+    def _end_chain(self) -> None:
+        if self.chain is None:
+            return
+        try:
+            self.chain.end(str(self.record.reason))
+        except InterceptorError as exc:
+            log.error("flow %d interceptor %s failed", self.record.info.id, exc, exc_info=exc.error)
+
+
+async def _close_politely(stream: trio.abc.Stream) -> None:
+    """Close after a clean end: TLS gets a second to say close_notify, then force."""
+    with trio.move_on_after(1.0):
+        try:
+            await stream.aclose()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Cancelled, or a group of nothing but Cancelled (trio's nurseries wrap them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        return rest is None
+    return isinstance(exc, trio.Cancelled)

@@ -1,0 +1,236 @@
+"""Socket options and socket set-up that the standard library does not name.
+
+Python 3.11's ``socket`` module lacks ``IPV6_TRANSPARENT``,
+``IP_BIND_ADDRESS_NO_PORT`` and friends (DESIGN.md), so their Linux values
+live here, with the few functions that set sockets up for transparent
+proxying: a listener that accepts diverted connections and an outgoing
+socket that leaves from someone else's address.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from enum import StrEnum
+
+import trio
+
+from .flow import Address
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SOL_IPV6 = socket.IPPROTO_IPV6
+
+LISTEN_BACKLOG = 4096
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class SourcePolicy(StrEnum):
+    """Which source address an outgoing flow uses.
+
+    ``client-port``: the client's address and port (invisible proxy); when the
+    port is taken locally (EADDRINUSE) fall back to a kernel-chosen port.
+    ``client-ip``: the client's address, a kernel-chosen port
+    (``IP_BIND_ADDRESS_NO_PORT`` so the port is picked at connect time).
+    ``gateway``: no spoofing; the gateway's own address, as a plain client.
+    """
+
+    CLIENT_PORT = "client-port"
+    CLIENT_IP = "client-ip"
+    GATEWAY = "gateway"
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    """AF_INET or AF_INET6 for an IP literal; ValueError for anything else."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def set_transparent(sock: trio.socket.SocketType | socket.socket) -> None:
+    """Allow binding to and accepting for addresses that are not local."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def listening_socket(
+    host: str,
+    port: int,
+    *,
+    transparent: bool,
+    reuse_port: bool = False,
+    backlog: int = LISTEN_BACKLOG,
+) -> trio.socket.SocketType:
+    """A bound, listening TCP socket; with ``transparent`` it accepts diverted flows.
+
+    Without IP_TRANSPARENT the kernel drops SYNs that TPROXY hands to the
+    socket, silently, so a transparent listener must set it before bind.
+    """
+    family = family_of(host)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            set_transparent(sock)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def flow_addresses(sock: trio.socket.SocketType) -> tuple[Address, Address]:
+    """(client, original destination) of an accepted, diverted socket.
+
+    With TPROXY the accepted socket's local address *is* the original
+    destination: the kernel keeps it instead of the listener's address.
+    """
+    peer = sock.getpeername()
+    local = sock.getsockname()
+    return (peer[0], peer[1]), (local[0], local[1])
+
+
+class ConnectError(OSError):
+    """The outgoing flow could not be opened; ``kind`` says why, for protocol replies.
+
+    Kinds: ``refused``, ``network-unreachable``, ``host-unreachable``,
+    ``timeout``, ``dns``, ``not-allowed``, ``error``.
+    """
+
+    def __init__(self, kind: str, message: str, errno_: int | None = None) -> None:
+        super().__init__(errno_ or 0, message)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.strerror}"
+
+
+_KIND_BY_ERRNO = {
+    errno.ECONNREFUSED: "refused",
+    errno.ENETUNREACH: "network-unreachable",
+    errno.EHOSTUNREACH: "host-unreachable",
+    errno.ETIMEDOUT: "timeout",
+    errno.EACCES: "not-allowed",
+    errno.EPERM: "not-allowed",
+}
+
+
+def connect_error_from(exc: OSError) -> ConnectError:
+    """Translate a connect failure into a :class:`ConnectError`, once, here."""
+    if isinstance(exc, ConnectError):
+        return exc
+    if isinstance(exc, socket.gaierror):
+        return ConnectError("dns", f"name resolution failed: {exc}", None)
+    kind = _KIND_BY_ERRNO.get(exc.errno or 0, "error")
+    return ConnectError(kind, exc.strerror or str(exc), exc.errno)
+
+
+async def connect_outgoing(
+    destination: Address,
+    *,
+    source: Address | None,
+    policy: SourcePolicy,
+    mark: int | None,
+    timeout: float,
+) -> tuple[trio.SocketStream, Address]:
+    """Open the outgoing flow; return the stream and the source address it used.
+
+    ``destination`` may be a host name (explicit modes): it is resolved now
+    and its addresses are tried in turn. ``source`` is the client's address;
+    whether it is used depends on ``policy``. All within ``timeout`` seconds.
+    """
+    host, port = destination
+    try:
+        with trio.fail_after(timeout):
+            try:
+                family_of(host)
+                candidates = [(host, port)]
+            except ValueError:
+                infos = await trio.socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+                candidates = [(info[4][0], info[4][1]) for info in infos]
+            errors: list[ConnectError] = []
+            for candidate in candidates:
+                try:
+                    return await _connect_one(candidate, source, policy, mark)
+                except OSError as exc:
+                    errors.append(connect_error_from(exc))
+            if not errors:
+                raise ConnectError("dns", f"no address for {host}")
+            raise errors[0] if len(errors) == 1 else _most_telling(errors)
+    except trio.TooSlowError:
+        raise ConnectError(
+            "timeout", f"connect to {host}:{port} timed out after {timeout:g}s", errno.ETIMEDOUT
+        ) from None
+
+
+def _most_telling(errors: list[ConnectError]) -> ConnectError:
+    """Of several failed addresses, report a refusal before unreachability."""
+    order = ["refused", "host-unreachable", "network-unreachable", "timeout", "not-allowed"]
+    return min(errors, key=lambda e: order.index(e.kind) if e.kind in order else len(order))
+
+
+async def _connect_one(
+    destination: Address, source: Address | None, policy: SourcePolicy, mark: int | None
+) -> tuple[trio.SocketStream, Address]:
+    family = family_of(destination[0])
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source is not None and policy is not SourcePolicy.GATEWAY:
+            if family_of(source[0]) != family:
+                raise ConnectError(
+                    "error", f"client {source[0]} and destination {destination[0]} differ in family"
+                )
+            set_transparent(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if policy is SourcePolicy.CLIENT_PORT:
+                try:
+                    await sock.bind((source[0], source[1]))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    # The client's port is in use here (a local socket): any port will do.
+                    await sock.bind((source[0], 0))
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                await sock.bind((source[0], 0))
+        await sock.connect(destination)
+        local = sock.getsockname()
+        return trio.SocketStream(sock), (local[0], local[1])
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def reset_stream(stream: trio.abc.AsyncResource) -> None:
+    """Close a stream so that its peer sees a reset (RST), not a polite FIN.
+
+    On a socket (or a TLS stream over one) SO_LINGER 0 makes close() send
+    RST and drop unsent data; any other stream is closed forcefully. Safe to
+    call in a cancelled scope and on an already closed stream.
+    """
+    inner: object = stream
+    while inner is not None:
+        sock = getattr(inner, "socket", None)
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass  # already closed
+            sock.close()
+            break
+        inner = getattr(inner, "transport_stream", None)
+    await trio.aclose_forcefully(stream)
