@@ -17,7 +17,6 @@ from typing import Any
 
 import trio
 
-from . import loading
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -43,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
         "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
     )
+    from . import loading
+
     loading.add_interceptor_arguments(p)
     g = p.add_argument_group("flows")
     g.add_argument(
@@ -107,6 +108,8 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
+    from . import loading
+
     _configure_logging(args.verbose, args.quiet)
     try:
         factories = loading.load_all(args.interceptors)
