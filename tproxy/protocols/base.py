@@ -1,0 +1,146 @@
+"""What every explicit-proxy handshake shares: the error, the reply event, the contract.
+
+A handshake is a plain object fed the client's bytes with
+``receive_data(data)``; it returns a list of events and never does I/O. Two
+kinds of events come out of it:
+
+- :class:`Reply`: bytes the front door must write to the client now, in the
+  order given (a SOCKS5 method selection, an RFC 1929 status, ...);
+- a *request* event specific to the protocol (``SocksRequest``,
+  ``ConnectRequest``, ``ForwardRequest``): the handshake is complete, the
+  front door decides (policy, connect) and answers with the handshake's reply
+  builders.
+
+When the client breaks the protocol, floods the handshake past its maximum
+size, or fails authentication, ``receive_data`` raises a subclass of
+:class:`ProtocolError` whose :attr:`~ProtocolError.reply` holds the exact
+bytes to send before closing (possibly empty), so a front door never needs
+to know a protocol's error format.
+
+Bytes the client sent after its request (it may pipeline its first data
+right behind the request) are never lost: they stay in the handshake's
+``leftover`` until taken with ``take_leftover()``. Data fed after the
+handshake completed is appended there too.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; send :attr:`reply` then close.
+
+    ``reason`` is a short human-readable cause for the flow log;
+    ``reply`` the bytes to write to the client before closing (``b""`` when
+    the protocol has no way to say it, e.g. an unknown SOCKS version).
+    """
+
+    def __init__(self, reason: str, reply: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Bytes to send to the client now, before reading further."""
+
+    data: bytes
+
+
+class Handshake(Protocol):
+    """The interface shared by every handshake object in this package."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether the request event has been returned."""
+        ...
+
+    @property
+    def leftover(self) -> bytes:
+        """Bytes received after the request (client data to forward upstream)."""
+        ...
+
+    def receive_data(self, data: bytes) -> list[object]:
+        """Feed bytes from the client; return the events they complete."""
+        ...
+
+    def take_leftover(self) -> bytes:
+        """Return :attr:`leftover` and forget it."""
+        ...
+
+
+class ConnectFailure(StrEnum):
+    """Why connecting to a destination failed, as the protocols can say it.
+
+    Front doors do not pick reply codes themselves: they hand the exception
+    they caught to :func:`classify_error` (SOCKS5 and HTTP map the result
+    to their own codes), so every protocol derives its answer from the real
+    error in the same way.
+    """
+
+    REFUSED = "refused"
+    NETWORK_UNREACHABLE = "network-unreachable"
+    HOST_UNREACHABLE = "host-unreachable"
+    NAME_NOT_FOUND = "name-not-found"
+    TIMEOUT = "timeout"
+    NOT_ALLOWED = "not-allowed"
+    ADDRESS_FAMILY = "address-family"
+    OTHER = "other"
+
+
+_ERRNO_FAILURES: dict[int, ConnectFailure] = {
+    errno.ECONNREFUSED: ConnectFailure.REFUSED,
+    errno.ENETUNREACH: ConnectFailure.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: ConnectFailure.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: ConnectFailure.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: ConnectFailure.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: ConnectFailure.TIMEOUT,
+    errno.EACCES: ConnectFailure.NOT_ALLOWED,
+    errno.EPERM: ConnectFailure.NOT_ALLOWED,
+    errno.EAFNOSUPPORT: ConnectFailure.ADDRESS_FAMILY,
+}
+
+
+def classify_error(error: BaseException | int | None) -> ConnectFailure:
+    """Say why a connect failed, from the exception (or errno) the front door caught.
+
+    - ``socket.gaierror`` (DNS failure): ``NAME_NOT_FOUND``;
+    - ``TimeoutError``, errno ``ETIMEDOUT``, or ``trio.TooSlowError`` (from
+      ``trio.fail_after``; recognised by its name so this module needs no
+      trio): ``TIMEOUT``;
+    - an ``OSError`` (or a bare errno ``int``): by errno, see the table above
+      (ECONNREFUSED, ENETUNREACH/ENETDOWN, EHOSTUNREACH/EHOSTDOWN, ETIMEDOUT,
+      EACCES/EPERM, EAFNOSUPPORT);
+    - an ``OSError`` without errno (``trio.open_tcp_stream`` raises
+      ``OSError("all attempts to connect ... failed")`` with the individual
+      errors in an exception group as its ``__cause__``): the first of
+      those inner errors that says more than ``OTHER``;
+    - anything else: ``OTHER``.
+    """
+    if error is None:
+        return ConnectFailure.OTHER
+    if isinstance(error, int):
+        return _ERRNO_FAILURES.get(error, ConnectFailure.OTHER)
+    if isinstance(error, socket.gaierror):
+        return ConnectFailure.NAME_NOT_FOUND
+    if isinstance(error, TimeoutError) or type(error).__name__ == "TooSlowError":
+        return ConnectFailure.TIMEOUT
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = classify_error(inner)
+            if found is not ConnectFailure.OTHER:
+                return found
+        return ConnectFailure.OTHER
+    if isinstance(error, OSError):
+        if error.errno is not None:
+            return _ERRNO_FAILURES.get(error.errno, ConnectFailure.OTHER)
+        cause = error.__cause__
+        if cause is not None and cause is not error:
+            return classify_error(cause)
+    return ConnectFailure.OTHER
