@@ -28,11 +28,18 @@ class OptionError(ValueError):
 
 
 class AbortFlow(Exception):
-    """Raised (through :meth:`Interceptor.abort`) to end the flow pair with a reset."""
+    """Raised (through :meth:`Interceptor.abort`) to end the flow pair with a reset.
+
+    ``to_client`` holds what the chain had ready for the client when the
+    abort happened, above all what the aborting hook injected toward the
+    client just before (an error reply such as an HTTP 403). The engine sends
+    it and closes the client side before resetting; it is empty otherwise.
+    """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.to_client = b""
 
 
 class Interceptor:
@@ -113,7 +120,12 @@ class Interceptor:
             self._to_server.append(bytes(data))
 
     def abort(self, reason: str = "aborted by interceptor") -> NoReturn:
-        """End the flow pair now: both ends are reset, nothing more is forwarded."""
+        """End the flow pair now: both ends are reset, nothing more is forwarded.
+
+        Bytes injected toward the client earlier in the same hook are still
+        delivered first (see :attr:`AbortFlow.to_client`): inject a reply,
+        then abort.
+        """
         raise AbortFlow(reason)
 
     def passthrough(self) -> None:
@@ -286,7 +298,8 @@ class Chain:
         ic = self.interceptors[k]
         try:
             result = getattr(ic, hook)(*args)
-        except AbortFlow:
+        except AbortFlow as exc:
+            self._keep_reply(k, exc, out)
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
@@ -314,3 +327,21 @@ class Chain:
             if inj_server:
                 self._to_server(k + 1, inj_server, out)
         return result
+
+    def _keep_reply(self, k: int, exc: AbortFlow, out: _Collect) -> None:
+        """Interceptor ``k`` aborted: keep what it injected toward the client.
+
+        The injection passes interceptors k-1 ... 0 as usual; if one of them
+        fails or aborts in turn, what got through so far is kept. Injections
+        toward the server are dropped (the server is reset).
+        """
+        ic = self.interceptors[k]
+        inj_client = b"".join(ic._to_client)
+        ic._to_client.clear()
+        ic._to_server.clear()
+        if inj_client:
+            try:
+                self._to_client(k - 1, inj_client, out)
+            except (AbortFlow, InterceptorError):
+                pass
+        exc.to_client = b"".join(out.client)
