@@ -1,0 +1,308 @@
+"""Turn ``-i SPEC -o KEY=VALUE`` command-line arguments into interceptor factories.
+
+A SPEC is one of:
+
+- a built-in name: ``label``, ``hexdump``, ``replace``, ``block`` (see
+  :data:`interceptors.BUILTINS`);
+- ``package.module:Name`` (importable from ``sys.path``);
+- ``path/to/file.py:Name`` (a file; told apart by the ``.py`` ending or a
+  path separator);
+- a name registered by an installed distribution in the entry-point group
+  ``tproxy.interceptors``, e.g. in its ``pyproject.toml``::
+
+      [project.entry-points."tproxy.interceptors"]
+      tarpit = "mypkg.tarpit:Tarpit"
+
+Built-in names win over entry points of the same name, so installing a
+package can never silently change what ``-i block`` does; the third-party
+class stays reachable as ``-i mypkg.tarpit:Tarpit``.
+
+Everything is loaded and every option checked (``parse_options``) before the
+proxy listens: any problem is a :class:`LoadError` with one line, which the
+``tproxy`` command prints before exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .cli import UsageError
+from .flow import FlowInfo
+from .interceptor import Interceptor, OptionError
+
+ENTRY_POINT_GROUP = "tproxy.interceptors"
+"""The entry-point group third-party packages register interceptors in."""
+
+InterceptorSpec = tuple[str, dict[str, str]]
+"""One ``-i SPEC`` with the options of the ``-o KEY=VALUE`` that followed it."""
+
+
+class LoadError(UsageError, ValueError):
+    """An interceptor spec or its options are wrong. The message is one line."""
+
+
+@dataclass(frozen=True)
+class InterceptorFactory:
+    """A loaded interceptor class with its checked options: call it once per flow."""
+
+    cls: type[Interceptor]
+    options: Any = field(compare=False)
+    """What ``cls.parse_options`` returned; each instance sees it as ``self.options``."""
+    spec: str
+    """The spec as given on the command line."""
+
+    @property
+    def name(self) -> str:
+        """A short name for logs: the spec as given (``replace``, ``mymod:Tarpit``)."""
+        return self.spec
+
+    def __call__(self, flow: FlowInfo) -> Interceptor:
+        """Make the interceptor of one flow pair."""
+        return self.cls(flow, self.options)
+
+
+def builtin_names() -> dict[str, str]:
+    """Built-in interceptor names -> ``module:Class`` specs."""
+    from interceptors import BUILTINS
+
+    return dict(BUILTINS)
+
+
+def resolve(spec: str) -> type[Interceptor]:
+    """Find the interceptor class that ``spec`` names; raise :class:`LoadError`."""
+    spec = spec.strip()
+    if not spec:
+        raise LoadError("empty interceptor spec")
+    if ":" in spec:
+        where, _, attr = spec.rpartition(":")
+        if not where or not attr:
+            raise LoadError(f"bad interceptor spec {spec!r}: expected MODULE:NAME or FILE.py:NAME")
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            module = _load_file(spec, where)
+        else:
+            module = _import(spec, where)
+        return _interceptor_class(spec, _attribute(spec, module, attr))
+    builtins = builtin_names()
+    if spec in builtins:
+        module_name, _, attr = builtins[spec].partition(":")
+        return _interceptor_class(spec, _attribute(spec, _import(spec, module_name), attr))
+    entry = _entry_point(spec)
+    if entry is not None:
+        try:
+            obj = entry.load()
+        except Exception as exc:
+            raise LoadError(
+                f"interceptor {spec!r} (entry point {entry.value!r}) failed to load: "
+                f"{_one_line(exc)}"
+            ) from exc
+        return _interceptor_class(spec, obj)
+    others = sorted(_entry_point_names())
+    known = ", ".join(sorted(builtins))
+    extra = f"; installed: {', '.join(others)}" if others else ""
+    raise LoadError(
+        f"unknown interceptor {spec!r} (built-in: {known}{extra}; "
+        "or give MODULE:NAME or FILE.py:NAME)"
+    )
+
+
+def load_interceptor(spec: str, options: Mapping[str, str] | None = None) -> InterceptorFactory:
+    """Load ``spec`` and check ``options`` with its ``parse_options``."""
+    cls = resolve(spec)
+    try:
+        parsed = cls.parse_options(dict(options or {}))
+    except OptionError as exc:
+        raise LoadError(f"interceptor {spec!r}: {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise LoadError(
+            f"interceptor {spec!r}: parse_options raised {_one_line(exc)}"
+        ) from exc
+    return InterceptorFactory(cls=cls, options=parsed, spec=spec.strip())
+
+
+def load_all(specs: Iterable[tuple[str, Mapping[str, str]]]) -> list[InterceptorFactory]:
+    """Load every ``(spec, options)`` in order; the first problem raises :class:`LoadError`."""
+    return [load_interceptor(spec, options) for spec, options in specs]
+
+
+# -- command line ----------------------------------------------------------
+
+
+class InterceptorAction(argparse.Action):
+    """``-i SPEC``: append ``(SPEC, {})`` to ``namespace.interceptors``."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, str)
+        if not values.strip():
+            raise argparse.ArgumentError(self, "empty interceptor spec")
+        specs: list[InterceptorSpec] = list(getattr(namespace, self.dest, None) or [])
+        specs.append((values.strip(), {}))
+        setattr(namespace, self.dest, specs)
+
+
+class OptionAction(argparse.Action):
+    """``-o KEY=VALUE``: add an option to the most recent ``-i``."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, str)
+        specs: list[InterceptorSpec] = list(getattr(namespace, self.dest, None) or [])
+        if not specs:
+            raise argparse.ArgumentError(
+                self, f"{values!r} comes before any -i SPEC (options follow their interceptor)"
+            )
+        key, eq, value = values.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}")
+        spec, options = specs[-1]
+        if key in options:
+            raise argparse.ArgumentError(self, f"option {key!r} given twice for -i {spec}")
+        specs[-1] = (spec, {**options, key: value})
+        setattr(namespace, self.dest, specs)
+
+
+def add_interceptor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``-i/--interceptor SPEC`` and ``-o/--option KEY=VALUE`` to ``parser``.
+
+    The result is ``args.interceptors``: a list of ``(spec, {key: value})``
+    in command-line order, ready for :func:`load_all`.
+    """
+    parser.set_defaults(interceptors=[])
+    group = parser.add_argument_group("interceptors")
+    group.add_argument(
+        "-i", "--interceptor", dest="interceptors", metavar="SPEC", action=InterceptorAction,
+        help="add an interceptor to the chain (repeatable, in order): a built-in name "
+        f"({', '.join(sorted(builtin_names()))}), MODULE:NAME, FILE.py:NAME, or an "
+        f"installed '{ENTRY_POINT_GROUP}' entry point",
+    )
+    group.add_argument(
+        "-o", "--option", dest="interceptors", metavar="KEY=VALUE", action=OptionAction,
+        help="an option of the preceding -i (repeatable)",
+    )
+
+
+def parse_interceptor_args(argv: Sequence[str]) -> list[InterceptorSpec]:
+    """Parse only ``-i``/``-o`` arguments; a usage error raises :class:`LoadError`."""
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:
+            raise LoadError(message)
+
+    parser = _Parser(add_help=False)
+    add_interceptor_arguments(parser)
+    result: list[InterceptorSpec] = parser.parse_args(list(argv)).interceptors
+    return result
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _import(spec: str, module_name: str) -> ModuleType:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise LoadError(f"interceptor {spec!r}: no module named {missing!r}") from exc
+        raise LoadError(
+            f"interceptor {spec!r}: importing {module_name!r} failed: {_one_line(exc)}"
+        ) from exc
+    except Exception as exc:
+        raise LoadError(
+            f"interceptor {spec!r}: importing {module_name!r} raised "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
+
+
+_file_modules: dict[Path, ModuleType] = {}
+
+
+def _load_file(spec: str, filename: str) -> ModuleType:
+    """Import a Python file once per resolved path, under a private module name."""
+    path = Path(filename).expanduser()
+    if not path.is_file():
+        raise LoadError(f"interceptor {spec!r}: file not found: {filename}")
+    path = path.resolve()
+    if path in _file_modules:
+        return _file_modules[path]
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() else "_" for c in path.stem)
+    name = f"tproxy_file_{stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise LoadError(f"interceptor {spec!r}: cannot import {filename} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        if not isinstance(exc, Exception):
+            raise
+        raise LoadError(
+            f"interceptor {spec!r}: running {filename} raised "
+            f"{type(exc).__name__}: {_one_line(exc)}"
+        ) from exc
+    _file_modules[path] = module
+    return module
+
+
+def _attribute(spec: str, module: ModuleType, attr: str) -> Any:
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise LoadError(
+                f"interceptor {spec!r}: {module.__name__} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+def _interceptor_class(spec: str, obj: Any) -> type[Interceptor]:
+    if isinstance(obj, type) and issubclass(obj, Interceptor):
+        return obj
+    what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+    raise LoadError(
+        f"interceptor {spec!r}: {what} is not a subclass of tproxy.Interceptor"
+    )
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _entry_point(name: str) -> importlib.metadata.EntryPoint | None:
+    found = [ep for ep in _entry_points() if ep.name == name]
+    return found[0] if found else None
+
+
+def _entry_point_names() -> set[str]:
+    return {ep.name for ep in _entry_points()}
