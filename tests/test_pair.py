@@ -221,3 +221,27 @@ def test_cancel_resets_both_ends_and_records_shutdown():
         assert await server_end.receive_some(10) == b""
 
     trio.run(main)
+
+
+class Forbid(Interceptor):
+    def client_data(self, data: bytes) -> bytes:
+        self.inject_to_client(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        self.abort("forbidden")
+
+
+def test_abort_with_reply_delivers_reply_then_eof_and_resets_server():
+    async def main():
+        client_end, incoming = memory_stream_pair()
+        outgoing, server_end = memory_stream_pair()
+        pair = _pair(incoming, outgoing, Forbid)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.run)
+            await client_end.send_all(b"GET / HTTP/1.1\r\n\r\n")
+            reply = bytearray()
+            while chunk := await client_end.receive_some(100):
+                reply += chunk
+        assert reply == b"HTTP/1.1 403 Forbidden\r\n\r\n"
+        assert pair.record.reason is EndReason.INTERCEPTOR_ABORT
+        assert await server_end.receive_some(100) == b""
+
+    trio.run(main)

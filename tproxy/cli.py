@@ -1,4 +1,4 @@
-"""The ``tproxy`` command line: one entry point, one subcommand per job.
+"""The tproxy command line: one entry point, one subcommand per job.
 
 Each subcommand lives with the code it drives (``tproxy.runner`` for ``run``,
 ``tproxy.routing.cli`` for ``setup``/``teardown``/``status``/``doctor``) and
@@ -32,10 +32,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="tproxy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    try:
-        runner.register(sub)
-    except ImportError:  # until tproxy.loading lands
-        pass
+    runner.register(sub)
     routing_cli.register(sub)
     return parser
 

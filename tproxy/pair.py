@@ -75,6 +75,7 @@ class FlowPair:
         self.read_size = read_size
         self.idle_timeout = idle_timeout
         self._last_activity = time.monotonic()
+        self._abort_reply = b""
 
     async def run(self, *, client_prefix: bytes = b"") -> FlowRecord:
         """Relay until both directions end; close or reset both streams."""
@@ -95,6 +96,9 @@ class FlowPair:
                 if graceful:
                     await _close_politely(self.client.stream)
                     await _close_politely(self.server.stream)
+                elif self._abort_reply:
+                    await reset_stream(self.server.stream)
+                    await self._send_abort_reply()
                 else:
                     await reset_stream(self.client.stream)
                     await reset_stream(self.server.stream)
@@ -131,6 +135,7 @@ class FlowPair:
             await fn(*args)
             return True
         except AbortFlow as exc:
+            self._abort_reply = exc.to_client
             self._over(EndReason.INTERCEPTOR_ABORT, exc.reason)
         except InterceptorError as exc:
             log.error(
@@ -206,6 +211,23 @@ class FlowPair:
                 self._nursery.cancel_scope.cancel()
                 return
             await send_eof()
+
+    async def _send_abort_reply(self) -> None:
+        """An interceptor aborted with a reply for the client: deliver it, then FIN.
+
+        A reset would let the client's kernel drop the reply with the
+        connection, so the client side ends politely; the server was reset.
+        """
+        side = self.client
+        with trio.move_on_after(1.0) as scope:
+            try:
+                if not side.write_closed:
+                    await side.stream.send_all(self._abort_reply)
+                await _close_politely(side.stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                scope.cancel()
+        if scope.cancelled_caught:
+            await reset_stream(side.stream)
 
     async def _watch_idle(self) -> None:
         assert self.idle_timeout is not None

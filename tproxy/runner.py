@@ -1,4 +1,4 @@
-"""``tproxy run``: the engine behind one or more front doors.
+"""tproxy run: the engine behind one or more front doors.
 
 By default one transparent listener on 127.0.0.1:9091 and one on [::1]:9091
 (the addresses ``tproxy setup`` diverts to). ``--mode`` replaces that with
@@ -163,7 +163,7 @@ def open_doors(specs: list[ModeSpec], engine: Engine, args: argparse.Namespace) 
                 raise UsageError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
     except BaseException:
         for door in doors:
-            door.listener.socket.close()
+            door.close()
         raise
     return doors
 

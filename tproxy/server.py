@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,15 +43,19 @@ class Door:
     """One listening socket and the front door that serves what it accepts."""
 
     spec: ModeSpec
-    listener: trio.SocketListener
+    sock: socket.socket
     handler: Handler
 
     @classmethod
     def open(cls, spec: ModeSpec, handler: Handler, *, reuse_port: bool = False) -> Door:
+        """Bind and listen now (outside the event loop), so errors come before serving."""
         sock = listening_socket(
             spec.host, spec.port, transparent=spec.transparent, reuse_port=reuse_port
         )
-        return cls(spec, trio.SocketListener(sock), handler)
+        return cls(spec, sock, handler)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Server:
@@ -80,10 +85,14 @@ class Server:
     ) -> None:
         """Accept and relay until :meth:`stop` or a signal; then shut down in order."""
         try:
+            listeners = [
+                trio.SocketListener(trio.socket.from_stdlib_socket(door.sock))
+                for door in self.doors
+            ]
             async with trio.open_nursery() as flows:
                 async with trio.open_nursery() as accepting:
-                    for door in self.doors:
-                        accepting.start_soon(self._accept_loop, door, flows)
+                    for door, listener in zip(self.doors, listeners, strict=True):
+                        accepting.start_soon(self._accept_loop, door, listener, flows)
                         log.info("listening: %s", door.spec)
                     if handle_signals:
                         accepting.start_soon(self._signals)
@@ -95,7 +104,7 @@ class Server:
                     accepting.cancel_scope.cancel()
         finally:
             for door in self.doors:
-                await trio.aclose_forcefully(door.listener)
+                door.close()
 
     async def _drain(self, flows: trio.Nursery) -> None:
         grace = self.engine.config.grace
@@ -120,10 +129,12 @@ class Server:
                 log.info("received %s", signal.Signals(signum).name)
                 self.stop()
 
-    async def _accept_loop(self, door: Door, flows: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, door: Door, listener: trio.SocketListener, flows: trio.Nursery
+    ) -> None:
         while True:
             try:
-                stream = await door.listener.accept()
+                stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in _CAPACITY_ERRNOS:
                     log.error("accept on %s failed: %s; retrying", door.spec, exc)

@@ -65,14 +65,16 @@ def listening_socket(
     transparent: bool,
     reuse_port: bool = False,
     backlog: int = LISTEN_BACKLOG,
-) -> trio.socket.SocketType:
+) -> socket.socket:
     """A bound, listening TCP socket; with ``transparent`` it accepts diverted flows.
 
     Without IP_TRANSPARENT the kernel drops SYNs that TPROXY hands to the
     socket, silently, so a transparent listener must set it before bind.
+    A plain (stdlib) socket, so that listeners can be bound, and bind errors
+    reported, before the event loop starts.
     """
     family = family_of(host)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
