@@ -1,0 +1,52 @@
+"""The small interface every routing backend implements.
+
+A backend owns some kinds of plan items (python-iptables: chains and mangle
+rules; pyroute2: ip rules and local routes) and can add one, remove one,
+and list what of its kind is installed and tagged as ours. The installer
+(:mod:`tproxy.routing.installer`) builds apply / verify / revert / inspect on
+top of these four calls, so an nftables backend only has to implement them
+for the same items.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .plan import Item
+
+
+class StepError(Exception):
+    """The kernel refused to add or remove one item.
+
+    ``step`` is the item's command line (as ``--dry-run`` prints it), ``cause``
+    the kernel's (or library's) error text.
+    """
+
+    def __init__(self, step: str, cause: str) -> None:
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+        self.cause = cause
+
+
+class Backend(Protocol):
+    """Adds, removes and lists installed items of the kinds it handles."""
+
+    def handles(self, item: Item) -> bool:
+        """Whether this backend installs ``item``."""
+        ...
+
+    def add(self, item: Item) -> None:
+        """Install ``item``; raise :class:`StepError` if the kernel refuses."""
+        ...
+
+    def remove(self, item: Item) -> bool:
+        """Remove ``item``; False if it was not there (that is not an error)."""
+        ...
+
+    def installed(self) -> list[Item]:
+        """Every installed item of ours (any instance) this backend can see."""
+        ...
+
+    def close(self) -> None:
+        """Release kernel handles."""
+        ...

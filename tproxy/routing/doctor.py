@@ -1,0 +1,218 @@
+"""``tproxy doctor``: check what interception needs, and say how to fix each miss.
+
+Each check returns a :class:`Finding` (``ok``, ``warn`` or ``fail``) with a
+one-line detail and, when not ok, the command or step that fixes it. Only
+``fail`` findings make doctor exit non-zero: warnings describe situations
+that work but surprise people (nft rules next to ours, rp_filter, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .installer import has_net_admin
+from .plan import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_TABLE, RT_PROTO
+
+XTABLES_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/xtables",
+    "/usr/lib/aarch64-linux-gnu/xtables",
+    "/usr/lib/xtables",
+    "/usr/lib64/xtables",
+    "/usr/libexec/xtables",
+    "/lib/xtables",
+)
+PLUGINS = ("libxt_TPROXY.so", "libxt_socket.so", "libxt_MARK.so", "libxt_comment.so")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's result."""
+
+    name: str
+    level: str  # "ok" | "warn" | "fail"
+    detail: str
+    fix: str = ""
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def check_privileges() -> Finding:
+    if has_net_admin():
+        return Finding("privileges", "ok", "root or CAP_NET_ADMIN")
+    return Finding("privileges", "fail", "neither root nor CAP_NET_ADMIN",
+                   "run as root (sudo tproxy ...) or grant CAP_NET_ADMIN")
+
+
+def check_forwarding() -> list[Finding]:
+    found = []
+    for family, path, knob in (
+        ("IPv4", "/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
+    ):
+        value = _read(path)
+        if value == "1":
+            found.append(Finding(f"{family} forwarding", "ok", f"{knob} = 1"))
+        else:
+            found.append(Finding(
+                f"{family} forwarding", "warn",
+                f"{knob} = {value}: traffic not diverted is not routed through this gateway",
+                f"sysctl -w {knob}=1"))
+    return found
+
+
+def check_rp_filter(interfaces: list[str]) -> list[Finding]:
+    found = []
+    all_value = _read("/proc/sys/net/ipv4/conf/all/rp_filter") or "0"
+    for name in interfaces or ["default"]:
+        value = _read(f"/proc/sys/net/ipv4/conf/{name}/rp_filter")
+        if value is None:
+            continue
+        effective = max(int(all_value), int(value))
+        if effective == 1:
+            found.append(Finding(
+                f"rp_filter {name}", "warn",
+                "strict reverse-path filtering can drop diverted packets and spoofed replies",
+                f"sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{name}.rp_filter=2"))
+        else:
+            found.append(Finding(f"rp_filter {name}", "ok", f"rp_filter = {effective}"))
+    return found
+
+
+def check_plugins() -> Finding:
+    dirs = [os.environ["XTABLES_LIBDIR"]] if os.environ.get("XTABLES_LIBDIR") else []
+    dirs += [d for d in XTABLES_DIRS if os.path.isdir(d)]
+    missing = [p for p in PLUGINS if not any(os.path.exists(os.path.join(d, p)) for d in dirs)]
+    if not dirs:
+        return Finding("xtables plugins", "fail", "no xtables extension directory found",
+                       "apt install iptables (python-iptables needs its extension plugins)")
+    if missing:
+        return Finding("xtables plugins", "fail", f"missing {', '.join(missing)} in {dirs[0]}",
+                       "apt install iptables")
+    return Finding("xtables plugins", "ok", f"TPROXY, socket, MARK, comment in {dirs[0]}")
+
+
+def check_python_iptables() -> Finding:
+    try:
+        import iptc  # type: ignore[import-untyped]  # noqa: F401
+    except Exception as exc:
+        return Finding("python-iptables", "fail", f"cannot load: {exc}",
+                       "apt install iptables; pip install python-iptables")
+    return Finding("python-iptables", "ok", "loads (libip4tc, libxtables)")
+
+
+def check_iptables_variant() -> Finding:
+    tool = shutil.which("iptables")
+    if tool is None:
+        return Finding("iptables command", "warn", "no iptables command on PATH",
+                       "apt install iptables (to inspect: iptables-legacy-save)")
+    try:
+        version = subprocess.run([tool, "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Finding("iptables command", "warn", f"cannot run iptables: {exc}")
+    if "nf_tables" not in version:
+        return Finding("iptables command", "ok", f"{version}: the legacy ruleset tproxy uses")
+    rules = 0
+    save = shutil.which("iptables-nft-save")
+    if save:
+        try:
+            out = subprocess.run([save], capture_output=True, text=True, timeout=10).stdout
+            rules = sum(1 for line in out.splitlines() if line.startswith("-A "))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    detail = (f"{version}: plain 'iptables' shows the nft ruleset, not tproxy's legacy rules "
+              "(see them with iptables-legacy-save)")
+    if rules:
+        detail += f"; the nft ruleset has {rules} rule(s) of its own, and both rulesets apply"
+    return Finding("iptables command", "warn", detail,
+                   "inspect with iptables-legacy-save / ip6tables-legacy-save")
+
+
+def check_loopback() -> Finding:
+    flags = _read("/sys/class/net/lo/flags")
+    if flags is None or int(flags, 16) & 1:
+        return Finding("loopback", "ok", "lo is up")
+    return Finding("loopback", "fail", "lo is down: the IPv6 local route cannot be added",
+                   "ip link set lo up")
+
+
+def check_interfaces(interfaces: list[str]) -> list[Finding]:
+    found = []
+    for name in interfaces:
+        try:
+            socket.if_nametoindex(name)
+            found.append(Finding(f"interface {name}", "ok", "exists"))
+        except OSError:
+            found.append(Finding(f"interface {name}", "fail", "no such interface",
+                                 "check the name with: ip link"))
+    return found
+
+
+def check_mark_and_table(mark: int, mask: int, table: int) -> list[Finding]:
+    """Foreign ip rules using our mark bits, foreign routes in our table."""
+    try:
+        from pyroute2 import IPRoute
+    except Exception as exc:  # pragma: no cover - dependency missing
+        return [Finding("mark and table", "warn", f"cannot read rules: {exc}")]
+    marks, routes = [], []
+    try:
+        with IPRoute() as ipr:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for rule in ipr.get_rules(family=family):
+                    if rule.get_attr("FRA_PROTOCOL") == RT_PROTO:
+                        continue
+                    fwmark = rule.get_attr("FRA_FWMARK")
+                    fwmask = rule.get_attr("FRA_FWMASK") or 0xFFFFFFFF
+                    rtable = rule.get_attr("FRA_TABLE") or rule["table"]
+                    if fwmark is not None and fwmask & mask and (fwmark & fwmask & mask) == (
+                            mark & fwmask):
+                        marks.append(f"fwmark {fwmark:#x}/{fwmask:#x} lookup {rtable}")
+                    elif rtable == table:
+                        marks.append(f"priority {rule.get_attr('FRA_PRIORITY')} lookup {rtable}")
+                for route in ipr.get_routes(family=family, table=table):
+                    if route["proto"] != RT_PROTO:
+                        dst = route.get_attr("RTA_DST") or "default"
+                        routes.append(f"{dst}/{route['dst_len']}")
+    except Exception as exc:
+        return [Finding("mark and table", "warn", f"cannot read rules: {exc}")]
+    found = []
+    if marks:
+        found.append(Finding(
+            f"mark {mark:#x}/{mask:#x}", "warn",
+            "already used by foreign ip rule(s): " + "; ".join(marks),
+            "pick another with --mark / --table"))
+    else:
+        found.append(Finding(f"mark {mark:#x}/{mask:#x}", "ok", "no foreign ip rule uses it"))
+    if routes:
+        found.append(Finding(
+            f"table {table}", "warn",
+            f"already holds foreign route(s): {', '.join(routes)}"
+            + (" (a default route there clashes with ours)" if any(
+                r.startswith(("default", "0.0.0.0/0", "::/0")) for r in routes) else ""),
+            "pick another with --table"))
+    else:
+        found.append(Finding(f"table {table}", "ok", "no foreign routes"))
+    return found
+
+
+def run_checks(interfaces: list[str] | None = None, mark: int = DEFAULT_MARK,
+               mask: int = DEFAULT_MASK, table: int = DEFAULT_TABLE) -> list[Finding]:
+    """Every check, in the order they are printed."""
+    interfaces = interfaces or []
+    findings = [check_privileges(), check_python_iptables(), check_plugins(),
+                check_iptables_variant(), check_loopback()]
+    findings += check_interfaces(interfaces)
+    findings += check_forwarding()
+    findings += check_rp_filter(interfaces)
+    findings += check_mark_and_table(mark, mask, table)
+    return findings

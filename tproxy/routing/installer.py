@@ -1,0 +1,308 @@
+"""Apply, verify, revert and inspect plans with the backends.
+
+* :func:`install` applies a plan item by item; if a step fails it removes
+  what this call added (newest first) and raises :class:`SetupError` naming
+  the step and the kernel's error. The same plan installed twice is a no-op;
+  a different plan of the same instance is refused (:class:`ConflictError`)
+  unless ``replace=True``.
+* :func:`teardown` removes everything of one instance: its recorded plan's
+  items and whatever the kernel shows tagged for it. Nothing there: no-op.
+* :func:`inspect` reports, per instance, what is installed and how it
+  compares with the record (``complete`` / ``partial`` / ``absent``).
+
+Ownership: iptables chains are ours by name (``TPROXY_PRE``/``TPROXY_DIVERT``
++ ``_INSTANCE``), rules by ``-m comment tproxy:INSTANCE``; ip rules and
+routes by protocol 116, attributed to an instance by its record, or else by
+the mark its TPROXY/MARK rules set and the table that mark's rule looks up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from . import state
+from .backend import Backend, StepError
+from .commands import removal_order
+from .plan import (
+    Chain,
+    Found,
+    IpRule,
+    LocalRoute,
+    MangleRule,
+    Plan,
+    PlanRequest,
+    SetMark,
+    Tproxy,
+    UnknownRule,
+    instance_of_chain,
+    make_plan,
+)
+
+CAP_NET_ADMIN = 12
+
+
+class RoutingError(Exception):
+    """Base of the errors this package raises for the command line."""
+
+
+class InputError(RoutingError):
+    """Bad input found against the host (missing interface, not root): exit 2."""
+
+
+class ConflictError(RoutingError):
+    """A different plan is installed for the instance."""
+
+
+class SetupError(RoutingError):
+    """A step failed; what this call installed has been rolled back.
+
+    ``step`` is the failed command, ``cause`` the kernel's error, and
+    ``leftovers`` the steps whose rollback failed too (normally empty).
+    """
+
+    def __init__(self, step: str, cause: str, rolled_back: int, leftovers: list[str]) -> None:
+        text = f"step failed: {step}: {cause}; rolled back {rolled_back} step(s)"
+        if leftovers:
+            text += f"; could NOT roll back: {'; '.join(leftovers)} (run tproxy teardown)"
+        super().__init__(text)
+        self.step = step
+        self.cause = cause
+        self.leftovers = leftovers
+
+
+class TeardownError(RoutingError):
+    """Some items could not be removed (the record is kept so teardown can be retried)."""
+
+
+@dataclass
+class InstanceState:
+    """What is installed for one instance and how it compares with its record."""
+
+    instance: str
+    recorded: PlanRequest | None
+    record_status: str | None
+    live: list[Found] = field(default_factory=list)
+    missing: list[Found] = field(default_factory=list)
+    extra: list[Found] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``complete`` (record matches the kernel), ``partial`` or ``absent``."""
+        if not self.live:
+            return "absent"
+        if self.recorded is not None and not self.missing and not self.extra:
+            return "complete"
+        return "partial"
+
+
+# ------------------------------------------------------------- backends
+
+
+def open_backends() -> list[Backend]:
+    """The default backends: python-iptables for mangle, pyroute2 for rules and routes."""
+    from .iproute import IPRouteBackend
+    from .iptables import IptablesBackend
+
+    return [IptablesBackend(), IPRouteBackend()]
+
+
+@contextmanager
+def _backends(given: list[Backend] | None) -> Iterator[list[Backend]]:
+    if given is not None:
+        yield given
+        return
+    opened = open_backends()
+    try:
+        yield opened
+    finally:
+        for backend in opened:
+            backend.close()
+
+
+def _backend_for(backends: list[Backend], item: Found) -> Backend:
+    for backend in backends:
+        if backend.handles(item):  # type: ignore[arg-type]
+            return backend
+    raise StepError(repr(item), "no backend handles this item")
+
+
+# ------------------------------------------------------------- checks
+
+
+def has_net_admin() -> bool:
+    """Root, or CAP_NET_ADMIN in the effective set."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def check_host(request: PlanRequest) -> None:
+    """Raise :class:`InputError` if this host cannot take the plan (before any change)."""
+    if not has_net_admin():
+        raise InputError("must be root (or have CAP_NET_ADMIN) to change routing")
+    for name in dict.fromkeys((request.in_interface, request.out_interface)):
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise InputError(f"no such interface {name!r}") from None
+
+
+# ------------------------------------------------------------- inspect
+
+
+def _instance_of(item: Found) -> str | None:
+    if isinstance(item, Chain):
+        return instance_of_chain(item.name)
+    if isinstance(item, UnknownRule):
+        return item.instance
+    if isinstance(item, MangleRule):
+        if item.comment.startswith("tproxy:"):
+            return item.comment[len("tproxy:") :]
+        return instance_of_chain(item.chain)
+    return None
+
+
+def inspect(instance: str | None = None, backends: list[Backend] | None = None,
+            ) -> dict[str, InstanceState]:
+    """What is installed per instance (all, or just ``instance``), with records.
+
+    Ours but unattributable ip rules and routes (record gone and no iptables
+    rule naming their mark) are reported under the key ``""``.
+    """
+    with _backends(backends) as opened:
+        found: list[Found] = []
+        for backend in opened:
+            found.extend(backend.installed())  # type: ignore[arg-type]
+    names = set(state.recorded_instances())
+    names |= {n for n in map(_instance_of, found) if n}
+    if instance is not None:
+        names = {instance}
+    result: dict[str, InstanceState] = {}
+    claimed: set[Found] = set()
+    ip_items = [i for i in found if isinstance(i, IpRule | LocalRoute)]
+    for name in sorted(names):
+        record = state.load(name)
+        recorded, record_status = record if record else (None, None)
+        mine = [i for i in found if _instance_of(i) == name]
+        planned: list[Found] = list(make_plan(recorded).items) if recorded else []
+        marks = {(t.mark, t.mask) for r in mine if isinstance(r, MangleRule)
+                 for t in [r.target] if isinstance(t, SetMark | Tproxy)}
+        rules = [i for i in ip_items if i in planned or (
+            isinstance(i, IpRule) and (i.fwmark, i.fwmask) in marks)]
+        tables = {r.table for r in rules if isinstance(r, IpRule)}
+        tables |= {i.table for i in planned if isinstance(i, LocalRoute)}
+        routes = [i for i in ip_items if isinstance(i, LocalRoute) and i.table in tables]
+        mine += [i for i in dict.fromkeys(rules + routes) if i not in mine]
+        claimed.update(mine)
+        live_set = set(mine)
+        result[name] = InstanceState(
+            instance=name,
+            recorded=recorded,
+            record_status=record_status,
+            live=mine,
+            missing=[i for i in planned if i not in live_set],
+            extra=[i for i in mine if i not in set(planned)],
+        )
+    if instance is None:
+        orphans = [i for i in found if i not in claimed]
+        if orphans:
+            result[""] = InstanceState("", None, None, live=orphans, extra=orphans)
+    return result
+
+
+# ------------------------------------------------------------- apply / revert
+
+
+def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[Found], list[str]]:
+    removed: list[Found] = []
+    errors: list[str] = []
+    for item in removal_order(list(items)):
+        try:
+            if _backend_for(backends, item).remove(item):  # type: ignore[arg-type]
+                removed.append(item)
+        except StepError as exc:
+            errors.append(str(exc))
+    return removed, errors
+
+
+def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None = None,
+            ) -> str:
+    """Install ``plan``; return ``"installed"``, ``"unchanged"`` or ``"replaced"``.
+
+    Raises :class:`ConflictError` (nothing changed) if the instance has a
+    different plan installed and ``replace`` is false, and :class:`SetupError`
+    (everything this call added removed again) if a step fails.
+    """
+    request = plan.request
+    with state.locked(), _backends(backends) as opened:
+        current = inspect(request.instance, opened)[request.instance]
+        outcome = "installed"
+        if current.live:
+            live, wanted = set(current.live), set(plan.items)
+            if live == wanted:
+                state.save(request, "installed")
+                return "unchanged"
+            same_plan = current.recorded == request or live <= wanted
+            if not replace and not same_plan:
+                raise ConflictError(
+                    f"instance {request.instance!r} is installed with a different plan "
+                    f"(see tproxy status); use --replace, or tproxy teardown first"
+                )
+            _, errors = _remove_all(current.live, opened)
+            if errors:
+                raise TeardownError("could not remove the old installation: " + "; ".join(errors))
+            outcome = "replaced" if not same_plan else "installed"
+        state.save(request, "installing")
+        applied: list[Found] = []
+        for item in plan.items:
+            try:
+                _backend_for(opened, item).add(item)  # type: ignore[arg-type]
+            except StepError as exc:
+                leftovers: list[str] = []
+                for done in reversed(applied):
+                    try:
+                        _backend_for(opened, done).remove(done)  # type: ignore[arg-type]
+                    except StepError as undo:
+                        leftovers.append(str(undo))
+                if leftovers:
+                    state.save(request, "failed")
+                else:
+                    state.forget(request.instance)
+                raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
+            applied.append(item)
+        state.save(request, "installed")
+        return outcome
+
+
+def teardown(instance: str, backends: list[Backend] | None = None) -> list[Found]:
+    """Remove everything of ``instance``; return what was removed (empty: nothing there)."""
+    with state.locked(), _backends(backends) as opened:
+        current = inspect(instance, opened)[instance]
+        removed, errors = _remove_all(current.live, opened)
+        if errors:
+            raise TeardownError("; ".join(errors))
+        state.forget(instance)
+        return removed
+
+
+def teardown_orphans(backends: list[Backend] | None = None) -> list[Found]:
+    """Remove ip rules and routes of ours that no instance claims."""
+    with state.locked(), _backends(backends) as opened:
+        orphans = inspect(None, opened).get("")
+        if orphans is None:
+            return []
+        removed, errors = _remove_all(orphans.live, opened)
+        if errors:
+            raise TeardownError("; ".join(errors))
+        return removed

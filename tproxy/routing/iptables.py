@@ -1,0 +1,318 @@
+"""Backend for the mangle table through python-iptables (legacy x_tables).
+
+Each add or remove is one libiptc transaction (read the table, change it,
+commit) taken under the xtables lock (``/run/xtables.lock``, the lock the
+``iptables-legacy`` command takes), so a concurrent ``iptables`` command does
+not lose our change or we its. Only our chains and rules carrying our
+comment are ever reported or removed.
+
+python-iptables quirks handled here (see DESIGN.md): ``Table`` objects are
+per-process singletons, ``refresh()`` is needed after each ``commit()``, and
+building any non-builtin target (``MARK``, ``TPROXY``, a jump) makes it open
+*every* table of the family to ask whether the name is a chain; that would
+instantiate the ``nat``/``raw``/... tables in a namespace that never used
+them, so while we work the library is told only ``mangle`` exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+from .backend import StepError
+from .commands import describe
+from .plan import (
+    COMMENT_PREFIX,
+    Accept,
+    Chain,
+    Family,
+    Item,
+    Jump,
+    MangleRule,
+    SetMark,
+    Target,
+    Tproxy,
+    UnknownRule,
+    instance_of_chain,
+)
+from .ports import PortRange
+
+XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+_ANY4 = "0.0.0.0/0.0.0.0"
+_ANY6 = "::/0"
+
+
+def _iptc() -> Any:
+    try:
+        import iptc  # type: ignore[import-untyped]
+    except Exception as exc:  # libxtables missing, etc.
+        raise StepError("load python-iptables", str(exc)) from exc
+    return iptc
+
+
+@contextlib.contextmanager
+def xtables_lock() -> Iterator[None]:
+    """Hold the xtables lock (as ``iptables -w`` does) while changing a table."""
+    try:
+        fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError:
+        yield  # no writable /run: nothing to coordinate with
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class IptablesBackend:
+    """Chains and mangle rules via python-iptables, for IPv4 and IPv6."""
+
+    def __init__(self) -> None:
+        self._mod = _iptc()
+
+    # -- library plumbing
+
+    def _classes(self, family: Family) -> tuple[Any, Any]:
+        if family == 4:
+            return self._mod.Table, self._mod.Rule
+        return self._mod.Table6, self._mod.Rule6
+
+    @contextlib.contextmanager
+    def _table(self, family: Family, write: bool) -> Iterator[Any]:
+        table_cls, _ = self._classes(family)
+        known = table_cls.existing_table_names
+        saved = dict(known)
+        for name in table_cls.ALL:
+            known[name] = name == "mangle"
+        try:
+            with xtables_lock() if write else contextlib.nullcontext():
+                table = table_cls(table_cls.MANGLE)
+                table.autocommit = False
+                table.refresh()
+                yield table
+                if write:
+                    table.commit()
+                    table.refresh()
+        finally:
+            known.clear()
+            known.update(saved)
+
+    def _build(self, rule: MangleRule) -> Any:
+        _, rule_cls = self._classes(rule.family)
+        built = rule_cls()
+        if rule.in_interface is not None:
+            built.in_interface = rule.in_interface
+        if rule.protocol is not None:
+            built.protocol = rule.protocol
+        if rule.dport is not None or rule.sport is not None:
+            match = built.create_match(rule.protocol or "tcp")
+            if rule.sport is not None:
+                match.sport = rule.sport.iptables
+            if rule.dport is not None:
+                match.dport = rule.dport.iptables
+        if rule.socket_transparent:
+            built.create_match("socket").transparent = ""
+        built.create_match("comment").comment = rule.comment
+        target = rule.target
+        if isinstance(target, Jump):
+            built.create_target(target.chain)
+        elif isinstance(target, Accept):
+            built.create_target("ACCEPT")
+        elif isinstance(target, SetMark):
+            built.create_target("MARK").set_xmark = f"{target.mark:#x}/{target.mask:#x}"
+        elif isinstance(target, Tproxy):
+            made = built.create_target("TPROXY")
+            made.on_port = str(target.on_port)
+            made.on_ip = target.on_ip
+            made.tproxy_mark = f"{target.mark:#x}/{target.mask:#x}"
+        return built
+
+    # -- Backend interface
+
+    def handles(self, item: object) -> bool:
+        return isinstance(item, Chain | MangleRule | UnknownRule)
+
+    def add(self, item: Item) -> None:
+        step = describe(item)
+        try:
+            with self._table(item.family, write=True) as table:
+                if isinstance(item, Chain):
+                    if table.is_chain(item.name):
+                        raise StepError(step, f"chain {item.name} already exists")
+                    table.create_chain(item.name)
+                elif isinstance(item, MangleRule):
+                    chain = self._mod.Chain(table, item.chain)
+                    built = self._build(item)
+                    if item.first:
+                        chain.insert_rule(built, 0)
+                    else:
+                        chain.append_rule(built)
+                else:
+                    raise StepError(step, "not an iptables item")
+        except StepError:
+            raise
+        except Exception as exc:
+            raise StepError(step, _error_text(exc)) from exc
+
+    def remove(self, item: Item | UnknownRule) -> bool:
+        step = describe(item) if not isinstance(item, UnknownRule) else item.text
+        try:
+            with self._table(item.family, write=True) as table:
+                if isinstance(item, Chain):
+                    if not table.is_chain(item.name):
+                        return False
+                    table.flush_entries(item.name)
+                    table.delete_chain(item.name)
+                    return True
+                if not table.is_chain(item.chain):
+                    return False
+                chain = self._mod.Chain(table, item.chain)
+                for live in chain.rules:
+                    if self._parse(item.family, item.chain, live) == item:
+                        chain.delete_rule(live)
+                        return True
+                return False
+        except StepError:
+            raise
+        except Exception as exc:
+            raise StepError("remove " + step, _error_text(exc)) from exc
+
+    def installed(self) -> list[Item | UnknownRule]:  # type: ignore[override]
+        found: list[Item | UnknownRule] = []
+        for family in (4, 6):
+            try:
+                with self._table(family, write=False) as table:
+                    for chain in table.chains:
+                        ours = instance_of_chain(chain.name) is not None
+                        if ours:
+                            found.append(Chain(family, chain.name))
+                        for live in chain.rules:
+                            parsed = self._parse(family, chain.name, live)
+                            comment = parsed.comment
+                            if ours or (comment or "").startswith(COMMENT_PREFIX):
+                                found.append(parsed)
+            except StepError:
+                raise
+            except Exception as exc:
+                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables mangle",
+                                _error_text(exc)) from exc
+        return found
+
+    def close(self) -> None:
+        for family in (4, 6):
+            table_cls, _ = self._classes(family)
+            with contextlib.suppress(Exception):
+                table_cls(table_cls.MANGLE).close()
+
+    # -- reading rules back
+
+    def _parse(self, family: Family, chain: str, live: Any) -> MangleRule | UnknownRule:
+        """Turn a live rule into a :class:`MangleRule`, or an :class:`UnknownRule`."""
+        matches = [(m.name, m.get_all_parameters()) for m in live.matches]
+        target_name = live.target.name if live.target else ""
+        target_params = live.target.get_all_parameters() if live.target else {}
+        comment = None
+        for name, params in matches:
+            if name == "comment":
+                comment = " ".join(params.get("comment", []))
+        text = _rule_text(live, matches, target_name, target_params)
+        unknown = UnknownRule(family, chain, text, comment)
+        any_addr = _ANY4 if family == 4 else _ANY6
+        if (live.src not in (any_addr, None) or live.dst not in (any_addr, None)
+                or live.out_interface or comment is None):
+            return unknown
+        protocol = live.protocol if live.protocol not in (None, "ip", "all", "0") else None
+        dport = sport = None
+        transparent = False
+        for name, params in matches:
+            if name == protocol and set(params) <= {"dport", "sport"}:
+                if "dport" in params:
+                    dport = _port_range(params["dport"])
+                if "sport" in params:
+                    sport = _port_range(params["sport"])
+            elif name == "socket" and params == {"transparent": []}:
+                transparent = True
+            elif name != "comment":
+                return unknown
+        target = _parse_target(target_name, target_params)
+        if target is None or (dport is False or sport is False):
+            return unknown
+        return MangleRule(
+            family, chain, target, comment, live.in_interface or None, protocol,
+            dport=dport or None, sport=sport or None, socket_transparent=transparent,
+            first=chain == "PREROUTING",
+        )
+
+
+def _port_range(values: list[str]) -> PortRange | bool:
+    if len(values) != 1:
+        return False
+    low, _, high = values[0].partition(":")
+    try:
+        return PortRange(int(low), int(high or low))
+    except ValueError:
+        return False
+
+
+def _mark(values: list[str]) -> tuple[int, int] | None:
+    if len(values) != 1:
+        return None
+    mark, _, mask = values[0].partition("/")
+    try:
+        return int(mark, 0), int(mask, 0) if mask else 0xFFFFFFFF
+    except ValueError:
+        return None
+
+
+def _parse_target(name: str, params: dict[str, list[str]]) -> Target | None:
+    if name == "ACCEPT" and not params:
+        return Accept()
+    if name == "MARK" and set(params) == {"set-xmark"}:
+        mark = _mark(params["set-xmark"])
+        return SetMark(*mark) if mark else None
+    if name == "TPROXY" and set(params) == {"on-port", "on-ip", "tproxy-mark"}:
+        mark = _mark(params["tproxy-mark"])
+        try:
+            port = int(params["on-port"][0])
+        except (ValueError, IndexError):
+            return None
+        return Tproxy(params["on-ip"][0], port, *mark) if mark else None
+    if instance_of_chain(name) is not None and not params:
+        return Jump(name)
+    return None
+
+
+def _rule_text(live: Any, matches: list[tuple[str, dict[str, list[str]]]],
+               target_name: str, target_params: dict[str, list[str]]) -> str:
+    """An iptables-style spec of a live rule, used to name and find unknown rules."""
+    args: list[str] = []
+    for flag, value in (("-s", live.src), ("-d", live.dst)):
+        if value not in (None, _ANY4, _ANY6):
+            args += [flag, value]
+    if live.in_interface:
+        args += ["-i", live.in_interface]
+    if live.out_interface:
+        args += ["-o", live.out_interface]
+    if live.protocol not in (None, "ip", "all", "0"):
+        args += ["-p", live.protocol]
+    for name, params in matches:
+        args += ["-m", name]
+        for key, values in params.items():
+            args += [f"--{key}", *values]
+    args += ["-j", target_name]
+    for key, values in target_params.items():
+        args += [f"--{key}", *values]
+    return shlex.join(args)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        text = f"{os.strerror(exc.errno)} (errno {errno.errorcode.get(exc.errno, exc.errno)})"
+    return text

@@ -1,0 +1,91 @@
+"""Routing for ``tproxy run --setup IN OUT --port PORTS``.
+
+The engine's owner calls :func:`add_run_arguments` on ``run``'s parser and,
+once its transparent listener is up, enters :func:`installed_for_run`::
+
+    with installed_for_run(args, proxy_port=9091, proxy_address_v4="127.0.0.1",
+                           proxy_address_v6="::1"):
+        ...serve until stopped...
+
+The plan is installed on enter (after the listener exists, so diverted SYNs
+always find it) and removed on exit, whatever ends the block: a normal
+return, an exception, a cancelled task, KeyboardInterrupt. After ``kill -9``
+nothing can run, so the rules stay; ``tproxy teardown`` removes them (the
+record under ``/run/tproxy`` says what they are).
+
+Option names in ``run``: ``--setup IN OUT``, ``-p/--port PORTS``,
+``--route-mark MARK[/MASK]``, ``--route-table TABLE``,
+``--route-priority PRIO``, ``--route-instance NAME``, ``--ipv4``, ``--ipv6``
+(``--mark`` is ``run``'s own SO_MARK option). The proxy port and address
+come from the engine's listener, not from options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from . import installer
+from .cli import add_plan_arguments, request_from_args
+from .installer import RoutingError
+from .plan import DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
+
+__all__ = ["RoutingError", "add_run_arguments", "installed_for_run", "wants_setup"]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--setup IN OUT`` and the plan options (prefixed ``--route-``) to ``run``."""
+    parser.add_argument("--setup", nargs=2, metavar=("IN", "OUT"), default=None,
+                        help="install the TPROXY routing for IN -> OUT while running "
+                             "(needs --port); removed when the engine stops")
+    add_plan_arguments(parser, prefix="route-")
+
+
+def wants_setup(args: argparse.Namespace) -> bool:
+    """Whether ``run`` was asked to install routing (``--setup`` given)."""
+    return getattr(args, "setup", None) is not None
+
+
+def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: str | None,
+                 proxy_address_v6: str | None) -> Plan:
+    """The plan ``run`` would install; raises ``tproxy.cli.UsageError`` on bad options.
+
+    An address of None (or a wildcard) means the family's default
+    (127.0.0.1 / ::1): TPROXY needs a concrete local address.
+    """
+    in_interface, out_interface = args.setup
+    addresses = [a for a in (proxy_address_v4, proxy_address_v6)
+                 if a and a not in ("0.0.0.0", "::")]
+    request = request_from_args(args, in_interface, out_interface, proxy_port, addresses)
+    return make_plan(request)
+
+
+@contextlib.contextmanager
+def installed_for_run(args: argparse.Namespace, proxy_port: int,
+                      proxy_address_v4: str | None = DEFAULT_PROXY_V4,
+                      proxy_address_v6: str | None = DEFAULT_PROXY_V6,
+                      ) -> Iterator[Plan | None]:
+    """Install ``run``'s plan for the block's duration; yields the plan (None without --setup).
+
+    Raises ``tproxy.cli.UsageError`` for bad options and
+    :class:`~tproxy.routing.installer.RoutingError` (``InputError``,
+    ``ConflictError``, ``SetupError``; message says what and why) if it cannot
+    install, having rolled back. A plan already installed identically (left by
+    a killed ``run``) is adopted and removed on exit like a fresh one.
+    """
+    if not wants_setup(args):
+        yield None
+        return
+    plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
+    installer.check_host(plan.request)
+    installer.install(plan, replace=False)
+    try:
+        yield plan
+    finally:
+        try:
+            installer.teardown(plan.instance)
+        except RoutingError as exc:  # report, but do not hide the block's own error
+            print(f"tproxy run: removing the routing failed: {exc}; "
+                  "run tproxy teardown", file=sys.stderr)

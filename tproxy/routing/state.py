@@ -1,0 +1,109 @@
+"""The record of installations under ``/run/tproxy/`` (one file per instance).
+
+``/run`` is shared by every network namespace on the host, while rules live
+in one namespace, so records are kept per namespace:
+``/run/tproxy/ns-<cookie>/<instance>.json``. The cookie is the kernel's
+network-namespace cookie (``SO_NETNS_COOKIE``): unlike the inode of
+``/proc/self/ns/net`` it is never reused within a boot, so a namespace created
+after another was deleted cannot inherit its records. (Kernels before 5.14
+lack it; then the inode is used, and the live tags decide anyway: a record
+whose items are not installed is treated as stale.) ``TPROXY_STATE_DIR``
+overrides ``/run/tproxy`` (tests).
+
+The record is written *before* the first change (status ``installing``) and
+marked ``installed`` after the last, so ``teardown`` after a crash at any
+point knows what may be there. It is a convenience: everything of ours is
+also found from the tags (chain names, comments, protocol 116).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .plan import PlanRequest
+
+SO_NETNS_COOKIE = 71
+ROOT = Path(os.environ.get("TPROXY_STATE_DIR", "/run/tproxy"))
+
+
+def namespace_key() -> str:
+    """A name for the current network namespace, unique within this boot."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                    "little")
+            return f"ns-{cookie}"
+        except OSError:
+            pass
+    info = os.stat("/proc/self/ns/net")
+    return f"ns-ino-{info.st_dev}-{info.st_ino}"
+
+
+def state_dir() -> Path:
+    """The directory holding this namespace's records."""
+    return ROOT / namespace_key()
+
+
+def _path(instance: str) -> Path:
+    return state_dir() / f"{instance}.json"
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """Serialise tproxy setup/teardown (one flock on ``/run/tproxy/lock`` for all namespaces).
+
+    One host-wide lock keeps per-namespace directories removable when empty;
+    the critical sections are short.
+    """
+    ROOT.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(ROOT / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def load(instance: str) -> tuple[PlanRequest, str] | None:
+    """The recorded (request, status) of an instance, or None (missing or unreadable)."""
+    try:
+        data: dict[str, Any] = json.loads(_path(instance).read_text())
+        return PlanRequest.from_json(data["request"]), str(data.get("status", "installed"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(request: PlanRequest, status: str) -> None:
+    """Record an instance's request atomically (write, fsync, rename)."""
+    path = _path(request.instance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    data = {"request": request.to_json(), "status": status, "pid": os.getpid()}
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def forget(instance: str) -> None:
+    """Delete an instance's record; remove the namespace directory when it is empty."""
+    with contextlib.suppress(FileNotFoundError):
+        _path(instance).unlink()
+    with contextlib.suppress(OSError):
+        state_dir().rmdir()  # only succeeds when no record is left
+
+
+def recorded_instances() -> list[str]:
+    """Instances with a record in this namespace."""
+    directory = state_dir()
+    if not directory.exists():
+        return []
+    return sorted(p.stem for p in directory.glob("*.json"))
