@@ -1,5 +1,15 @@
 """Backend for the mangle table through python-iptables (legacy x_tables).
 
+libxtables keeps one registry of extensions per process, and registering a
+multi-family target such as ``TPROXY`` for IPv6 after IPv4 makes it print
+``target "TPROXY" already registered`` and *exit the process* (python-iptables
+issues #135, #316). So python-iptables never runs in the calling process:
+:class:`IptablesBackend` talks JSON lines to one worker process per family
+(``python -m tproxy.routing.iptables --worker 4|6``), and each worker uses
+:class:`FamilyTables` for its family only. A worker that dies mid-step becomes
+a :class:`StepError` in the caller, who can still roll back; the engine
+process of ``tproxy run`` never loads libxtables at all.
+
 Each add or remove is one libiptc transaction (read the table, change it,
 commit) taken under the xtables lock (``/run/xtables.lock``, the lock the
 ``iptables-legacy`` command takes), so a concurrent ``iptables`` command does
@@ -19,8 +29,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +52,8 @@ from .plan import (
     Tproxy,
     UnknownRule,
     instance_of_chain,
+    item_from_json,
+    item_to_json,
 )
 from .ports import PortRange
 
@@ -70,11 +85,12 @@ def xtables_lock() -> Iterator[None]:
         os.close(fd)
 
 
-class IptablesBackend:
-    """Chains and mangle rules via python-iptables, for IPv4 and IPv6."""
+class FamilyTables:
+    """Chains and mangle rules of one family via python-iptables (runs in a worker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, family: Family) -> None:
         self._mod = _iptc()
+        self.family = family
 
     # -- library plumbing
 
@@ -183,9 +199,9 @@ class IptablesBackend:
         except Exception as exc:
             raise StepError("remove " + step, _error_text(exc)) from exc
 
-    def installed(self) -> list[Item | UnknownRule]:  # type: ignore[override]
+    def installed(self) -> list[Item | UnknownRule]:
         found: list[Item | UnknownRule] = []
-        for family in (4, 6):
+        for family in (self.family,):
             try:
                 with self._table(family, write=False) as table:
                     for chain in table.chains:
@@ -205,10 +221,9 @@ class IptablesBackend:
         return found
 
     def close(self) -> None:
-        for family in (4, 6):
-            table_cls, _ = self._classes(family)
-            with contextlib.suppress(Exception):
-                table_cls(table_cls.MANGLE).close()
+        table_cls, _ = self._classes(self.family)
+        with contextlib.suppress(Exception):
+            table_cls(table_cls.MANGLE).close()
 
     # -- reading rules back
 
@@ -316,3 +331,112 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         text = f"{os.strerror(exc.errno)} (errno {errno.errorcode.get(exc.errno, exc.errno)})"
     return text
+
+
+# ---------------------------------------------------------------- worker protocol
+
+
+class IptablesBackend:
+    """Chains and mangle rules for both families, each in its own worker process."""
+
+    def __init__(self) -> None:
+        self._workers: dict[int, subprocess.Popen[str]] = {}
+
+    def _worker(self, family: int) -> subprocess.Popen[str]:
+        worker = self._workers.get(family)
+        if worker is None or worker.poll() is not None:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "tproxy.routing.iptables", "--worker", str(family)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, bufsize=1,
+            )
+            self._workers[family] = worker
+        return worker
+
+    def _call(self, family: int, op: str, step: str, item: object = None) -> Any:
+        worker = self._worker(family)
+        assert worker.stdin is not None and worker.stdout is not None
+        try:
+            worker.stdin.write(json.dumps({"op": op, "item": item_to_json(item)}) + "\n")
+            worker.stdin.flush()
+            line = worker.stdout.readline()
+        except OSError:
+            line = ""  # the worker is gone: report its stderr below
+        if not line:
+            worker.kill()
+            _, err = worker.communicate()
+            self._workers.pop(family, None)
+            text = " ".join(err.split())[-300:] or f"exit status {worker.returncode}"
+            raise StepError(step, f"iptables worker died: {text}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise StepError(reply["error"]["step"], reply["error"]["cause"])
+        return item_from_json(reply["result"])
+
+    def handles(self, item: object) -> bool:
+        return isinstance(item, Chain | MangleRule | UnknownRule)
+
+    def add(self, item: Item) -> None:
+        self._call(item.family, "add", describe(item), item)
+
+    def remove(self, item: Item | UnknownRule) -> bool:
+        step = item.text if isinstance(item, UnknownRule) else describe(item)
+        return bool(self._call(item.family, "remove", "remove " + step, item))
+
+    def installed(self) -> list[Item | UnknownRule]:
+        found: list[Item | UnknownRule] = []
+        for family in (4, 6):
+            found.extend(self._call(family, "installed", f"read mangle (IPv{family})"))
+        return found
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            with contextlib.suppress(OSError):
+                if worker.stdin:
+                    worker.stdin.close()
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            for stream in (worker.stdout, worker.stderr):
+                if stream:
+                    stream.close()
+        self._workers.clear()
+
+
+def serve(family: Family) -> int:
+    """Worker main loop: one JSON request per line on stdin, one reply per line on stdout."""
+    try:
+        tables: FamilyTables | None = FamilyTables(family)
+        load_error = None
+    except StepError as exc:
+        tables, load_error = None, exc
+    for line in sys.stdin:
+        request = json.loads(line)
+        item = item_from_json(request["item"])
+        try:
+            if tables is None:
+                assert load_error is not None
+                raise load_error
+            if request["op"] == "add":
+                tables.add(item)
+                result: Any = None
+            elif request["op"] == "remove":
+                result = tables.remove(item)
+            else:
+                result = [item_to_json(i) for i in tables.installed()]
+            reply: dict[str, Any] = {"result": result}
+        except StepError as exc:
+            reply = {"error": {"step": exc.step, "cause": exc.cause}}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    if tables is not None:
+        tables.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker" and sys.argv[2] in ("4", "6"):
+        raise SystemExit(serve(4 if sys.argv[2] == "4" else 6))
+    raise SystemExit("usage: python -m tproxy.routing.iptables --worker 4|6")

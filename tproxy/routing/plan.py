@@ -399,3 +399,30 @@ def build_request(
     )
     validate_request(request)
     return request
+
+
+# ---------------------------------------------------------------- JSON codec
+
+_CODEC_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Jump, SetMark, Accept, Tproxy, Chain, MangleRule, IpRule, LocalRoute,
+                UnknownRule, PortRange)
+}
+
+
+def item_to_json(value: Any) -> Any:
+    """Encode a plan item (or target, port range) as JSON-able data."""
+    if type(value).__name__ in _CODEC_TYPES:
+        fields = {k: item_to_json(getattr(value, k)) for k in value.__dataclass_fields__}
+        return {"type": type(value).__name__, **fields}
+    return value
+
+
+def item_from_json(data: Any) -> Any:
+    """Inverse of :func:`item_to_json`."""
+    if isinstance(data, dict) and data.get("type") in _CODEC_TYPES:
+        cls = _CODEC_TYPES[data["type"]]
+        return cls(**{k: item_from_json(v) for k, v in data.items() if k != "type"})
+    if isinstance(data, list):
+        return [item_from_json(v) for v in data]
+    return data
