@@ -44,7 +44,7 @@ import binascii
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .base import ConnectFailure, ProtocolError, classify_error
 
@@ -391,13 +391,18 @@ class HttpProxyHandshake:
             raise HttpProxyError(505, f"HTTP/{major}.{minor} not supported")
         version = f"HTTP/{major}.{minor}"
         headers = self._parse_headers(lines[1:])
-        user = self._check_auth(headers)
+        # A malformed request is answered 400 even without credentials: the
+        # request is checked completely before authentication.
+        request: ConnectRequest | ForwardRequest
         if method == "CONNECT":
             if "/" in target or target.startswith("*"):
                 raise _bad(f"CONNECT target must be host:port, not {target[:100]!r}")
             host, port = parse_authority(target, None)
-            return ConnectRequest(host=host, port=port, headers=headers, version=version, user=user)
-        return self._forward(method, target, version, headers, user)
+            request = ConnectRequest(host=host, port=port, headers=headers, version=version)
+        else:
+            request = self._forward(method, target, version, headers)
+        user = self._check_auth(headers)
+        return request if user is None else replace(request, user=user)
 
     @staticmethod
     def _parse_headers(lines: list[str]) -> Headers:
@@ -421,9 +426,7 @@ class HttpProxyHandshake:
             raise HttpProxyError(407, reason, proxy_auth_required(self.realm, reason))
         return credentials[0]
 
-    def _forward(
-        self, method: str, target: str, version: str, headers: Headers, user: str | None
-    ) -> ForwardRequest:
+    def _forward(self, method: str, target: str, version: str, headers: Headers) -> ForwardRequest:
         match = _ABSOLUTE.fullmatch(target)
         if match is None:
             raise _bad(f"a proxy needs an absolute URL or CONNECT, not {target[:100]!r}")
@@ -483,7 +486,6 @@ class HttpProxyHandshake:
             version=version,
             headers=headers,
             head=head,
-            user=user,
             content_length=content_length,
             chunked=chunked,
         )
