@@ -132,11 +132,12 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
+    _check_instance(args.instance)
     _need_root()
     if args.all:
         names = sorted(n for n in installer.inspect() if n)
     else:
-        names = [_check_instance(args.instance)]
+        names = [args.instance]
     if args.dry_run:
         for name in names:
             current = installer.inspect(name)[name]

@@ -52,12 +52,26 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
                  proxy_address_v6: str | None) -> Plan:
     """The plan ``run`` would install; raises ``tproxy.cli.UsageError`` on bad options.
 
-    An address of None (or a wildcard) means the family's default
-    (127.0.0.1 / ::1): TPROXY needs a concrete local address.
+    An address of None means no listener of that family: the family is left
+    out of the plan (asking for it with ``--ipv4``/``--ipv6`` is a usage
+    error), so traffic is never diverted to a port nobody listens on. A
+    wildcard address means the family's default (127.0.0.1 / ::1; a wildcard
+    listener accepts what TPROXY hands to those).
     """
+    from ..cli import UsageError
+
     in_interface, out_interface = args.setup
-    addresses = [a for a in (proxy_address_v4, proxy_address_v6)
-                 if a and a not in ("0.0.0.0", "::")]
+    listening = {4: proxy_address_v4, 6: proxy_address_v6}
+    for family, flag in ((4, args.route_ipv4), (6, args.route_ipv6)):
+        if flag and listening[family] is None:
+            raise UsageError(f"--ipv{family} needs a transparent IPv{family} listener")
+    if not (args.route_ipv4 or args.route_ipv6):
+        if listening[4] is None and listening[6] is None:
+            raise UsageError("--setup needs a transparent listener")
+        args = argparse.Namespace(**vars(args))
+        args.route_ipv4 = listening[4] is not None and listening[6] is None
+        args.route_ipv6 = listening[6] is not None and listening[4] is None
+    addresses = [a for a in listening.values() if a and a not in ("0.0.0.0", "::")]
     request = request_from_args(args, in_interface, out_interface, proxy_port, addresses)
     return make_plan(request)
 
