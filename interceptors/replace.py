@@ -101,8 +101,11 @@ class _RegexStream:
 
     ``buf`` is look-behind context followed by the bytes not yet released;
     scanning starts at ``start`` (so ``^`` and look-behind see the real stream
-    before it). ``skip_empty`` records that the last match was empty and ended
-    at ``start``, which ``re`` would not match again there.
+    before it, as :meth:`re.Pattern.finditer` with ``pos`` allows).
+
+    Empty matches need no state across reads: a committed match starts at or
+    before ``limit`` while the cut is after it, so a new scan never starts
+    right where an empty match ended (where ``re`` would refuse a second one).
     """
 
     def __init__(self, pattern: re.Pattern[bytes], new: bytes, count: int | None,
@@ -113,7 +116,6 @@ class _RegexStream:
         self.max_match = max_match
         self.buf = b""
         self.start = 0
-        self.skip_empty = False
 
     @property
     def exhausted(self) -> bool:
@@ -133,27 +135,20 @@ class _RegexStream:
         # a match may be committed only if it starts where the regex has seen
         # max_match bytes of the stream (or the stream is over)
         limit = len(buf) if final else len(buf) - self.max_match
-        out, pos, skip = [], start, self.skip_empty
-        last_empty_at = -1
+        out, pos = [], start
         for m in self.pattern.finditer(buf, start):
             s, e = m.span()
-            if skip and s == e == start:
-                skip = False
-                continue
-            skip = False
             if s > limit:
                 break
             out.append(buf[pos:s])
             out.append(m.expand(self.new))
             pos = e
-            last_empty_at = e if s == e else -1
             if self.left is not None:
                 self.left -= 1
                 if self.left == 0:
                     break
         cut = len(buf) if final or self.left == 0 else max(pos, limit + 1)
         out.append(buf[pos:cut])
-        self.skip_empty = last_empty_at == cut
         # keep max_match bytes before the cut as look-behind / ^ context
         keep_from = max(0, cut - self.max_match)
         self.buf = buf[keep_from:]
