@@ -393,3 +393,14 @@ def test_parse_authority() -> None:
     assert parse_authority("[::1]:81", None) == ("::1", 81)
     with pytest.raises(HttpProxyError):
         parse_authority("h.test", None)
+
+
+def test_complete_head_one_byte_over_max_size_is_431() -> None:
+    head = b"GET http://h.test/ HTTP/1.1\r\nX: " + b"a" * 65 + b"\r\n\r\n"
+    assert len(head) == 101
+    for chunks in ([head], [head[:50], head[50:]], [bytes([b]) for b in head]):
+        hs = HttpProxyHandshake(max_head_size=100)
+        with pytest.raises(HttpProxyError) as info:
+            for chunk in chunks:
+                hs.receive_data(chunk)
+        assert info.value.status == 431

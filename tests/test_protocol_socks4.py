@@ -142,3 +142,10 @@ def test_python_socks_client_bytes_roundtrip() -> None:
         assert (reply.host, reply.port) == ("192.0.2.9", 1234)
         with pytest.raises(Exception, match="rejected or failed"):
             ps4.ConnectReply.loads(hs.reply_failure())
+
+
+def test_request_one_byte_over_max_size_is_rejected() -> None:
+    data = b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 56 + b"\x00"
+    assert len(data) == 65
+    with pytest.raises(SocksError):
+        Socks4Handshake(max_size=64).receive_data(data + b"payload")

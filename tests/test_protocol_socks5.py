@@ -310,3 +310,19 @@ def test_udp_datagram_exact_bytes() -> None:
 def test_udp_datagrams_to_drop(packet: bytes) -> None:
     with pytest.raises(DatagramError):
         parse_udp_datagram(packet)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_max_size_boundary_whatever_the_chunking(chunk: int) -> None:
+    data = b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"  # 13 bytes
+    for max_size, accepted in ((13, True), (12, False)):
+        hs = Socks5Handshake(max_size=max_size)
+        stream = data + b"tail"
+        try:
+            for i in range(0, len(stream), chunk):
+                hs.receive_data(stream[i : i + chunk])
+        except SocksError as error:
+            assert not accepted
+            assert error.reply.endswith(fail(0x01))
+        else:
+            assert accepted and hs.leftover == b"tail"
