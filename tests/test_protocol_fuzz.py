@@ -112,6 +112,7 @@ cut_points = st.lists(st.integers(min_value=0, max_value=2000), max_size=30)
 names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){1,2}", fullmatch=True)
 ipv4s = st.ip_addresses(v=4).map(str)
 ipv6s = st.ip_addresses(v=6).map(str)
+unmapped_ipv6s = st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None).map(str)
 ports = st.integers(min_value=1, max_value=65535)
 trailing = st.binary(max_size=64)
 
@@ -145,17 +146,11 @@ def socks5_requests(draw: st.DrawFn, auth: bool) -> tuple[bytes, bytes, SocksReq
         data += b"\x01\x04user\x04pass"
         replies += b"\x01\x00"
     command = draw(st.sampled_from(list(SocksCommand)))
-    host = draw(st.one_of(ipv4s, ipv6s, names))
+    is_domain = draw(st.booleans())
+    host = draw(names if is_domain else st.one_of(ipv4s, unmapped_ipv6s))
     port = draw(st.integers(0, 65535))
     data += bytes((5, command, 0)) + encode_address(host, port)
-    request = SocksRequest(
-        5,
-        command,
-        host,
-        port,
-        "user" if auth else None,
-        host == "" or (not any(c == ":" for c in host) and not host.replace(".", "").isdigit()),
-    )
+    request = SocksRequest(5, command, host, port, "user" if auth else None, is_domain)
     return data, replies, request
 
 

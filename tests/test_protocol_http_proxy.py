@@ -404,3 +404,8 @@ def test_complete_head_one_byte_over_max_size_is_431() -> None:
             for chunk in chunks:
                 hs.receive_data(chunk)
         assert info.value.status == 431
+
+
+def test_non_ascii_digits_are_not_numbers() -> None:
+    error = refused(b"POST http://h.test/ HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n")
+    assert error.status == 400

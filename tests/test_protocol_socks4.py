@@ -149,3 +149,9 @@ def test_request_one_byte_over_max_size_is_rejected() -> None:
     assert len(data) == 65
     with pytest.raises(SocksError):
         Socks4Handshake(max_size=64).receive_data(data + b"payload")
+
+
+def test_ipv4_mapped_bound_address_is_shown() -> None:
+    assert socks4_reply(Socks4Reply.GRANTED, ("::ffff:192.0.2.1", 80)) == (
+        b"\x00\x5a\x00\x50\xc0\x00\x02\x01"
+    )

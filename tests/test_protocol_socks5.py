@@ -326,3 +326,10 @@ def test_max_size_boundary_whatever_the_chunking(chunk: int) -> None:
             assert error.reply.endswith(fail(0x01))
         else:
             assert accepted and hs.leftover == b"tail"
+
+
+def test_ipv4_mapped_bound_address_is_sent_as_ipv4() -> None:
+    assert socks5_reply(Socks5Reply.SUCCEEDED, ("::ffff:192.0.2.1", 80)) == (
+        b"\x05\x00\x00\x01\xc0\x00\x02\x01\x00\x50"
+    )
+    assert reply_code_for_error(ConnectionRefusedError()) is Socks5Reply.CONNECTION_REFUSED

@@ -131,6 +131,8 @@ def classify_error(error: BaseException | int | None) -> ConnectFailure:
         return ConnectFailure.NAME_NOT_FOUND
     if isinstance(error, TimeoutError) or type(error).__name__ == "TooSlowError":
         return ConnectFailure.TIMEOUT
+    if isinstance(error, ConnectionRefusedError):
+        return ConnectFailure.REFUSED
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
             found = classify_error(inner)

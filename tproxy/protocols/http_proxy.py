@@ -192,6 +192,7 @@ _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
 _HEADER = re.compile(rf"({_TOKEN}):(.*)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _REG_NAME = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]+")
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)(?:#.*)?")
 _HOP_BY_HOP = frozenset(
@@ -244,7 +245,7 @@ def parse_authority(authority: str, default_port: int | None) -> tuple[str, int]
         if default_port is None:
             raise _bad(f"no port in {authority!r}")
         return host, default_port
-    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) <= 0xFFFF:
+    if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or not 0 < int(port_text) <= 0xFFFF:
         raise _bad(f"bad port in {authority!r}")
     return host, int(port_text)
 
@@ -447,7 +448,7 @@ class HttpProxyHandshake:
         lengths = {value.strip() for name, value in lowered if name == "content-length"}
         content_length = None
         if lengths:
-            if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
+            if len(lengths) > 1 or not all(_DIGITS.fullmatch(v) for v in lengths):
                 raise _bad("bad or conflicting Content-Length")
             content_length = int(lengths.pop())
         encodings = [value for name, value in lowered if name == "transfer-encoding"]

@@ -44,12 +44,15 @@ class Socks4Reply(IntEnum):
 
 
 def socks4_reply(code: Socks4Reply, bound: Address | None = None) -> bytes:
-    """The 8 reply bytes. ``bound`` must be an IPv4 literal to be shown; else zeros."""
+    """The 8 reply bytes. ``bound`` is shown if it is IPv4 (or IPv4-mapped); else zeros."""
     host, port = bound if bound is not None else ("0.0.0.0", 0)
     try:
-        packed = ipaddress.IPv4Address(host).packed
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        packed = bytes(4)
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 address, or None
+    packed = ip.packed if ip is not None else bytes(4)
     if not 0 <= port <= 0xFFFF:
         port = 0
     return bytes((0, code)) + port.to_bytes(2, "big") + packed

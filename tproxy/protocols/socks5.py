@@ -121,7 +121,10 @@ def reply_code_for_error(error: BaseException | int | Socks5Reply | None) -> Soc
 
 
 def encode_address(host: str, port: int) -> bytes:
-    """ATYP | ADDR | PORT for an IP literal (IPv4/IPv6) or a host name."""
+    """ATYP | ADDR | PORT for an IP literal (IPv4/IPv6) or a host name.
+
+    An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) is sent as IPv4.
+    """
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -130,6 +133,8 @@ def encode_address(host: str, port: int) -> bytes:
             raise ValueError(f"host name of {len(name)} bytes cannot be sent in SOCKS5") from None
         head = bytes((AddressType.DOMAIN, len(name))) + name
     else:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
         atyp = AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
         head = bytes((atyp,)) + ip.packed
     return head + port.to_bytes(2, "big")
