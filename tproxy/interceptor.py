@@ -196,10 +196,30 @@ class Chain:
         return all(i.is_passthrough for i in self.interceptors)
 
     def start(self) -> Output:
-        """Call every interceptor's :meth:`Interceptor.start`, in order."""
+        """Call every interceptor's :meth:`Interceptor.start`, in order.
+
+        What the start hooks inject is routed only once all of them ran, so
+        no interceptor sees data (say, an earlier one's banner) before its
+        own ``start``, where it may still decide to abort or pass through.
+        """
         out = _Collect()
-        for k in range(len(self.interceptors)):
-            self._call(k, "start", (), out, to_server_from=k)
+        injected: list[tuple[bytes, bytes]] = []
+        for k, ic in enumerate(self.interceptors):
+            try:
+                ic.start()
+            except AbortFlow as exc:
+                self._keep_reply(k, exc, out)
+                raise
+            except Exception as exc:
+                raise InterceptorError(ic, "start", exc) from exc
+            injected.append((b"".join(ic._to_server), b"".join(ic._to_client)))
+            ic._to_server.clear()
+            ic._to_client.clear()
+        for k, (to_server, to_client) in enumerate(injected):
+            if to_client:
+                self._to_client(k - 1, to_client, out)
+            if to_server:
+                self._to_server(k + 1, to_server, out)
         return out.output()
 
     def client_data(self, data: bytes) -> Output:
@@ -317,9 +337,6 @@ class Chain:
         if to_server_from is not None:
             # processing toward the server (or start): same-direction injections lead
             result = inj_server + result
-            if hook == "start":
-                self._to_server(k + 1, result, out)
-                result = b""
             if inj_client:
                 self._to_client(k - 1, inj_client, out)
         else:
