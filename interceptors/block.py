@@ -167,7 +167,8 @@ class Block(Interceptor):
             self._block(f"destination {format_address(self.flow.destination)} blocked")
 
     def client_data(self, data: bytes) -> bytes:
-        assert self.options.pattern is not None  # otherwise start() decided
+        if self.options.pattern is None:  # start() aborts or passes through
+            return data
         room = self.options.first_bytes - len(self.seen)
         self.seen += data[:room]
         match = self.options.pattern.search(self.seen)

@@ -126,6 +126,23 @@ def test_start_injections_are_routed_like_data() -> None:
     assert out == Output(to_server=b"HELLO\r\nC", to_client=b"220 hello\r\nA")
 
 
+def test_no_data_hook_runs_before_its_own_start() -> None:
+    log: list[str] = []
+    chain = Chain([Tag("A", log), Banner(FLOW), Tag("C", log)])
+    chain.start()
+    assert log.index("C.start") < log.index("C.client_data(HELLO\r\n)")
+
+
+def test_start_abort_after_an_earlier_banner() -> None:
+    from interceptors.block import Block
+
+    block = Block(FLOW, Block.parse_options({"port": "80", "reply": "denied"}))
+    chain = Chain([Banner(FLOW), block])
+    with pytest.raises(AbortFlow) as info:
+        chain.start()
+    assert info.value.to_client == b"denied"
+
+
 def test_start_banner_with_driver() -> None:
     d = Driver(Banner)
     assert (d.to_client, d.to_server) == (b"220 hello\r\n", b"HELLO\r\n")
