@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_module_spec() -> None:
 
 
 @pytest.fixture
-def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def plugin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     (tmp_path / "tp_plugin_mod.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -180,11 +181,11 @@ def test_malformed_specs(spec: str) -> None:
 def test_option_error_is_one_line_with_the_spec() -> None:
     with pytest.raises(LoadError) as info:
         load_interceptor("label", {"colour": "red"})
-    assert str(info.value).startswith("interceptor 'label': label: unknown option 'colour'")
+    assert str(info.value).startswith("interceptor 'label': unknown option 'colour'")
     assert "\n" not in str(info.value)
 
 
-def test_default_parse_options_rejects_options(plugin_dir: Path) -> None:
+def test_default_parse_options_rejects_options() -> None:
     with pytest.raises(LoadError, match=r"takes no options"):
         load_interceptor("tproxy.interceptor:Interceptor", {"a": "b"})
 
@@ -214,7 +215,7 @@ def test_load_all_keeps_order_and_stops_at_first_error() -> None:
 
 
 @pytest.fixture
-def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A real distribution on sys.path that registers two entry points."""
     (tmp_path / "tp_ep_plugin.py").write_text(PLUGIN)
     info = tmp_path / "tp_ep_plugin-1.0.dist-info"
@@ -244,6 +245,20 @@ def test_builtin_wins_over_entry_point_of_the_same_name(installed_plugin: Path) 
 def test_broken_entry_point(installed_plugin: Path) -> None:
     with pytest.raises(LoadError, match=r"entry point 'tp_ep_plugin:Missing'.*failed to load"):
         load_interceptor("broken", {})
+
+
+def test_two_packages_registering_one_name_is_an_error(
+    installed_plugin: Path, tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = tmp_path_factory.mktemp("other")
+    info = other / "tp_other-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-other\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[tproxy.interceptors]\nupper = tp_other:Upper\n")
+    monkeypatch.syspath_prepend(str(other))
+    with pytest.raises(LoadError, match=r"registered more than once.*tp_ep_plugin:Upper"):
+        load_interceptor("upper", {})
 
 
 def test_unknown_name_lists_installed_entry_points(installed_plugin: Path) -> None:

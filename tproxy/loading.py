@@ -122,7 +122,11 @@ def load_interceptor(spec: str, options: Mapping[str, str] | None = None) -> Int
     try:
         parsed = cls.parse_options(dict(options or {}))
     except OptionError as exc:
-        raise LoadError(f"interceptor {spec!r}: {_one_line(exc)}") from exc
+        message = _one_line(exc)
+        short = spec.strip()
+        if message.startswith(f"{short}: "):  # built-ins name themselves already
+            message = message[len(short) + 2 :]
+        raise LoadError(f"interceptor {spec!r}: {message}") from exc
     except Exception as exc:
         raise LoadError(
             f"interceptor {spec!r}: parse_options raised {_one_line(exc)}"
@@ -300,8 +304,14 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
 
 
 def _entry_point(name: str) -> importlib.metadata.EntryPoint | None:
-    found = [ep for ep in _entry_points() if ep.name == name]
-    return found[0] if found else None
+    """The entry point called ``name``; two different ones are an error, not a guess."""
+    found = {ep.value: ep for ep in _entry_points() if ep.name == name}
+    if len(found) > 1:
+        raise LoadError(
+            f"interceptor {name!r} is registered more than once ({', '.join(sorted(found))}); "
+            "give MODULE:NAME instead"
+        )
+    return next(iter(found.values()), None)
 
 
 def _entry_point_names() -> set[str]:
