@@ -1,0 +1,297 @@
+"""The splice relay on real loopback TCP: bytes, half-close, resets, cancellation, pipes.
+
+Each test builds client_end <-> incoming and outgoing <-> server_end over
+127.0.0.1 and relays incoming <-> outgoing with splice, as the engine would
+between an accepted and a connected socket. Nothing asserts a time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import random
+import socket
+import struct
+import termios
+
+import pytest
+import trio
+import trio.testing
+
+from tproxy.flow import EndReason, FlowInfo, FlowRecord
+from tproxy.splice import splice_available, splice_one_way, splice_relay
+
+pytestmark = pytest.mark.skipif(not splice_available(), reason="os.splice is not available")
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _record() -> FlowRecord:
+    return FlowRecord(info=FlowInfo.example(), started=0.0)
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of one loopback TCP connection."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listeners[0].socket.getsockname()[1]
+        connecting = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted = await listeners[0].accept()
+        return connecting, accepted
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def _topology() -> tuple[trio.SocketStream, ...]:
+    """(client_end, incoming, outgoing, server_end)."""
+    client_end, incoming = await _tcp_pair()
+    outgoing, server_end = await _tcp_pair()
+    return client_end, incoming, outgoing, server_end
+
+
+async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    while data := await stream.receive_some(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def _send_and_eof(stream: trio.SocketStream, data: bytes) -> None:
+    if data:
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    stream.socket.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _close_all(*streams: trio.SocketStream) -> None:
+    for s in streams:
+        await trio.aclose_forcefully(s)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bytes_equal_both_ways_for_random_sizes(seed):
+    rng = random.Random(seed)
+    sizes = [0, 1, 17, 65535, 65537, 300_000, 2_500_000]
+    up = rng.randbytes(rng.choice(sizes))
+    down = rng.randbytes(rng.choice(sizes))
+    chunk = rng.choice([4096, 65536, 256 * 1024])
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        record = _record()
+        got = {}
+
+        async def client():
+            async with trio.open_nursery() as n:
+                n.start_soon(_send_and_eof, client_end, up)
+                got["down"] = await _read_all(client_end)
+
+        async def server():
+            async with trio.open_nursery() as n:
+                n.start_soon(_send_and_eof, server_end, down)
+                got["up"] = await _read_all(server_end)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(functools.partial(splice_relay, incoming, outgoing, record, chunk=chunk))
+            n.start_soon(client)
+            n.start_soon(server)
+        assert got["up"] == up
+        assert got["down"] == down
+        assert record.bytes_up == len(up)
+        assert record.bytes_down == len(down)
+        assert record.reason is None  # a clean end is the caller's to record
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+def test_half_close_each_way(first):
+    """EOF from one side reaches the other while the other direction goes on."""
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        record = _record()
+        async with trio.open_nursery() as n:
+            n.start_soon(splice_relay, incoming, outgoing, record)
+            a, b = (client_end, server_end) if first == "client" else (server_end, client_end)
+            await _send_and_eof(a, b"request")
+            assert await _read_all(b) == b"request"  # data, then EOF
+            # The other direction is still open after the half-close.
+            await b.send_all(b"reply part 1, ")
+            await b.send_all(b"part 2")
+            await b.send_eof()
+            assert await _read_all(a) == b"reply part 1, part 2"
+        assert (record.bytes_up, record.bytes_down) == ((7, 20) if first == "client" else (20, 7))
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def test_splice_one_way_returns_at_eof_without_closing_destination():
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        counted = []
+        await client_end.send_all(b"abc")
+        await client_end.send_eof()
+        await splice_one_way(incoming, outgoing, counted.append, chunk=1024)
+        assert sum(counted) == 3
+        # dst still open: the caller decides when to half-close.
+        await outgoing.send_all(b"def")
+        await outgoing.send_eof()
+        assert await _read_all(server_end) == b"abcdef"
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+async def _relay_catching(incoming, outgoing, record, caught: list[BaseException]) -> None:
+    try:
+        await splice_relay(incoming, outgoing, record)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        caught.append(exc)
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_reset_on_either_side_raises_and_records_reset(who):
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        record = _record()
+        caught: list[BaseException] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(_relay_catching, incoming, outgoing, record, caught)
+            await client_end.send_all(b"x" * 1000)
+            assert len(await server_end.receive_some(1000)) > 0
+            await trio.testing.wait_all_tasks_blocked()
+            _reset(client_end if who == "client" else server_end)
+        assert len(caught) == 1
+        assert record.reason is EndReason.RESET
+        assert "reset" in record.detail.lower() or "pipe" in record.detail.lower()
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def test_write_to_reset_destination_raises():
+    """The destination reset while bytes are on their way to it: EPIPE/ECONNRESET."""
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        _reset(server_end)
+        caught: list[BaseException] = []
+
+        async def one_way():
+            try:
+                await splice_one_way(incoming, outgoing, lambda n: None)
+            except trio.BrokenResourceError as exc:
+                caught.append(exc)
+                await trio.aclose_forcefully(incoming)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(one_way)
+            # keep sending until the relay notices the dead destination and drops us
+            for _ in range(10_000):
+                try:
+                    await client_end.send_all(b"y" * 65536)
+                except trio.BrokenResourceError:
+                    break
+                await trio.testing.wait_all_tasks_blocked()
+                if caught:
+                    break
+        assert len(caught) == 1
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def test_cancellation_leaves_no_fds():
+    async def main():
+        before = _fds()
+        client_end, incoming, outgoing, server_end = await _topology()
+        record = _record()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                n.start_soon(splice_relay, incoming, outgoing, record)
+                # data in flight and the server not reading: the relay is mid-flow
+                await client_end.send_all(os.urandom(200_000))
+                await trio.testing.wait_all_tasks_blocked()
+                assert _fds() == before + 4 + 4  # four sockets, two pipes
+                scope.cancel()
+        await _close_all(client_end, incoming, outgoing, server_end)
+        assert _fds() == before
+
+    trio.run(main)
+
+
+def test_eof_with_data_still_in_the_pipe():
+    """The source ends while the destination is full: everything still arrives, then EOF."""
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        for s in (outgoing, server_end):
+            s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            s.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        payload = os.urandom(500_000)
+        record = _record()
+        sent = trio.Event()
+
+        async def client():
+            await _send_and_eof(client_end, payload)
+            sent.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(splice_relay, incoming, outgoing, record)
+            n.start_soon(client)
+            await trio.testing.wait_all_tasks_blocked()
+            # The client has sent everything and its EOF; the server has read nothing, so
+            # the relay holds bytes in its pipe. Backpressure: never more than one pipe.
+            assert sent.is_set()
+            in_pipe = _bytes_in_pipes()
+            assert 0 < in_pipe <= 256 * 1024
+            assert record.bytes_up >= in_pipe + _inq(server_end)
+            assert await _read_all(server_end) == payload
+            await server_end.send_eof()
+        assert record.bytes_up == len(payload)
+        assert await _read_all(client_end) == b""
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def test_closed_source_raises_closed_resource_error():
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        await incoming.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await splice_one_way(incoming, outgoing, lambda n: None)
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def _inq(fd_or_stream: trio.SocketStream | int) -> int:
+    fd = fd_or_stream if isinstance(fd_or_stream, int) else fd_or_stream.socket.fileno()
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _bytes_in_pipes() -> int:
+    """Bytes held by every pipe this process has open (the relay's, here)."""
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith("pipe:"):
+                held[target] = _inq(int(name))  # both ends of a pipe name one inode
+        except OSError:
+            pass
+    return sum(held.values())
