@@ -86,6 +86,7 @@ class Driver:
         try:
             out: Output = getattr(self.chain, method)(*args)
         except AbortFlow as exc:
+            self.to_client += exc.to_client
             self.aborted = exc.reason
             self.end("interceptor-abort")
             return Output()
