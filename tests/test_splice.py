@@ -19,7 +19,11 @@ import pytest
 import trio
 import trio.testing
 
+from tproxy import Interceptor
 from tproxy.flow import EndReason, FlowInfo, FlowRecord
+from tproxy.interceptor import Chain
+from tproxy.pair import FlowPair
+from tproxy.sockets import reset_stream
 from tproxy.splice import splice_available, splice_one_way, splice_relay
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="os.splice is not available")
@@ -76,6 +80,35 @@ def _fds() -> int:
 async def _close_all(*streams: trio.SocketStream) -> None:
     for s in streams:
         await trio.aclose_forcefully(s)
+
+
+async def _serve(incoming: trio.SocketStream, outgoing: trio.SocketStream) -> None:
+    """What the engine does around the relay: close after a clean end, reset after a failure."""
+    try:
+        await splice_relay(incoming, outgoing, _record())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await reset_stream(incoming)
+        await reset_stream(outgoing)
+    finally:
+        await trio.aclose_forcefully(incoming)
+        await trio.aclose_forcefully(outgoing)
+
+
+def test_splice_relay_is_a_half_closeable_stream():
+    """The outer ends of a splice relay behave as one TCP connection (trio's conformance test)."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+
+            async def maker():
+                client_end, incoming, outgoing, server_end = await _topology()
+                nursery.start_soon(_serve, incoming, outgoing)
+                return client_end, server_end
+
+            await trio.testing.check_half_closeable_stream(maker, None)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -295,3 +328,90 @@ def _bytes_in_pipes() -> int:
         except OSError:
             pass
     return sum(held.values())
+
+
+# -- the flow pair over real sockets: the splice path once nobody needs the bytes ----------
+
+
+class _Peek(Interceptor):
+    """Sees the first client chunk, then hands the rest of the flow back (passthrough)."""
+
+    def client_data(self, data: bytes) -> bytes:
+        self.passthrough()
+        return data
+
+
+def _flow_pair(incoming, outgoing, *interceptors: type[Interceptor]) -> FlowPair:
+    info = FlowInfo.example()
+    chain = Chain([cls(info) for cls in interceptors]) if interceptors else None
+    return FlowPair(incoming, outgoing, _record(), chain)
+
+
+@pytest.mark.parametrize("interceptors", [(), (_Peek,)])
+def test_flow_pair_over_tcp_is_a_half_closeable_stream(interceptors):
+    async def main():
+        async with trio.open_nursery() as nursery:
+
+            async def maker():
+                client_end, incoming, outgoing, server_end = await _topology()
+                nursery.start_soon(_flow_pair(incoming, outgoing, *interceptors).run)
+                return client_end, server_end
+
+            await trio.testing.check_half_closeable_stream(maker, None)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("interceptors", [(), (_Peek,)])
+def test_flow_pair_over_tcp_bytes_counters_and_reset(interceptors):
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        pair = _flow_pair(incoming, outgoing, *interceptors)
+        payload = os.urandom(3_000_000)
+        async with trio.open_nursery() as n:
+            n.start_soon(pair.run)
+            n.start_soon(_send_and_eof, client_end, payload)
+            assert await _read_all(server_end) == payload
+            await server_end.send_all(b"ok")
+            assert await client_end.receive_some(10) == b"ok"
+            _reset(server_end)
+            with pytest.raises(trio.BrokenResourceError):
+                while await client_end.receive_some(10):
+                    pass
+        assert pair.record.reason is EndReason.RESET
+        assert (pair.record.bytes_up, pair.record.bytes_down) == (len(payload), 2)
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
+
+
+def test_flow_pair_uses_splice_when_it_can(monkeypatch):
+    """Once integrated (FlowPair.splice), a pair without interceptors splices both ways."""
+    import tproxy.pair
+
+    if not hasattr(tproxy.pair, "splice_one_way"):
+        pytest.skip("FlowPair does not splice yet")
+    calls = []
+    real = tproxy.pair.splice_one_way
+
+    async def spy(*args, **kwargs):
+        calls.append(args[:2])
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(tproxy.pair, "splice_one_way", spy)
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        async with trio.open_nursery() as n:
+            n.start_soon(_flow_pair(incoming, outgoing).run)
+            await _send_and_eof(client_end, b"up")
+            assert await _read_all(server_end) == b"up"
+            await _send_and_eof(server_end, b"down")
+            assert await _read_all(client_end) == b"down"
+        assert sorted(map(id, sum(calls, ()))) == sorted(
+            map(id, (incoming, outgoing, outgoing, incoming))
+        )
+        await _close_all(client_end, incoming, outgoing, server_end)
+
+    trio.run(main)
