@@ -362,3 +362,41 @@ def test_traffic_is_intercepted_after_setup_and_direct_after_teardown(
     finally:
         gateway.stop(proc)
         shutil.rmtree(state_dir_of(gateway), ignore_errors=True)
+
+
+def test_doctor_reports_and_names_fixes(gw: Namespace) -> None:
+    gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+    gw.run("ip", "-4", "rule", "add", "fwmark", "1", "lookup", "100", "priority", "100")
+    gw.run("ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    before = snapshot(gw)
+    result = tproxy(gw, "doctor", IN, OUT)
+    out = result.stdout
+    assert result.returncode == 0, out  # warnings only: everything needed is there
+    assert "[ok  ] privileges" in out and "[ok  ] xtables plugins" in out
+    assert "[warn] IPv4 forwarding" in out and "fix: sysctl -w net.ipv4.ip_forward=1" in out
+    assert "[warn] mark 0x1/0xffffffff: already used by foreign ip rule(s)" in out
+    assert "[warn] table 100" in out and "clashes with ours" in out
+    assert "[ok  ] interface in0" in out
+    missing = tproxy(gw, "doctor", "nosuch0")
+    assert missing.returncode == 1 and "[fail] interface nosuch0" in missing.stdout
+    gw.run("ip", "link", "set", "lo", "down")
+    down = tproxy(gw, "doctor")
+    assert down.returncode == 1 and "fix: ip link set lo up" in down.stdout
+    after = snapshot(gw)  # doctor changed nothing (lo down dropped lo's routes, not doctor)
+    assert {k: after[k] for k in ("iptables", "ip6tables", "rule4", "rule6")} == {
+        k: before[k] for k in ("iptables", "ip6tables", "rule4", "rule6")}
+
+
+def test_teardown_all_removes_every_instance_and_orphans(gw: Namespace) -> None:
+    before = snapshot(gw)
+    assert tproxy(gw, "setup", IN, OUT, "-p", "80").returncode == 0
+    assert tproxy(gw, "setup", IN, OUT, "-p", "81", "--instance", "b", "--mark", "2",
+                  "--table", "102", "--priority", "102").returncode == 0
+    # an orphan: our ip rule left alone, record and iptables rules gone
+    gw.run("ip", "rule", "add", "fwmark", "9", "lookup", "109", "priority", "109",
+           "protocol", "116")
+    status = tproxy(gw, "status")
+    assert status.returncode == 1 and "unattributed" in status.stdout, status.stdout
+    result = tproxy(gw, "teardown", "--all")
+    assert result.returncode == 0, result.stderr
+    assert snapshot(gw) == before

@@ -219,9 +219,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if status != "absent":
             for item in inst.missing:
                 print(f"  missing: {_line(item)}")
-            for item in inst.extra:
-                print(f"  extra: {_line(item)}")
-        if args.verbose:
+            label = "extra" if inst.recorded is not None else "installed"
+            if inst.recorded is not None or not args.verbose:
+                for item in inst.extra:
+                    print(f"  {label}: {_line(item)}")
+        if args.verbose and inst.recorded is not None:
             for item in inst.live:
                 print(f"  installed: {_line(item)}")
         codes.append({"complete": EXIT_COMPLETE, "partial": EXIT_PARTIAL,

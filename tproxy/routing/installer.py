@@ -237,8 +237,11 @@ def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[F
 
 
 def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None = None,
-            ) -> str:
+            owner: str = "setup") -> str:
     """Install ``plan``; return ``"installed"``, ``"unchanged"`` or ``"replaced"``.
+
+    ``owner`` goes into the record (``setup`` or ``run``); an unchanged
+    installation keeps the owner it had.
 
     Raises :class:`ConflictError` (nothing changed) if the instance has a
     different plan installed and ``replace`` is false, and :class:`SetupError`
@@ -251,7 +254,7 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
         if current.live:
             live, wanted = set(current.live), set(plan.items)
             if live == wanted:
-                state.save(request, "installed")
+                state.save(request, "installed", state.owner(request.instance) or owner)
                 return "unchanged"
             same_plan = current.recorded == request or live <= wanted
             if not replace and not same_plan:
@@ -263,7 +266,7 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
             if errors:
                 raise TeardownError("could not remove the old installation: " + "; ".join(errors))
             outcome = "replaced" if not same_plan else "installed"
-        state.save(request, "installing")
+        state.save(request, "installing", owner)
         applied: list[Found] = []
         for item in plan.items:
             try:
@@ -276,12 +279,12 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                     except StepError as undo:
                         leftovers.append(str(undo))
                 if leftovers:
-                    state.save(request, "failed")
+                    state.save(request, "failed", owner)
                 else:
                     state.forget(request.instance)
                 raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
             applied.append(item)
-        state.save(request, "installed")
+        state.save(request, "installed", owner)
         return outcome
 
 

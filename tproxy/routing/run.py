@@ -27,7 +27,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from . import installer
+from . import installer, state
 from .cli import add_plan_arguments, request_from_args
 from .installer import RoutingError
 from .plan import DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
@@ -86,15 +86,22 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
     Raises ``tproxy.cli.UsageError`` for bad options and
     :class:`~tproxy.routing.installer.RoutingError` (``InputError``,
     ``ConflictError``, ``SetupError``; message says what and why) if it cannot
-    install, having rolled back. A plan already installed identically (left by
-    a killed ``run``) is adopted and removed on exit like a fresh one.
+    install, having rolled back. The same plan already installed by an
+    earlier ``run`` (killed with -9) is adopted and removed on exit like a
+    fresh one; the same plan installed by ``tproxy setup`` is used and left
+    in place (it belongs to whoever ran setup).
     """
     if not wants_setup(args):
         yield None
         return
     plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
     installer.check_host(plan.request)
-    installer.install(plan, replace=False)
+    outcome = installer.install(plan, replace=False, owner="run")
+    if outcome == "unchanged" and state.owner(plan.instance) == "setup":
+        print(f"tproxy run: routing instance {plan.instance!r} was installed by tproxy setup; "
+              "using it and leaving it in place", file=sys.stderr)
+        yield plan
+        return
     try:
         yield plan
     finally:

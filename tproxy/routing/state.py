@@ -80,17 +80,30 @@ def load(instance: str) -> tuple[PlanRequest, str] | None:
         return None
 
 
-def save(request: PlanRequest, status: str) -> None:
-    """Record an instance's request atomically (write, fsync, rename)."""
+def save(request: PlanRequest, status: str, owner: str = "setup") -> None:
+    """Record an instance's request atomically (write, fsync, rename).
+
+    ``owner`` is ``setup`` (installed by the command, removed by ``teardown``)
+    or ``run`` (installed by ``tproxy run --setup`` for its lifetime).
+    """
     path = _path(request.instance)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    data = {"request": request.to_json(), "status": status, "pid": os.getpid()}
+    data = {"request": request.to_json(), "status": status, "owner": owner,
+            "pid": os.getpid()}
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def owner(instance: str) -> str | None:
+    """Who installed an instance (``setup`` or ``run``), or None without a record."""
+    try:
+        return str(json.loads(_path(instance).read_text()).get("owner", "setup"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def forget(instance: str) -> None:

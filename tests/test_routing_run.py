@@ -1,0 +1,88 @@
+"""``tproxy run --setup``: options next to run's own, and install-for-the-block semantics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_routing_installer import MemoryKernel
+
+from tproxy.cli import UsageError, build_parser
+from tproxy.routing import installer, state
+from tproxy.routing.run import installed_for_run, plan_for_run
+
+
+@pytest.fixture
+def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MemoryKernel:
+    memory = MemoryKernel()
+    monkeypatch.setattr(state, "ROOT", tmp_path / "run-tproxy")
+    monkeypatch.setattr(installer, "open_backends", lambda: [memory])
+    monkeypatch.setattr(installer, "check_host", lambda request: None)
+    return memory
+
+
+def run_args(*argv: str):  # type: ignore[no-untyped-def]
+    return build_parser().parse_args(["run", *argv])
+
+
+def test_options_do_not_clash_with_runs_own() -> None:
+    args = run_args("--setup", "in0", "out0", "--port", "80,443", "--route-mark", "0x2/0xff",
+                    "--route-table", "7", "--route-priority", "9", "--route-instance", "x",
+                    "--ipv4")
+    plan = plan_for_run(args, 9091, "127.0.0.1", "::1")
+    request = plan.request
+    assert (request.in_interface, request.out_interface) == ("in0", "out0")
+    assert (request.mark, request.mask, request.table, request.priority) == (2, 0xFF, 7, 9)
+    assert request.instance == "x" and request.families == (4,)
+    assert run_args().setup is None
+
+
+def test_families_follow_the_listeners() -> None:
+    args = run_args("--setup", "a", "b", "-p", "80")
+    assert plan_for_run(args, 1234, "127.0.0.1", None).request.families == (4,)
+    assert plan_for_run(args, 1234, None, "::1").request.families == (6,)
+    both = plan_for_run(args, 1234, "0.0.0.0", "::").request
+    assert both.families == (4, 6) and (both.proxy_v4, both.proxy_v6) == ("127.0.0.1", "::1")
+    assert both.proxy_port == 1234
+    with pytest.raises(UsageError, match="IPv6 listener"):
+        plan_for_run(run_args("--setup", "a", "b", "-p", "80", "--ipv6"), 1, "127.0.0.1", None)
+    with pytest.raises(UsageError, match="no ports"):
+        plan_for_run(run_args("--setup", "a", "b"), 1, "127.0.0.1", None)
+
+
+def test_installed_for_the_block_and_removed_even_on_error(kernel: MemoryKernel) -> None:
+    args = run_args("--setup", "in0", "out0", "-p", "80")
+    with pytest.raises(RuntimeError), installed_for_run(args, 9091, "127.0.0.1", "::1") as plan:
+        assert plan is not None and kernel.items == list(plan.items)
+        assert state.owner("default") == "run"
+        raise RuntimeError("engine crashed")
+    assert kernel.items == []
+    assert state.load("default") is None
+
+
+def test_without_setup_nothing_happens(kernel: MemoryKernel) -> None:
+    with installed_for_run(run_args(), 9091) as plan:
+        assert plan is None
+    assert kernel.log == []
+
+
+def test_failure_raises_after_rollback(kernel: MemoryKernel) -> None:
+    args = run_args("--setup", "in0", "out0", "-p", "80")
+    plan = plan_for_run(args, 9091, "127.0.0.1", "::1")
+    kernel.fail_on = plan.items[-1]
+    with pytest.raises(installer.SetupError), installed_for_run(args, 9091):
+        raise AssertionError("the block must not run")
+    assert kernel.items == []
+
+
+def test_leftover_of_a_killed_run_is_adopted_setup_one_is_left(kernel: MemoryKernel) -> None:
+    args = run_args("--setup", "in0", "out0", "-p", "80")
+    plan = plan_for_run(args, 9091, "127.0.0.1", "::1")
+    installer.install(plan, owner="run")  # as if a run was killed -9
+    with installed_for_run(args, 9091):
+        pass
+    assert kernel.items == []
+    installer.install(plan)  # tproxy setup by the user
+    with installed_for_run(args, 9091):
+        pass
+    assert kernel.items == list(plan.items)
