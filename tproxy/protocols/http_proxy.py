@@ -379,9 +379,8 @@ class HttpProxyHandshake:
     def _parse(self, head: bytes) -> ConnectRequest | ForwardRequest:
         text = head.decode("latin-1")
         lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-        while lines and lines[0] == "":
-            lines.pop(0)
-        lines = lines[:-2] if len(lines) >= 2 else lines  # the blank line and the empty tail
+        first = next((i for i, line in enumerate(lines) if line), len(lines))
+        lines = lines[first:-2]  # no leading empty lines, nor the blank line and empty tail
         if not lines:
             raise _bad("empty request")
         match = _REQUEST_LINE.fullmatch(lines[0])
