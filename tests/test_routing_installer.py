@@ -169,3 +169,20 @@ def test_foreign_items_are_never_reported_or_removed() -> None:
     installer.install(make(), backends=[kernel])
     installer.teardown("default", backends=[kernel])
     assert kernel.items == [foreign]
+
+
+def test_interrupt_halfway_rolls_back_and_reraises() -> None:
+    kernel = MemoryKernel()
+    plan = make()
+    real_add = kernel.add
+
+    def add(item: Item) -> None:
+        real_add(item)  # the step happened, then Ctrl-C arrived
+        if item == plan.items[5]:
+            raise KeyboardInterrupt
+
+    kernel.add = add  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        installer.install(plan, backends=[kernel])
+    assert kernel.items == []
+    assert state.load("default") is None

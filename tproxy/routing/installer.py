@@ -268,22 +268,27 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
             outcome = "replaced" if not same_plan else "installed"
         state.save(request, "installing", owner)
         applied: list[Found] = []
-        for item in plan.items:
-            try:
+        try:
+            for item in plan.items:
+                applied.append(item)
                 _backend_for(opened, item).add(item)  # type: ignore[arg-type]
-            except StepError as exc:
-                leftovers: list[str] = []
-                for done in reversed(applied):
-                    try:
-                        _backend_for(opened, done).remove(done)  # type: ignore[arg-type]
-                    except StepError as undo:
-                        leftovers.append(str(undo))
-                if leftovers:
-                    state.save(request, "failed", owner)
-                else:
-                    state.forget(request.instance)
+        except BaseException as exc:  # a kernel refusal, or Ctrl-C half-way: roll back
+            if isinstance(exc, StepError):
+                applied.pop()  # refused: not added (and never remove a foreign twin)
+            # else the interrupted step may or may not have happened: remove is a no-op if not
+            leftovers: list[str] = []
+            for done in reversed(applied):
+                try:
+                    _backend_for(opened, done).remove(done)  # type: ignore[arg-type]
+                except StepError as undo:
+                    leftovers.append(str(undo))
+            if leftovers:
+                state.save(request, "failed", owner)
+            else:
+                state.forget(request.instance)
+            if isinstance(exc, StepError):
                 raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
-            applied.append(item)
+            raise
         state.save(request, "installed", owner)
         return outcome
 

@@ -349,6 +349,7 @@ class IptablesBackend:
                 [sys.executable, "-m", "tproxy.routing.iptables", "--worker", str(family)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, bufsize=1,
+                start_new_session=True,  # a Ctrl-C meant for us must not kill it mid-step
             )
             self._workers[family] = worker
         return worker
@@ -362,6 +363,13 @@ class IptablesBackend:
             line = worker.stdout.readline()
         except OSError:
             line = ""  # the worker is gone: report its stderr below
+        except BaseException:
+            # Interrupted while the worker works: its reply would desynchronise
+            # the next call, so this worker is dropped (the next call starts one).
+            worker.kill()
+            worker.wait()
+            self._workers.pop(family, None)
+            raise
         if not line:
             worker.kill()
             _, err = worker.communicate()
