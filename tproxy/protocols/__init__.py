@@ -6,6 +6,31 @@ then one request event) or raises a :class:`ProtocolError` whose ``reply``
 is exactly what to send before closing. Nothing here touches a socket or an
 event loop; the trio front doors drive these objects. See :mod:`.base` for
 the contract, :mod:`.policy` for access rules.
+
+How a front door drives one (sketch; ``stream`` is the client connection)::
+
+    handshake = SocksHandshake(authenticate=policy.check_credentials
+                               if policy.requires_auth else None)
+    try:
+        while not handshake.complete:            # under a handshake timeout
+            data = await stream.receive_some()
+            if not data: return                   # client gave up
+            for event in handshake.receive_data(data):
+                if isinstance(event, Reply):
+                    await stream.send_all(event.data)
+    except ProtocolError as error:
+        await stream.send_all(error.reply)        # may be b""
+        return                                    # close
+    request = handshake.request                   # SocksRequest
+    if not policy.check_destination(request.host, request.port):
+        await stream.send_all(handshake.reply_failure(Socks5Reply.NOT_ALLOWED))
+        return
+    try: upstream = await connect(...)            # re-check resolved IPs
+    except OSError as exc:                        # (policy.check_resolved)
+        await stream.send_all(handshake.reply_failure(exc))
+        return
+    await stream.send_all(handshake.reply_success(upstream_local_address))
+    first = handshake.take_leftover()             # forward before relaying
 """
 
 from __future__ import annotations
