@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -612,28 +613,32 @@ class Namespace:
     def close(self) -> None:
         """Stop processes, close sockets, delete the namespace and its /etc/netns entry.
 
-        Idempotent. Errors are collected and the first is raised after everything
-        has been attempted, so one failure never leaves the rest behind.
+        Idempotent, and safe to call again after an interrupted call: the
+        namespace counts as gone only once it is deleted. Ctrl-C/SIGTERM arriving
+        meanwhile are held back until the end. Errors are collected and the first
+        is raised after everything has been attempted.
         """
-        if self.closed:
-            return
         self.closed = True
+        if _LIVE.get(self.name) is not self:
+            return
         errors: list[BaseException] = []
-        for t in reversed(self._procs):
+        with _signals_deferred():
+            for t in reversed(self._procs):
+                try:
+                    self.stop(t.proc)
+                except Exception as exc:  # keep tearing down
+                    errors.append(exc)
+            for sock in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    sock.close()
             try:
-                self.stop(t.proc)
-            except Exception as exc:  # keep tearing down
+                _delete_namespace(self.name)
+            except Exception as exc:
                 errors.append(exc)
-        for sock in list(self._sockets):
-            with contextlib.suppress(OSError):
-                sock.close()
-        try:
-            _delete_namespace(self.name)
-        except Exception as exc:
-            errors.append(exc)
-        _LIVE.pop(self.name, None)
-        if self._own_log_dir:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+            else:
+                _LIVE.pop(self.name, None)
+                if self._own_log_dir:
+                    shutil.rmtree(self.log_dir, ignore_errors=True)
         if errors:
             raise errors[0]
 
@@ -659,15 +664,52 @@ def live_namespaces() -> list[str]:
 
 def cleanup_all() -> None:
     """Close every namespace this process still has; registered with atexit."""
-    for ns in list(_LIVE.values()):
-        with contextlib.suppress(Exception):
-            ns.close()
+    with _signals_deferred():
+        for ns in list(_LIVE.values()):
+            with contextlib.suppress(Exception):
+                ns.close()
     if not _LIVE:
         with contextlib.suppress(OSError):
             _unregister_owner()
 
 
 atexit.register(cleanup_all)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_deferral_depth = 0
+_deferred: list[int] = []
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back during cleanup, then deliver them.
+
+    Without this a second Ctrl-C (``timeout`` even signals twice: the child,
+    then its group) lands in the middle of a teardown and leaves half of it
+    undone. Only the main thread can do this; elsewhere it is a no-op. Nested
+    uses deliver once, when the outermost ends.
+    """
+    global _deferral_depth
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+    if _deferral_depth == 0:
+        for sig in _INTERRUPTS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: _deferred.append(signum))
+    _deferral_depth += 1
+    try:
+        yield
+    finally:
+        _deferral_depth -= 1
+        if _deferral_depth == 0:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            pending = list(dict.fromkeys(_deferred))
+            _deferred.clear()
+            for sig in pending:
+                signal.raise_signal(sig)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -679,8 +721,6 @@ def install_signal_handlers() -> None:
 
     Only replaces default dispositions, and only from the main thread.
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -795,11 +835,12 @@ class Topology:
     def close(self) -> None:
         """Delete the three namespaces (and with them the veths); idempotent."""
         errors: list[BaseException] = []
-        for ns in reversed(self._namespaces):
-            try:
-                ns.close()
-            except Exception as exc:
-                errors.append(exc)
+        with _signals_deferred():
+            for ns in reversed(self._namespaces):
+                try:
+                    ns.close()
+                except Exception as exc:
+                    errors.append(exc)
         if errors:
             raise errors[0]
 

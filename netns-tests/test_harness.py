@@ -312,12 +312,18 @@ def record(topology, proc):
 
 
 def run_inner(
-    tmp_path: Path, body: str, *, interrupt: int | None = None, env: dict[str, str] | None = None
+    tmp_path: Path,
+    body: str,
+    *,
+    interrupt: int | None = None,
+    repeat: int = 1,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], list[str], int]:
     """Run ``body`` as a test file in a child pytest using this conftest as a plugin.
 
     Returns (result, namespace names the inner test recorded, pid of its echo
-    server). With ``interrupt``, that signal is sent once the test has recorded.
+    server). With ``interrupt``, that signal is sent ``repeat`` times in a row once
+    the test has recorded.
     """
     test_file = tmp_path / "inner" / "test_inner.py"
     test_file.parent.mkdir()
@@ -343,7 +349,8 @@ def run_inner(
                 if (record.exists() and record.read_text()) or proc.poll() is not None:
                     break
                 time.sleep(0.05)
-            proc.send_signal(interrupt)
+            for _ in range(repeat):
+                proc.send_signal(interrupt)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -384,15 +391,19 @@ def test_failing_test_still_cleans_up(tmp_path: Path) -> None:
     assert_gone(names, pid, result.stdout)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_session_cleans_up(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "repeat"),
+    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 3)],
+    ids=["SIGINT", "SIGTERM", "SIGINTx3"],
+)
+def test_interrupted_session_cleans_up(tmp_path: Path, sig: int, repeat: int) -> None:
     result, names, pid = run_inner(tmp_path, """
         def test_waits(topology):
             proc = echo_server(topology.server, "::", 7000)
             record(topology, proc)
             for _ in range(1200):
                 time.sleep(0.05)
-    """, interrupt=sig)
+    """, interrupt=sig, repeat=repeat)
     assert result.returncode == pytest.ExitCode.INTERRUPTED, result.stdout
     assert_gone(names, pid, result.stdout)
 
