@@ -39,6 +39,8 @@ class EngineConfig:
     idle_timeout: float | None = None
     grace: float = 5.0
     max_flows: int | None = None
+    splice: bool = True
+    """Relay directions that no interceptor watches with splice(2) (zero-copy)."""
 
     def __post_init__(self) -> None:
         if self.read_size < 1024:
@@ -126,6 +128,7 @@ class Engine:
                 chain,
                 read_size=self.config.read_size,
                 idle_timeout=self.config.idle_timeout,
+                splice=self.config.splice,
             )
             try:
                 await pair.run(client_prefix=client_prefix)

@@ -30,6 +30,7 @@ import trio
 from .flow import EndReason, FlowRecord
 from .interceptor import AbortFlow, Chain, InterceptorError, Output
 from .sockets import reset_stream
+from .splice import can_splice, splice_one_way
 
 log = logging.getLogger("tproxy.flow")
 
@@ -65,6 +66,7 @@ class FlowPair:
         *,
         read_size: int = DEFAULT_READ_SIZE,
         idle_timeout: float | None = None,
+        splice: bool = True,
     ) -> None:
         if read_size <= 0:
             raise ValueError("read_size must be positive")
@@ -76,6 +78,8 @@ class FlowPair:
         self.idle_timeout = idle_timeout
         self._last_activity = time.monotonic()
         self._abort_reply = b""
+        self.splice = splice and can_splice(incoming) and can_splice(outgoing)
+        """Whether directions nobody intercepts go zero-copy (both ends plain sockets)."""
 
     async def run(self, *, client_prefix: bytes = b"") -> FlowRecord:
         """Relay until both directions end; close or reset both streams."""
@@ -159,6 +163,9 @@ class FlowPair:
         upstream = src is self.client
         record = self.record
         while True:
+            if self.splice and (self.chain is None or self.chain.passthrough):
+                await self._splice(src, dst, upstream)
+                break
             data = await receive(read_size)
             if not data:
                 break
@@ -172,6 +179,25 @@ class FlowPair:
             flush = self.chain.client_eof if upstream else self.chain.server_eof
             await self._send_output(flush())
         await self._send_eof(dst)
+
+    async def _splice(self, src: _Side, dst: _Side, upstream: bool) -> None:
+        """Relay the rest of this direction with splice(2); returns at end of stream.
+
+        Holding ``dst``'s write lock throughout keeps the bytes of an
+        injection still in flight from the other pump from interleaving with
+        spliced ones; once the chain is in passthrough nothing injects again.
+        """
+        record = self.record
+
+        def count(n: int) -> None:
+            self._last_activity = time.monotonic()
+            if upstream:
+                record.bytes_up += n
+            else:
+                record.bytes_down += n
+
+        async with dst.lock:
+            await splice_one_way(src.stream, dst.stream, count, chunk=self.read_size)  # type: ignore[arg-type]
 
     async def _forward(self, src: _Side, dst: _Side, data: bytes) -> None:
         chain = self.chain

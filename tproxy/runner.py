@@ -84,6 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="BYTES",
         help="largest read per chunk (default 262144; larger reads relay faster)",
     )
+    g.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_false",
+        help="copy through user space even where no interceptor watches (default: splice(2))",
+    )
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
@@ -103,7 +109,9 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
         from . import explicit
     except ImportError:
         return
-    explicit.add_arguments(p)
+    add = getattr(explicit, "add_arguments", None)
+    if add is not None:
+        add(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,6 +131,7 @@ def main(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         grace=args.grace,
         max_flows=args.max_flows,
+        splice=args.splice,
     )
     engine = Engine(config, factories)
     specs = args.mode or default_modes()
