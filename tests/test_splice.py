@@ -24,7 +24,7 @@ from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.interceptor import Chain
 from tproxy.pair import FlowPair
 from tproxy.sockets import reset_stream
-from tproxy.splice import splice_available, splice_one_way, splice_relay
+from tproxy.splice import close_idle_pipes, splice_available, splice_one_way, splice_relay
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="os.splice is not available")
 
@@ -249,6 +249,7 @@ def test_write_to_reset_destination_raises():
 
 def test_cancellation_leaves_no_fds():
     async def main():
+        close_idle_pipes()
         before = _fds()
         client_end, incoming, outgoing, server_end = await _topology()
         record = _record()
@@ -258,9 +259,36 @@ def test_cancellation_leaves_no_fds():
                 # data in flight and the server not reading: the relay is mid-flow
                 await client_end.send_all(os.urandom(200_000))
                 await trio.testing.wait_all_tasks_blocked()
-                assert _fds() == before + 4 + 4  # four sockets, two pipes
+                assert _bytes_in_pipes() > 0
                 scope.cancel()
         await _close_all(client_end, incoming, outgoing, server_end)
+        close_idle_pipes()
+        assert _fds() == before
+
+    trio.run(main)
+
+
+def test_idle_flows_hold_no_pipes():
+    """A direction waiting for its source gives its pipe back: idle flows cost sockets only."""
+
+    async def main():
+        close_idle_pipes()
+        before = _fds()
+        ends = []
+        async with trio.open_nursery() as n:
+            for _ in range(20):
+                client_end, incoming, outgoing, server_end = await _topology()
+                ends += [client_end, incoming, outgoing, server_end]
+                n.start_soon(splice_relay, incoming, outgoing, _record())
+            await trio.testing.wait_all_tasks_blocked()
+            # 80 sockets, and at most one pipe (idle in the pool) for 40 waiting directions
+            assert _fds() - before <= 80 + 2
+            # and the idle pipe is lent again when data arrives
+            await ends[0].send_all(b"wake")
+            assert await ends[3].receive_some(10) == b"wake"
+            n.cancel_scope.cancel()
+        await _close_all(*ends)
+        close_idle_pipes()
         assert _fds() == before
 
     trio.run(main)
