@@ -1,0 +1,98 @@
+"""One connection accepted by an explicit listener, and what every front door does first.
+
+:func:`serve_accepted` is the common prologue of the forward, SOCKS and
+HTTP front doors: learn the client's address, close clients outside the
+``--allow-client`` networks at once (a reset, before any handshake: a
+stranger learns nothing, not even the protocol), count the connection
+against the per-client cap for as long as it is open, then hand an
+:class:`Accepted` to the protocol's own code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..engine import Engine
+from ..flow import Address, EndReason, FlowInfo
+from ..sockets import reset_stream
+from .settings import ExplicitSettings
+
+log = logging.getLogger("tproxy.explicit")
+
+UNKNOWN_DESTINATION: Address = ("-", 0)
+"""The destination logged for a connection refused before it named one."""
+
+
+@dataclass
+class Accepted:
+    """An accepted client connection of one explicit listener."""
+
+    engine: Engine
+    settings: ExplicitSettings
+    mode: str
+    stream: trio.SocketStream
+    client: Address
+    over_cap: bool
+    """Whether this client already holds ``--max-flows-per-client`` other connections."""
+
+    def flow(self, destination: Address, mode: str | None = None) -> FlowInfo:
+        """A new flow of this connection toward ``destination``."""
+        return self.engine.new_flow(self.client, destination, mode or self.mode)
+
+    def reject(
+        self,
+        reason: EndReason,
+        detail: str,
+        destination: Address = UNKNOWN_DESTINATION,
+    ) -> None:
+        """Log a flow that ended before it was relayed."""
+        self.engine.reject(self.flow(destination), reason, detail)
+
+    def capacity_problem(self) -> str | None:
+        """Why a new flow may not start now (a cap reached), or ``None``."""
+        if self.over_cap:
+            limit = self.settings.slots.limit
+            return f"client has {limit} connection(s) open already (--max-flows-per-client)"
+        if self.engine.at_capacity():
+            return "too many flows (--max-flows)"
+        return None
+
+
+Body = Callable[[Accepted], Awaitable[None]]
+
+
+async def serve_accepted(
+    stream: trio.SocketStream,
+    engine: Engine,
+    settings: ExplicitSettings,
+    mode: str,
+    body: Body,
+) -> None:
+    """Check the client, hold its slot, and run ``body`` for this connection."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError as exc:
+        log.debug("connection vanished before it was served: %s", exc)
+        await reset_stream(stream)
+        return
+    client: Address = (peer[0], peer[1])
+    if not settings.policy.check_client(client[0]):
+        engine.reject(
+            engine.new_flow(client, UNKNOWN_DESTINATION, mode),
+            EndReason.REJECTED,
+            "client not in --allow-client",
+        )
+        await reset_stream(stream)
+        return
+    with settings.slots.hold(client[0]) as over_cap:
+        accepted = Accepted(engine, settings, mode, stream, client, over_cap)
+        try:
+            await body(accepted)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await reset_stream(stream)
+            raise
