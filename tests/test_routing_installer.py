@@ -186,3 +186,18 @@ def test_interrupt_halfway_rolls_back_and_reraises() -> None:
         installer.install(plan, backends=[kernel])
     assert kernel.items == []
     assert state.load("default") is None
+
+
+def test_records_of_deleted_namespaces_are_collected(state_root: Path) -> None:
+    import json
+    import os
+
+    gone = state_root / "ns-1"
+    gone.mkdir(parents=True)
+    (gone / "default.json").write_text(json.dumps({"netns_inode": 1}))
+    alive = state_root / "ns-2"
+    alive.mkdir()
+    here = os.stat("/proc/self/ns/net").st_ino
+    (alive / "default.json").write_text(json.dumps({"netns_inode": here}))
+    assert state.collect_stale() == [gone]
+    assert not gone.exists() and alive.exists()

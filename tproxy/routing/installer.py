@@ -249,6 +249,7 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
     """
     request = plan.request
     with state.locked(), _backends(backends) as opened:
+        state.collect_stale()
         current = inspect(request.instance, opened)[request.instance]
         outcome = "installed"
         if current.live:

@@ -90,7 +90,7 @@ def save(request: PlanRequest, status: str, owner: str = "setup") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     data = {"request": request.to_json(), "status": status, "owner": owner,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "netns_inode": os.stat("/proc/self/ns/net").st_ino}
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()
@@ -112,6 +112,45 @@ def forget(instance: str) -> None:
         _path(instance).unlink()
     with contextlib.suppress(OSError):
         state_dir().rmdir()  # only succeeds when no record is left
+
+
+def _live_namespace_inodes() -> set[int]:
+    """Inodes of every network namespace still in use: a process's, or a bind mount's."""
+    inodes: set[int] = set()
+    for pattern in ("/proc/[0-9]*/ns/net", "/run/netns/*", "/var/run/netns/*"):
+        for path in Path("/").glob(pattern.lstrip("/")):
+            with contextlib.suppress(OSError):
+                inodes.add(os.stat(path).st_ino)
+    return inodes
+
+
+def collect_stale() -> list[Path]:
+    """Delete record directories of namespaces that no longer exist; return them.
+
+    A namespace deleted without ``teardown`` took its rules with it, but its
+    record would stay in the shared ``/run``. A directory is kept if any of its
+    records names a namespace still in use (by a process or an ``ip netns``
+    bind mount), or names none; an inode reused by a new namespace only
+    delays the clean-up.
+    """
+    if not ROOT.is_dir():
+        return []
+    live = _live_namespace_inodes()
+    removed = []
+    for directory in ROOT.glob("ns-*"):
+        inodes = set()
+        for record in directory.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                inodes.add(json.loads(record.read_text()).get("netns_inode"))
+        if not inodes or None in inodes or inodes & live:
+            continue
+        for record in directory.iterdir():
+            with contextlib.suppress(OSError):
+                record.unlink()
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+            removed.append(directory)
+    return removed
 
 
 def recorded_instances() -> list[str]:
