@@ -176,8 +176,10 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 def _describe_request(request: PlanRequest) -> str:
     ports = ",".join(str(p) for p in request.ports)
     fams = "+".join(f"IPv{f}" for f in request.families)
+    addresses = "/".join(request.proxy_v4 if f == 4 else request.proxy_v6
+                         for f in request.families)
     return (f"{request.in_interface} -> {request.out_interface}, ports {ports} -> "
-            f"{request.proxy_v4}/{request.proxy_v6} port {request.proxy_port}, "
+            f"{addresses} port {request.proxy_port}, "
             f"mark {request.mark:#x}/{request.mask:#x}, table {request.table}, "
             f"priority {request.priority}, {fams}")
 
