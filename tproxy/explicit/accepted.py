@@ -4,8 +4,9 @@
 HTTP front doors: learn the client's address, close clients outside the
 ``--allow-client`` networks at once (a reset, before any handshake: a
 stranger learns nothing, not even the protocol), count the connection
-against the per-client cap for as long as it is open, then hand an
-:class:`Accepted` to the protocol's own code.
+against the per-client cap from its request on (see :mod:`.limits`),
+for as long as it is open, and hand an :class:`Accepted` to the protocol's
+own code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from ..engine import Engine
 from ..flow import Address, EndReason, FlowInfo
 from ..sockets import reset_stream
+from .handshake import HandshakeFailed
 from .settings import ExplicitSettings
 
 log = logging.getLogger("tproxy.explicit")
@@ -36,8 +38,8 @@ class Accepted:
     mode: str
     stream: trio.SocketStream
     client: Address
-    over_cap: bool
-    """Whether this client already holds ``--max-flows-per-client`` other connections."""
+    holds_slot: bool = False
+    """Whether this connection counts against ``--max-flows-per-client`` (until it closes)."""
 
     def flow(self, destination: Address, mode: str | None = None) -> FlowInfo:
         """A new flow of this connection toward ``destination``."""
@@ -52,13 +54,26 @@ class Accepted:
         """Log a flow that ended before it was relayed."""
         self.engine.reject(self.flow(destination), reason, detail)
 
+    def handshake_failed(self, failed: HandshakeFailed) -> None:
+        """Log a connection whose handshake failed (a bare connect-and-close only at debug)."""
+        if failed.silent:
+            log.debug("client %s closed without a request", self.client)
+        else:
+            self.reject(failed.reason, failed.detail)
+
     def capacity_problem(self) -> str | None:
-        """Why a new flow may not start now (a cap reached), or ``None``."""
-        if self.over_cap:
-            limit = self.settings.slots.limit
-            return f"client has {limit} connection(s) open already (--max-flows-per-client)"
+        """Why a new flow may not start now (a cap reached), or ``None``.
+
+        When there is none, this connection takes one of its client's slots,
+        which :func:`serve_accepted` gives back when the connection ends.
+        """
         if self.engine.at_capacity():
             return "too many flows (--max-flows)"
+        if not self.holds_slot:
+            if not self.settings.slots.acquire(self.client[0]):
+                limit = self.settings.slots.limit
+                return f"client has {limit} flow(s) open already (--max-flows-per-client)"
+            self.holds_slot = True
         return None
 
 
@@ -88,11 +103,13 @@ async def serve_accepted(
         )
         await reset_stream(stream)
         return
-    with settings.slots.hold(client[0]) as over_cap:
-        accepted = Accepted(engine, settings, mode, stream, client, over_cap)
-        try:
-            await body(accepted)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await reset_stream(stream)
-            raise
+    accepted = Accepted(engine, settings, mode, stream, client)
+    try:
+        await body(accepted)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await reset_stream(stream)
+        raise
+    finally:
+        if accepted.holds_slot:
+            settings.slots.release(client[0])

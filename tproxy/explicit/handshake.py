@@ -56,12 +56,15 @@ class HandshakeFailed(Exception):
     """The handshake ended without a request; the client was answered and closed.
 
     ``reason`` is the flow record's end reason, ``detail`` says why.
+    ``silent`` says the client closed without sending a byte (a port probe,
+    a health check): not worth a flow record.
     """
 
-    def __init__(self, reason: EndReason, detail: str) -> None:
+    def __init__(self, reason: EndReason, detail: str, *, silent: bool = False) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.silent = silent
 
 
 async def drive_handshake(
@@ -80,6 +83,7 @@ async def drive_handshake(
     closed.
     """
     sent: list[bytes] = []
+    received = 0
     failure: HandshakeFailed | None = None
     reply = b""
     with trio.CancelScope(deadline=deadline) as scope:
@@ -88,9 +92,12 @@ async def drive_handshake(
                 data = await stream.receive_some(READ_SIZE)
                 if not data:
                     failure = HandshakeFailed(
-                        EndReason.EOF, "client closed the connection during the handshake"
+                        EndReason.EOF,
+                        "client closed the connection during the handshake",
+                        silent=received == 0,
                     )
                     break
+                received += len(data)
                 try:
                     events = handshake.receive_data(data)
                 except ProtocolError as error:

@@ -81,7 +81,7 @@ async def serve_http(accepted: Accepted) -> None:
             stream, handshake, deadline=deadline, timeout_reply=lambda sent: REQUEST_TIMEOUT
         )
     except HandshakeFailed as failed:
-        accepted.reject(failed.reason, failed.detail)
+        accepted.handshake_failed(failed)
         return
     assert isinstance(request, ConnectRequest | ForwardRequest)
 
@@ -93,9 +93,10 @@ async def serve_http(accepted: Accepted) -> None:
     if not decision:
         await refuse(handshake.reply_denied(decision.reason), EndReason.REJECTED, decision.reason)
         return
-    if accepted.over_cap or accepted.engine.at_capacity():
-        reply = TOO_MANY_FROM_CLIENT if accepted.over_cap else AT_CAPACITY
-        await refuse(reply, EndReason.REJECTED, accepted.capacity_problem() or "")
+    problem = accepted.capacity_problem()
+    if problem is not None:
+        reply = AT_CAPACITY if accepted.engine.at_capacity() else TOO_MANY_FROM_CLIENT
+        await refuse(reply, EndReason.REJECTED, problem)
         return
     try:
         outgoing, source = await open_upstream(

@@ -156,7 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_count,
         default=None,
         metavar="N",
-        help="connections one client IP may hold open at once (default: no cap)",
+        help="flows one client IP may have open at once, over all explicit listeners "
+        "(default: no cap)",
     )
     g.add_argument(
         "--bind-timeout",

@@ -88,7 +88,7 @@ async def serve_socks(accepted: Accepted) -> None:
             timeout_reply=lambda sent: timeout_reply(handshake, sent),
         )
     except HandshakeFailed as failed:
-        accepted.reject(failed.reason, failed.detail)
+        accepted.handshake_failed(failed)
         return
     assert isinstance(request, SocksRequest)
 
