@@ -1,0 +1,824 @@
+#!/usr/bin/env python3
+"""tproxy against no proxy, HAProxy, socat and pproxy on one namespace path, interleaved.
+
+Entry point: ``scripts/bench`` (installs the tools, raises limits, runs this).
+
+Path: client -- gateway -- server network namespaces (``netns-tests/nsharness``,
+veth pairs, IPv4). The proxy under test runs in the gateway. Servers in the
+server namespace: iperf3 and nginx, each on two ports: a *diverted* port
+(5201, 80) that the gateway's TPROXY rules (installed once with ``tproxy
+setup``) hand to whatever listens on 127.0.0.1:9091, and a *direct* port
+(5202, 8080) that is only routed (no proxy) and that forward-mode proxies
+target. Forward-mode proxies listen on the gateway's client-side address
+(15201 -> 5202, 18080 -> 8080).
+
+Configurations (``--only`` picks some):
+
+==============  ===========  ==========================================================
+name            mode         what
+==============  ===========  ==========================================================
+none            routed       no proxy: the gateway only forwards
+tproxy          transparent  ``tproxy run`` without interceptors (passthrough)
+tproxy-label    transparent  ``tproxy run -i label``
+tproxy-w2       transparent  ``tproxy run --workers 2`` (when available)
+haproxy-t       transparent  HAProxy, one thread, ``bind ... transparent``,
+                             ``source 0.0.0.0 usesrc client``
+tproxy-fwd      forward      ``tproxy run --mode forward:...`` (when available)
+haproxy-f       forward      HAProxy, one thread, ``mode tcp``
+socat-f         forward      ``socat TCP-LISTEN:...,fork TCP:...``
+pproxy-f        forward      ``pproxy -l tunnel{...}://...`` (uvloop)
+==============  ===========  ==========================================================
+
+Every round runs every configuration once (A B C ... A B C ...): start the
+proxy, iperf3 one stream up and down, four streams up and down, wrk with
+``Connection: close`` (new connections/s) and keep-alive (requests/s), stop
+it. CPU seconds per GiB come from ``/proc/<pid>/stat`` of the proxy's
+processes around each iperf3 run. After the rounds, one memory pass per
+configuration: a fresh proxy, 500 idle flows, then N idle flows; resident
+memory per flow is the RSS growth divided by the extra flows.
+
+Medians over rounds, spread as min..max. Ratios against HAProxy use the
+HAProxy of the same mode (transparent or forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "netns-tests"))
+
+import nsharness as H  # noqa: E402
+
+PY = sys.executable
+PROXY_PORT = 9091
+IPERF_T, IPERF_D = 5201, 5202  # diverted, direct
+HTTP_T, HTTP_D = 80, 8080
+FWD_IPERF, FWD_HTTP = 15201, 18080
+INSTANCE = "tpxbench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------
+# Process accounting: CPU and RSS of a process tree, from /proc.
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                kids += [
+                    int(x) for x in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+                ]
+    return kids
+
+
+def tree(pids: list[int]) -> list[int]:
+    """The pids and all their live descendants."""
+    seen: list[int] = []
+    todo = list(pids)
+    for _ in range(100_000):
+        if not todo:
+            break
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo += _children(pid)
+    return seen
+
+
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU of the trees rooted at ``pids``, reaped children included."""
+    ticks = 0
+    roots = set(pids)
+    for pid in tree(pids):
+        with contextlib.suppress(OSError, IndexError):
+            f = _stat(pid)
+            ticks += int(f[11]) + int(f[12])  # utime, stime
+            if pid in roots:
+                ticks += int(f[13]) + int(f[14])  # cutime, cstime: reaped children
+    return ticks / CLK_TCK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in tree(pids):
+        with contextlib.suppress(OSError, IndexError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    return total
+
+
+# ----------------------------------------------------------------------------
+# Configurations.
+
+
+@dataclass
+class Target:
+    """Where the client aims for each service under one configuration."""
+
+    host: str
+    iperf: int
+    http: int
+
+
+@dataclass
+class Config:
+    name: str
+    mode: str  # "none", "transparent", "forward"
+    start: Callable[[Bench], list[subprocess.Popen[Any]]] | None
+    note: str = ""
+
+    @property
+    def reference(self) -> str | None:
+        return {"transparent": "haproxy-t", "forward": "haproxy-f"}.get(self.mode)
+
+
+@dataclass
+class Results:
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, config: str, metric: str, value: float) -> None:
+        self.values.setdefault(config, {}).setdefault(metric, []).append(value)
+
+    def fail(self, config: str, what: str) -> None:
+        self.errors.setdefault(config, []).append(what)
+
+    def median(self, config: str, metric: str) -> float | None:
+        vals = self.values.get(config, {}).get(metric)
+        return statistics.median(vals) if vals else None
+
+    def spread(self, config: str, metric: str) -> tuple[float, float] | None:
+        vals = self.values.get(config, {}).get(metric)
+        return (min(vals), max(vals)) if vals else None
+
+
+METRICS: list[tuple[str, str, bool]] = [
+    # key, label, higher is better
+    ("t1_up", "1 stream up, Gbit/s", True),
+    ("t1_down", "1 stream down, Gbit/s", True),
+    ("t4_up", "4 streams up, Gbit/s", True),
+    ("t4_down", "4 streams down, Gbit/s", True),
+    ("cps", "new connections/s", True),
+    ("cps_p50", "  latency p50, ms", False),
+    ("cps_p99", "  latency p99, ms", False),
+    ("rps", "keep-alive requests/s", True),
+    ("rps_p50", "  latency p50, ms", False),
+    ("rps_p99", "  latency p99, ms", False),
+    ("cpu_gib", "CPU s/GiB (iperf3)", False),
+    ("mem_flow", "RSS KiB per idle flow", False),
+]
+
+
+class Bench:
+    """The topology, the servers, the routing, and the measurements."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.topo = H.Topology(log_dir=work / "logs")
+        self.client, self.gw, self.server = self.topo.namespaces
+        self.env = dict(os.environ, TPROXY_STATE_DIR=str(work / "state"))
+        self.routing = False
+        self.iperf: dict[int, subprocess.Popen[Any]] = {}
+        self.results = Results()
+
+    # -- set-up ---------------------------------------------------------------
+
+    def setup(self) -> None:
+        for ns in (self.client, self.gw, self.server):
+            ns.sysctl({
+                "net.ipv4.ip_local_port_range": "1024 65000",
+                "net.ipv4.tcp_tw_reuse": 1,
+                "net.core.somaxconn": 8192,
+                "net.ipv4.tcp_max_syn_backlog": 8192,
+            })  # fmt: skip
+        srv = self.topo.server_ip4
+        for port in (IPERF_T, IPERF_D):
+            self.iperf[port] = H.iperf3_server(self.server, srv, port)
+        conf = self.work / "nginx.conf"
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        conf.write_text(
+            NGINX_CONF.format(work=self.work, srv=srv, ports=(HTTP_T, HTTP_D), nofile=nofile)
+        )
+        self.nginx = self.server.popen("nginx", "-c", conf, "-p", self.work, log_name="nginx")
+        for port in (HTTP_T, HTTP_D):
+            self.server.wait_port(port, srv, proc=self.nginx)
+        self.install_routing()
+
+    def install_routing(self) -> None:
+        """The TPROXY rules for the diverted ports, once, with ``tproxy setup``."""
+        ports = f"{IPERF_T},{HTTP_T}"
+        self.routing = True
+        self.gw.python(
+            "-m", "tproxy", "setup", self.topo.gw_in, self.topo.gw_out, "-p", ports,
+            "--proxy-port", PROXY_PORT, "--ipv4", "--instance", INSTANCE,
+            env=self.env, cwd=ROOT,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        try:
+            if self.routing:
+                self.gw.python(
+                    "-m", "tproxy", "teardown", "--instance", INSTANCE,
+                    env=self.env, cwd=ROOT, check=False,
+                )  # fmt: skip
+        finally:
+            self.topo.close()
+
+    # -- targets ----------------------------------------------------------------
+
+    def target(self, cfg: Config) -> Target:
+        srv, gw = self.topo.server_ip4, self.topo.gw_in_ip4
+        if cfg.mode == "none":
+            return Target(srv, IPERF_D, HTTP_D)
+        if cfg.mode == "transparent":
+            return Target(srv, IPERF_T, HTTP_T)
+        return Target(gw, FWD_IPERF, FWD_HTTP)
+
+    # -- proxies ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def running(self, cfg: Config) -> Iterator[list[int]]:
+        procs = cfg.start(self) if cfg.start else []
+        try:
+            if cfg.mode == "transparent":
+                self.gw.wait_port(PROXY_PORT, "127.0.0.1", timeout=20)
+            elif cfg.mode == "forward":
+                for port in (FWD_IPERF, FWD_HTTP):
+                    self.gw.wait_port(port, self.topo.gw_in_ip4, timeout=20)
+            yield [p.pid for p in procs]
+            for p in procs:
+                if p.poll() is not None:
+                    raise H.HarnessError(f"{cfg.name} exited {p.returncode}: {self.gw.read_log(p)}")
+        finally:
+            for p in procs:
+                self.gw.stop(p, timeout=15)
+
+    def tproxy(self, *extra: str, log: str = "tproxy") -> Callable[[Bench], list[Any]]:
+        def start(b: Bench) -> list[Any]:
+            return [
+                b.gw.popen(
+                    PY, "-m", "tproxy", "run", "-q", "--grace", "1", *extra,
+                    log_name=log, cwd=ROOT, env=b.env,
+                )
+            ]  # fmt: skip
+
+        return start
+
+    def tproxy_transparent(self, *extra: str) -> Callable[[Bench], list[Any]]:
+        return self.tproxy("--mode", f"transparent@127.0.0.1:{PROXY_PORT}", *extra)
+
+    def tproxy_forward(self) -> Callable[[Bench], list[Any]]:
+        srv, gw = self.topo.server_ip4, self.topo.gw_in_ip4
+        return self.tproxy(
+            "--mode", f"forward:{srv}:{IPERF_D}@{gw}:{FWD_IPERF}",
+            "--mode", f"forward:{srv}:{HTTP_D}@{gw}:{FWD_HTTP}",
+        )  # fmt: skip
+
+    def haproxy(self, transparent: bool) -> Callable[[Bench], list[Any]]:
+        def start(b: Bench) -> list[Any]:
+            srv, gw = b.topo.server_ip4, b.topo.gw_in_ip4
+            if transparent:
+                body = HAPROXY_TRANSPARENT.format(port=PROXY_PORT)
+            else:
+                body = HAPROXY_FORWARD.format(
+                    gw=gw, srv=srv, fi=FWD_IPERF, fh=FWD_HTTP, di=IPERF_D, dh=HTTP_D
+                )
+            conf = b.work / f"haproxy-{'t' if transparent else 'f'}.cfg"
+            # Descriptors: two per connection, two per pipe, all under RLIMIT_NOFILE.
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            maxconn = b.args.flows + 600
+            maxpipes = max(16, min(maxconn // 4, (limit - 2 * maxconn - 200) // 2))
+            conf.write_text(HAPROXY_GLOBAL.format(maxconn=maxconn, maxpipes=maxpipes) + body)
+            return [b.gw.popen("haproxy", "-db", "-f", conf, log_name="haproxy")]
+
+        return start
+
+    def socat(self, b: Bench) -> list[Any]:
+        srv, gw = b.topo.server_ip4, b.topo.gw_in_ip4
+        return [
+            b.gw.popen(
+                "socat", f"TCP-LISTEN:{lp},bind={gw},fork,reuseaddr,backlog=4096",
+                f"TCP:{srv}:{dp}", log_name=f"socat-{lp}",
+            )
+            for lp, dp in ((FWD_IPERF, IPERF_D), (FWD_HTTP, HTTP_D))
+        ]  # fmt: skip
+
+    def pproxy(self, b: Bench) -> list[Any]:
+        srv, gw = b.topo.server_ip4, b.topo.gw_in_ip4
+        return [
+            b.gw.popen(
+                PY, "-m", "pproxy",
+                "-l", f"tunnel{{{srv}:{IPERF_D}}}://{gw}:{FWD_IPERF}",
+                "-l", f"tunnel{{{srv}:{HTTP_D}}}://{gw}:{FWD_HTTP}",
+                log_name="pproxy",
+            )
+        ]  # fmt: skip
+
+    # -- measurements -------------------------------------------------------------
+
+    def iperf3(self, cfg: Config, t: Target, pids: list[int], key: str, *flags: str) -> None:
+        cpu0 = cpu_seconds(pids) if pids else 0.0
+        try:
+            report = H.iperf3_client(
+                self.client, t.host, "-t", self.args.seconds, *flags,
+                port=t.iperf, timeout=self.args.seconds + 30,
+            )  # fmt: skip
+        except (H.HarnessError, H.CommandError, H.CommandTimeout, json.JSONDecodeError) as exc:
+            self.results.fail(cfg.name, f"iperf3 {key}: {str(exc)[:300]}")
+            self.restart_iperf(t)
+            return
+        cpu = (cpu_seconds(pids) - cpu0) if pids else None
+        received = report["end"]["sum_received"]
+        self.results.add(cfg.name, key, received["bits_per_second"] / 1e9)
+        if cpu is not None and received["bytes"]:
+            self.results.add(cfg.name, "cpu_gib", cpu / (received["bytes"] / 2**30))
+
+    def restart_iperf(self, t: Target) -> None:
+        port = IPERF_D if t.iperf in (IPERF_D, FWD_IPERF) else IPERF_T
+        with contextlib.suppress(Exception):
+            self.server.stop(self.iperf[port])
+        self.iperf[port] = H.iperf3_server(self.server, self.topo.server_ip4, port)
+
+    def wrk(self, cfg: Config, t: Target, key: str, *flags: str) -> None:
+        url = f"http://{t.host}:{t.http}/"
+        try:
+            out = self.client.run(
+                "wrk", "-t1", f"-c{self.args.connections}", f"-d{self.args.seconds}s",
+                "--latency", *flags, url, timeout=self.args.seconds + 30,
+            ).stdout  # fmt: skip
+        except (H.CommandError, H.CommandTimeout) as exc:
+            self.results.fail(cfg.name, f"wrk {key}: {str(exc)[:300]}")
+            return
+        rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if not rate:
+            self.results.fail(cfg.name, f"wrk {key}: no rate in {out[-300:]!r}")
+            return
+        self.results.add(cfg.name, key, float(rate.group(1)))
+        for pct in ("50", "99"):
+            m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            if m:
+                scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+                self.results.add(cfg.name, f"{key}_p{pct}", float(m.group(1)) * scale)
+        errors = re.search(r"Socket errors: (.*)", out)
+        if errors:
+            self.results.fail(cfg.name, f"wrk {key}: socket errors {errors.group(1)}")
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        if non2xx:
+            self.results.fail(cfg.name, f"wrk {key}: {non2xx.group(1)} non-2xx responses")
+
+    def round(self, cfg: Config) -> None:
+        t = self.target(cfg)
+        with self.running(cfg) as pids:
+            self.client.run("curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", "10",
+                            f"http://{t.host}:{t.http}/", timeout=15)  # fmt: skip
+            self.iperf3(cfg, t, pids, "t1_up")
+            self.iperf3(cfg, t, pids, "t1_down", "-R")
+            self.iperf3(cfg, t, pids, "t4_up", "-P", "4")
+            self.iperf3(cfg, t, pids, "t4_down", "-P", "4", "-R")
+            self.wrk(cfg, t, "cps", "-H", "Connection: close")
+            self.wrk(cfg, t, "rps")
+
+    def memory(self, cfg: Config) -> None:
+        """RSS growth per idle flow between ``base`` and ``flows`` idle flows."""
+        t = self.target(cfg)
+        base, total = 500, self.args.flows
+        with self.running(cfg) as pids:
+            holders = []
+            try:
+                before = None
+                for count in (base, total - base):
+                    proc = self.client.popen(
+                        PY, ROOT / "scripts" / "bench_flows.py", t.host, t.http, count,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, log_name="flows",
+                    )  # fmt: skip
+                    holders.append(proc)
+                    line = proc.stdout.readline().decode() if proc.stdout else ""
+                    if not line.startswith("connected"):
+                        raise H.HarnessError(f"flow holder: {line!r} {self.client.read_log(proc)}")
+                    want = count + (base if before is not None else 0)
+                    self.wait_established(want, t.http)
+                    time.sleep(0.5)  # let the proxy finish setting the last flows up
+                    if before is None:
+                        before = rss_bytes(pids)
+                after = rss_bytes(pids)
+                assert before is not None
+                self.results.add(cfg.name, "mem_flow", (after - before) / (total - base) / 1024)
+            except (H.HarnessError, H.CommandError, H.CommandTimeout, OSError) as exc:
+                self.results.fail(cfg.name, f"memory: {str(exc)[:300]}")
+            finally:
+                for proc in holders:
+                    with contextlib.suppress(OSError):
+                        if proc.stdin:
+                            proc.stdin.close()
+                    self.client.stop(proc)
+
+    def wait_established(self, count: int, port: int) -> None:
+        """Until the server holds ``count`` connections on ``port`` (bounded)."""
+        deadline = time.monotonic() + 120
+        n = -1
+        for _ in range(2400):
+            out = self.server.run(
+                "ss", "-Htn", "state", "established", f"( sport = :{port} )", timeout=30
+            ).stdout
+            n = len(out.splitlines())
+            if n >= count or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if n < count:
+            raise H.HarnessError(f"only {n} of {count} flows reached the server")
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 19000; multi_accept on; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_header_timeout 600s;
+    client_body_temp_path {work}/nginx-tmp;
+    proxy_temp_path {work}/nginx-tmp;
+    fastcgi_temp_path {work}/nginx-tmp;
+    uwsgi_temp_path {work}/nginx-tmp;
+    scgi_temp_path {work}/nginx-tmp;
+    server {{
+        listen {srv}:{ports[0]} backlog=8192 reuseport;
+        listen {srv}:{ports[1]} backlog=8192 reuseport;
+        location / {{ return 200 "hello from the server namespace\\n"; }}
+    }}
+}}
+"""
+
+HAPROXY_GLOBAL = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+    maxpipes {maxpipes}
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 10s
+    timeout client 600s
+    timeout server 600s
+"""
+
+HAPROXY_TRANSPARENT = """\
+frontend diverted
+    bind 127.0.0.1:{port} transparent
+    default_backend original
+backend original
+    source 0.0.0.0 usesrc client
+    server original 0.0.0.0:0
+"""
+
+HAPROXY_FORWARD = """\
+listen iperf
+    bind {gw}:{fi}
+    server s {srv}:{di}
+listen http
+    bind {gw}:{fh}
+    server s {srv}:{dh}
+"""
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+def _tproxy_flags() -> str:
+    try:
+        return subprocess.run(
+            [PY, "-m", "tproxy", "run", "--help"], capture_output=True, text=True, cwd=ROOT,
+            timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def configs(b: Bench) -> list[Config]:
+    help_text = _tproxy_flags()
+    found = [
+        Config("none", "none", None, "routed by the gateway, no proxy"),
+        Config("tproxy", "transparent", b.tproxy_transparent(), "passthrough"),
+        Config("tproxy-label", "transparent", b.tproxy_transparent("-i", "label"), "-i label"),
+    ]
+    if "--workers" in help_text:
+        found.append(
+            Config("tproxy-w2", "transparent", b.tproxy_transparent("--workers", "2"), "2 workers")
+        )
+    found.append(Config("haproxy-t", "transparent", b.haproxy(True), "1 thread"))
+    if "forward:" in help_text and _forward_available():
+        found.append(Config("tproxy-fwd", "forward", b.tproxy_forward(), "passthrough"))
+    found += [
+        Config("haproxy-f", "forward", b.haproxy(False), "1 thread"),
+        Config("socat-f", "forward", b.socat, "fork per connection"),
+        Config("pproxy-f", "forward", b.pproxy, "tunnel, uvloop"),
+    ]
+    return found
+
+
+def _forward_available() -> bool:
+    try:
+        import tproxy.explicit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def machine() -> list[str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str], pattern: str = r"(\d+\.\d+(\.\d+)?)") -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            m = re.search(pattern, p.stdout + p.stderr)
+            return m.group(1) if m else "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "missing"
+
+    def py_version(module: str) -> str:
+        try:
+            from importlib.metadata import version as v
+
+            return v(module)
+        except Exception:
+            return "missing"
+
+    os_name = ""
+    with contextlib.suppress(OSError):
+        os_name = "; " + platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    socat = version(["socat", "-V"], r"socat version ([\d.]+)")
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores (`nproc`), shared by client, proxy and server",
+        f"- Kernel: Linux {platform.release()}{os_name}",
+        f"- Python {platform.python_version()}, trio {py_version('trio')}, "
+        f"pproxy {py_version('pproxy')}, uvloop {py_version('uvloop')}",
+        f"- HAProxy {version(['haproxy', '-v'])}, socat {socat}, "
+        f"nginx {version(['nginx', '-v'])}, iperf3 {version(['iperf3', '--version'])}, "
+        f"wrk {version(['wrk', '-v'])}",
+    ]
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(results: Results, cfgs: list[Config]) -> list[str]:
+    lines = [
+        "| metric | config | median | spread (min..max) | vs HAProxy (same mode) | vs no proxy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, label, _ in METRICS:
+        for cfg in cfgs:
+            med = results.median(cfg.name, key)
+            if med is None:
+                continue
+            spread = results.spread(cfg.name, key)
+            ref = cfg.reference
+            vs_ha = ratio(med, results.median(ref, key)) if ref and ref != cfg.name else "-"
+            vs_none = ratio(med, results.median("none", key)) if cfg.name != "none" else "-"
+            spread_s = f"{fmt(spread[0])}..{fmt(spread[1])}" if spread else "-"
+            lines.append(
+                f"| {label} | {cfg.name} | {fmt(med)} | {spread_s} | {vs_ha} | {vs_none} |"
+            )
+    return lines
+
+
+def targets(results: Results) -> list[str]:
+    """The issue's targets, each as a ratio from this run and met / missed."""
+    m = results.median
+    # (target, ours, theirs, goal, lower is better)
+    rows: list[tuple[str, float | None, float | None, float, bool]] = []
+    for d in ("up", "down"):
+        rows.append(
+            (
+                f"passthrough, 1 stream {d} >= 1.2x HAProxy-t",
+                m("tproxy", f"t1_{d}"),
+                m("haproxy-t", f"t1_{d}"),
+                1.2,
+                False,
+            )
+        )
+    for d in ("up", "down"):
+        rows.append(
+            (
+                f"passthrough, 4 streams {d} >= 1.0x HAProxy-t",
+                m("tproxy", f"t4_{d}"),
+                m("haproxy-t", f"t4_{d}"),
+                1.0,
+                False,
+            )
+        )
+    for d in ("up", "down"):
+        rows.append(
+            (
+                f"label, 1 stream {d} >= 1.5x pproxy",
+                m("tproxy-label", f"t1_{d}"),
+                m("pproxy-f", f"t1_{d}"),
+                1.5,
+                False,
+            )
+        )
+    higher = [
+        ("new conn/s, 1 worker >= 1.0x pproxy", "tproxy", "pproxy-f", "cps", 1.0),
+        ("new conn/s, 1 worker >= 2x pproxy (goal)", "tproxy", "pproxy-f", "cps", 2.0),
+        ("new conn/s, 1 worker >= 0.5x HAProxy-t (goal)", "tproxy", "haproxy-t", "cps", 0.5),
+        ("new conn/s, 2 workers >= 1.6x 1 worker", "tproxy-w2", "tproxy", "cps", 1.6),
+        ("forward new conn/s >= 1.0x pproxy", "tproxy-fwd", "pproxy-f", "cps", 1.0),
+        ("keep-alive req/s >= 1.0x pproxy", "tproxy", "pproxy-f", "rps", 1.0),
+        ("keep-alive req/s >= 1.0x HAProxy-t (goal)", "tproxy", "haproxy-t", "rps", 1.0),
+    ]
+    rows += [(w, m(a, k), m(b, k), g, False) for w, a, b, k, g in higher]
+    rows.append(
+        ("RSS per idle flow <= 3x HAProxy-t", m("tproxy", "mem_flow"),
+         m("haproxy-t", "mem_flow"), 3.0, True)
+    )  # fmt: skip
+    lines = ["| target | ratio | met |", "|---|---:|:---:|"]
+    for what, ours, theirs, goal, lower in rows:
+        if ours is None or theirs is None or theirs == 0:
+            lines.append(f"| {what} | not measured | - |")
+            continue
+        r = ours / theirs
+        met = r <= goal if lower else r >= goal
+        lines.append(f"| {what} | {r:.2f}x | {'yes' if met else 'NO'} |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="~3 minutes: 2 rounds, short runs")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--seconds", type=int, default=None, help="per iperf3/wrk run")
+    p.add_argument("--connections", type=int, default=32, help="wrk connections")
+    p.add_argument("--flows", type=int, default=None, help="idle flows for the memory test")
+    p.add_argument("--only", default=None, help="comma-separated configuration names")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--output", default=None, help="markdown report (default: docs/benchmarks.md "
+                   "for a full run, none for --quick)")  # fmt: skip
+    p.add_argument("--json", default=None, help="also write raw results here")
+    args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.seconds = args.seconds or (1 if args.quick else 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # A proxy holds two sockets per flow; where the hard limit on descriptors is
+    # lower than 2 x 10,000 (+ listeners, pipes), hold as many flows as fit.
+    args.flows = args.flows or min(2000 if args.quick else 10_000, (hard - 2000) // 2)
+    if args.output is None and not args.quick:
+        args.output = str(ROOT / "docs" / "benchmarks.md")
+
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for tool in ("iperf3", "wrk", "nginx", "haproxy", "socat", "curl", "ss"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing (scripts/bench installs it)", file=sys.stderr)
+            return 2
+
+    H.install_signal_handlers()
+    H.remove_stale()
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="tpxb-"))
+    (work / "nginx-tmp").mkdir()
+    bench = Bench(args, work)
+    results = bench.results
+    cfgs: list[Config] = []
+    try:
+        bench.setup()
+        cfgs = configs(bench)
+        if args.only:
+            wanted = set(args.only.split(","))
+            cfgs = [c for c in cfgs if c.name in wanted]
+        print(f"bench: {len(cfgs)} configurations x {args.rounds} rounds, "
+              f"{args.seconds}s per run, {args.flows} idle flows", flush=True)  # fmt: skip
+        for r in range(args.rounds):
+            for cfg in cfgs:
+                t0 = time.monotonic()
+                try:
+                    bench.round(cfg)
+                except (H.HarnessError, H.CommandError, H.CommandTimeout) as exc:
+                    results.fail(cfg.name, f"round {r + 1}: {str(exc)[:500]}")
+                latest = results.values.get(cfg.name, {})
+                shown = " ".join(f"{k}={fmt(v[-1])}" for k, v in latest.items() if k != "mem_flow")
+                print(f"  round {r + 1} {cfg.name:13s} {time.monotonic() - t0:5.1f}s {shown}")
+        if not args.no_memory:
+            for cfg in cfgs:
+                if cfg.mode == "none" or cfg.name == "socat-f":
+                    continue  # nothing to measure / a process per flow
+                t0 = time.monotonic()
+                try:
+                    bench.memory(cfg)
+                except (H.HarnessError, H.CommandError, H.CommandTimeout) as exc:
+                    results.fail(cfg.name, f"memory: {str(exc)[:500]}")
+                mem = results.median(cfg.name, "mem_flow")
+                print(f"  memory {cfg.name:13s} {time.monotonic() - t0:5.1f}s "
+                      f"{fmt(mem)} KiB/flow", flush=True)  # fmt: skip
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    report = render(args, cfgs, results, elapsed)
+    print("\n".join(report))
+    if args.output:
+        Path(args.output).write_text("\n".join(report) + "\n")
+        print(f"bench: wrote {args.output}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"values": results.values, "errors": results.errors}, indent=1)
+        )
+    return 0
+
+
+def render(
+    args: argparse.Namespace, cfgs: list[Config], results: Results, elapsed: float
+) -> list[str]:
+    out = [
+        "# Benchmarks",
+        "",
+        "Written by `scripts/bench` (do not edit by hand; rerun it). "
+        f"{args.rounds} interleaved rounds (every configuration once per round), "
+        f"{args.seconds} s per iperf3/wrk run, wrk with one thread and {args.connections} "
+        f"connections, {args.flows:,} idle flows for memory; medians, spread min..max; "
+        f"whole run {elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "## Machine",
+        "",
+        *machine(),
+        "",
+        "## Path and configurations",
+        "",
+        "client -- gateway -- server network namespaces joined by veth pairs (IPv4); the proxy "
+        "runs in the gateway; iperf3 and nginx (one process, a 32-byte reply) in the server "
+        "namespace. Transparent configurations get connections diverted by TPROXY rules "
+        "installed once with `tproxy setup`; forward ones listen on the gateway's address. "
+        "Ratios compare with the HAProxy of the same mode. Up = client to server.",
+        "",
+        *(f"- `{c.name}` ({c.mode}): {c.note}" for c in cfgs),
+        "",
+        "## Results",
+        "",
+        *table(results, cfgs),
+        "",
+        "## Targets (issue 6)",
+        "",
+        *targets(results),
+    ]
+    if results.errors:
+        out += ["", "## Errors seen during the run", ""]
+        for name, errs in results.errors.items():
+            for e in errs:
+                out.append(f"- `{name}`: {e.splitlines()[0][:200]}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
