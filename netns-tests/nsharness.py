@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -554,6 +554,28 @@ class Namespace:
             f"{self._logs_for(proc)}"
         )
 
+    def wait_log(
+        self, proc: subprocess.Popen[Any], text: str, timeout: float = 10.0
+    ) -> str:
+        """Wait until ``text`` appears in the log of ``proc``; returns the log.
+
+        Fails at once if the process exits without having written it, and on
+        timeout; the error carries the log.
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / _POLL_INTERVAL) + 2):
+            exited = proc.poll() is not None
+            log = self.read_log(proc)
+            if text in log:
+                return log
+            if exited or time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_INTERVAL)
+        state = f"exited {proc.returncode}" if proc.poll() is not None else f"after {timeout}s"
+        raise HarnessError(
+            f"{text!r} never appeared in the log of {_show(proc.args)} ({state})\n{log}"
+        )
+
     def _logs_for(self, proc: subprocess.Popen[Any] | None) -> str:
         if proc is not None and any(t.proc is proc for t in self._procs):
             return f"--- log of {_show(proc.args)} ---\n{self.read_log(proc)}"
@@ -641,6 +663,25 @@ class Namespace:
                     shutil.rmtree(self.log_dir, ignore_errors=True)
         if errors:
             raise errors[0]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> object:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    A hang guard for things no port or log line signals; raises `HarnessError`
+    naming ``what`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / _POLL_INTERVAL) + 2):
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            break
+        time.sleep(_POLL_INTERVAL)
+    raise HarnessError(f"{what} did not happen within {timeout}s")
 
 
 def _host_matches(want: str | None, have: str) -> bool:

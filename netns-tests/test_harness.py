@@ -41,6 +41,7 @@ from nsharness import (
     run_id,
     snapshot_root,
     url,
+    wait_until,
     write_hosts,
 )
 
@@ -284,6 +285,18 @@ def test_wait_port_gives_up(netns: Callable[..., Namespace]) -> None:
     ns.popen("sleep", "60")
     with pytest.raises(HarnessError, match="nothing listens"):
         ns.wait_port(9998, timeout=0.3)
+
+
+def test_wait_log_and_wait_until(netns: Callable[..., Namespace]) -> None:
+    ns = netns()
+    proc = ns.popen(sys.executable, "-c", "import time; print('READY'); time.sleep(60)")
+    assert "READY" in ns.wait_log(proc, "READY", timeout=30)
+    assert wait_until(lambda: proc.pid, what="a pid") == proc.pid
+    quitter = ns.popen(sys.executable, "-c", "print('bye')")
+    with pytest.raises(HarnessError, match="never appeared"):
+        ns.wait_log(quitter, "READY", timeout=30)
+    with pytest.raises(HarnessError, match="nothing did not happen"):
+        wait_until(lambda: False, timeout=0.2, what="nothing")
 
 
 def test_close_stops_processes_and_sockets(netns: Callable[..., Namespace]) -> None:
