@@ -1,0 +1,415 @@
+"""``tproxy run --workers N``: N engine processes on the same listeners, one supervisor.
+
+One trio process relays on one core. With ``--workers N`` the command
+becomes a *supervisor* that starts N *workers*, each the same ``tproxy run``
+command line plus a hidden ``--worker-index I``. Every worker opens its own
+listeners on the same addresses with ``SO_REUSEPORT``, so the kernel spreads
+new (also diverted) connections over them; flows, logs and counters stay
+per worker. The supervisor:
+
+- starts the workers and waits until each has bound its listeners (a worker
+  writes ``ready`` on a pipe once ``listen()`` returned: from then on the
+  kernel queues connections for it, even before its event loop runs);
+- only then installs the routing of ``--setup`` (diverted connections must
+  always find a listener, DESIGN.md), and removes it after every worker
+  has stopped;
+- restarts a worker that dies unexpectedly, with exponential backoff (a
+  worker that fails before it is ready is not restarted: that is a usage
+  error such as an address in use, and the whole command fails);
+- forwards SIGINT/SIGTERM to the workers (each runs its own grace period;
+  a second signal skips it, as with one process), waits for them and
+  exits 0.
+
+Workers run in their own session, so a Ctrl-C on the terminal reaches them
+once, through the supervisor, not twice. They ask the kernel for SIGTERM
+if the supervisor dies (``PR_SET_PDEATHSIG``), so ``kill -9`` of the
+supervisor does not leave orphans serving.
+
+Flow ids do not collide across workers: worker I of N numbers its flows
+I+1, I+1+N, I+1+2N, ...; a restarted worker continues in a fresh range
+(generation g starts at ``g * N * 2**32``). Log lines carry ``w<I>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+log = logging.getLogger("tproxy.workers")
+
+CONTROL_ENV = "TPROXY_WORKER_CONTROL"
+"""``<ready fd>:<generation>:<supervisor pid>``, set by the supervisor for each worker."""
+
+WORKER_INDEX_FLAG = "--worker-index"
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 10.0
+"""A worker that ran this long before dying restarts after the first backoff again."""
+
+READY_TIMEOUT = 60.0
+"""How long a worker may take to bind its listeners."""
+
+STOP_TIMEOUT_MARGIN = 30.0
+"""After forwarding a stop, how much longer than the grace period to wait before SIGKILL."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--workers N`` (and the hidden ``--worker-index``) to ``run``'s parser."""
+    parser.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="run N engine processes on the same listeners (SO_REUSEPORT; the kernel "
+        "spreads connections over them) under a supervisor that restarts a worker that "
+        "dies and forwards SIGINT/SIGTERM (default 1: no supervisor)",
+    )
+    parser.add_argument(WORKER_INDEX_FLAG, type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1..1024")
+    return value
+
+
+def wants_supervisor(args: argparse.Namespace) -> bool:
+    """Whether this ``run`` is the supervisor of several workers."""
+    return getattr(args, "workers", 1) > 1 and getattr(args, "worker_index", None) is None
+
+
+# ----------------------------------------------------------------------------
+# The worker side.
+
+
+@dataclass
+class Worker:
+    """What a worker process knows about itself; see :func:`current`."""
+
+    index: int
+    count: int
+    generation: int = 0
+    ready_fd: int | None = None
+    supervisor_pid: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"w{self.index}"
+
+    def configure(self) -> None:
+        """Call once, after logging is configured and before any flow: ids, logs, parent."""
+        _die_with_parent(self.supervisor_pid)
+        start = self.index + 1 + self.count * (self.generation << 32)
+        _set_flow_ids(start, self.count)
+        prefix = f"{self.name} "
+        make_record = logging.getLogRecordFactory()
+
+        def prefixed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = make_record(*args, **kwargs)
+            record.msg = prefix + str(record.msg)
+            return record
+
+        logging.setLogRecordFactory(prefixed)
+
+    def ready(self) -> None:
+        """The listeners are bound: tell the supervisor (it may now install routing)."""
+        self._tell(b"ready\n")
+
+    def finished(self, flows: int) -> None:
+        """The engine stopped after ``flows`` flows: tell the supervisor, for its total."""
+        self._tell(f"flows {flows}\n".encode())
+        if self.ready_fd is not None:
+            try:
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    def _tell(self, line: bytes) -> None:
+        if self.ready_fd is None:
+            return
+        try:
+            os.write(self.ready_fd, line)
+        except OSError:
+            pass  # the supervisor is gone; PR_SET_PDEATHSIG ends us
+
+
+def current(args: argparse.Namespace) -> Worker | None:
+    """This process's :class:`Worker` if it was started by a supervisor, else None."""
+    index = getattr(args, "worker_index", None)
+    if index is None:
+        return None
+    count = max(getattr(args, "workers", 1), index + 1)
+    worker = Worker(index=index, count=count)
+    control = os.environ.pop(CONTROL_ENV, "")
+    if control:
+        fd, generation, parent = control.split(":")
+        worker.ready_fd = int(fd)
+        worker.generation = int(generation)
+        worker.supervisor_pid = int(parent)
+    return worker
+
+
+def _set_flow_ids(start: int, step: int) -> None:
+    """Number this process's flows start, start+step, ... (disjoint across workers)."""
+    from . import flow
+
+    setter = getattr(flow, "set_flow_ids", None)
+    if setter is not None:
+        setter(start, step)
+    else:  # until flow.set_flow_ids exists
+        flow._ids = itertools.count(start, step)  # type: ignore[attr-defined]
+
+
+def _die_with_parent(supervisor_pid: int | None) -> None:
+    """SIGTERM this worker when the supervisor dies, and exit now if it already has."""
+    if supervisor_pid is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor_pid:
+        log.error("the supervisor (pid %d) is gone; exiting", supervisor_pid)
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------
+# The supervisor side.
+
+
+class StartupError(Exception):
+    """A worker exited before its listeners were ready: nothing will work; give up."""
+
+    def __init__(self, index: int, returncode: int | None) -> None:
+        if returncode is None:
+            what = f"had not bound its listeners after {READY_TIMEOUT:g}s"
+        else:
+            what = f"exited with status {returncode} before its listeners were ready"
+        super().__init__(f"worker {index} {what}")
+        self.index = index
+        self.returncode = returncode
+
+
+@dataclass
+class _Slot:
+    index: int
+    generation: int = 0
+    process: trio.Process | None = None
+    started: float = 0.0
+    failures: int = 0
+    flows: int = 0
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the workers of one ``run --workers N``."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        count: int,
+        *,
+        grace: float,
+        routing: Callable[[], AbstractContextManager[object]] | None = None,
+        executable: Sequence[str] | None = None,
+    ) -> None:
+        if count < 1:
+            raise ValueError("at least one worker")
+        self.argv = list(argv)
+        self.count = count
+        self.grace = grace
+        self.routing = routing
+        self.executable = list(executable or [sys.executable, "-m", "tproxy"])
+        self.slots = [_Slot(i) for i in range(count)]
+        self.stopping = False
+        self.restarts = 0
+        self._stop = trio.Event()
+
+    def command(self, slot: _Slot) -> list[str]:
+        return [*self.executable, *self.argv, WORKER_INDEX_FLAG, str(slot.index)]
+
+    async def run(self) -> int:
+        """Run until a signal (or :meth:`stop`), then stop the workers; the exit status."""
+        failed: list[StartupError] = []
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._signals, signals)
+                    try:
+                        await self._serve(nursery)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._stop_all()
+                    nursery.cancel_scope.cancel()
+            except* StartupError as group:
+                failed += [e for e in group.exceptions if isinstance(e, StartupError)]
+        if failed:
+            log.error("%s", failed[0])
+            code = failed[0].returncode
+            return code if code is not None and code > 0 else 1
+        total = sum(s.flows for s in self.slots)
+        log.info(
+            "stopped: %d worker(s), %d flow(s) in all, %d restart(s)",
+            self.count,
+            total,
+            self.restarts,
+        )
+        return 0
+
+    def stop(self) -> None:
+        """Begin the shutdown: forward SIGTERM (again: the workers skip their grace)."""
+        self.stopping = True
+        self._stop.set()
+        self._signal_all(signal.SIGTERM)
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        for slot in self.slots:
+            await self._spawn(slot, nursery)
+        with trio.move_on_after(READY_TIMEOUT):
+            for slot in self.slots:
+                await slot.ready.wait()
+        not_ready = [s.index for s in self.slots if not s.ready.is_set()]
+        if not_ready:
+            raise StartupError(not_ready[0], None)
+        log.info("%d workers listening", self.count)
+        if self.routing is None:
+            await self._stop.wait()
+        else:
+            with self.routing():
+                await self._stop.wait()
+                await self._wait_all()  # routing stays until every worker stopped
+        # (without routing, _stop_all waits for the workers)
+
+    async def _signals(self, signals: Any) -> None:
+        async for signum in signals:
+            log.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
+            self.stop()
+
+    async def _spawn(self, slot: _Slot, nursery: trio.Nursery) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        env = dict(os.environ)
+        env[CONTROL_ENV] = f"{write_fd}:{slot.generation}:{os.getpid()}"
+        try:
+            slot.process = await trio.lowlevel.open_process(
+                self.command(slot),
+                env=env,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        finally:
+            os.close(write_fd)
+        slot.started = time.monotonic()
+        slot.ready = trio.Event()
+        log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
+        nursery.start_soon(self._watch, slot, slot.process, read_fd, nursery)
+
+    async def _watch(
+        self, slot: _Slot, process: trio.Process, read_fd: int, nursery: trio.Nursery
+    ) -> None:
+        """Read the worker's control pipe until it closes, then reap and maybe restart it."""
+        was_ready = False
+        stream = trio.lowlevel.FdStream(read_fd)
+        try:
+            buffer = b""
+            while True:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line == b"ready":
+                        was_ready = True
+                        slot.ready.set()
+                    elif line.startswith(b"flows "):
+                        slot.flows += int(line.split()[1])
+        finally:
+            await stream.aclose()
+        returncode = await process.wait()
+        if self.stopping:
+            log.info("worker %d exited with status %d", slot.index, returncode)
+            return
+        if not was_ready:
+            raise StartupError(slot.index, returncode)
+        lived = time.monotonic() - slot.started
+        slot.failures = 1 if lived >= STABLE_AFTER else slot.failures + 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.failures - 1))
+        log.warning(
+            "worker %d (pid %d) died with status %d after %.1fs; restarting in %.1fs",
+            slot.index,
+            process.pid,
+            returncode,
+            lived,
+            delay,
+        )
+        with trio.move_on_after(delay):
+            await self._stop.wait()
+        if self.stopping:
+            return
+        slot.generation += 1
+        self.restarts += 1
+        await self._spawn(slot, nursery)
+
+    def _signal_all(self, signum: int) -> None:
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.returncode is None:
+                try:
+                    process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    async def _wait_all(self) -> None:
+        """Wait for every worker to exit; SIGKILL the ones that outlive grace + margin."""
+        with trio.move_on_after(self.grace + STOP_TIMEOUT_MARGIN):
+            for slot in self.slots:
+                if slot.process is not None:
+                    await slot.process.wait()
+            return
+        log.error("workers still running %gs after the stop: killing them", self.grace)
+        self._signal_all(signal.SIGKILL)
+        for slot in self.slots:
+            if slot.process is not None:
+                await slot.process.wait()
+
+    async def _stop_all(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._signal_all(signal.SIGTERM)
+        await self._wait_all()
+
+
+def run_supervisor(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    routing: Callable[[], AbstractContextManager[object]] | None = None,
+) -> int:
+    """Run ``args.workers`` workers of the ``tproxy`` command line ``argv`` (``run ...``).
+
+    ``argv`` is what follows the program name (``sys.argv[1:]``); each worker
+    gets it plus ``--worker-index I``. ``routing`` is the ``--setup`` context
+    (``runner.routing_for``), entered once every worker listens.
+    """
+    supervisor = Supervisor(argv, args.workers, grace=args.grace, routing=routing)
+    return trio.run(supervisor.run)
