@@ -412,3 +412,27 @@ def test_udp_associate_drops_datagrams_to_denied_destinations(tmp_path: Path) ->
             with pytest.raises(TimeoutError):
                 udp.recvfrom(65535)
         assert f"port {echo_port} denied" in running.wait_log("dropped a datagram")
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+def test_a_socks_listener_on_ipv6_loopback_relays_streams_and_datagrams(
+    tmp_path: Path, site: int
+) -> None:
+    with running_proxy(tmp_path, ["socks"], host="::1") as running:
+        port = running.port("socks")
+        result = curl("--socks5", f"[::1]:{port}", f"http://127.0.0.1:{site}/")
+        assert result.stdout == PAGE, result.stderr
+        with (
+            udp_echo_server() as echo_port,
+            socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp,
+            socket.create_connection(("::1", port), timeout=10) as control,
+        ):
+            udp.settimeout(10)
+            udp.bind(("::1", 0))
+            control.sendall(NO_AUTH + socks5_request(3, "::", 0))
+            assert recv_exact(control, 2) == b"\x05\x00"
+            code, relay = read_socks5_reply(control)
+            assert code == 0 and relay[0] == "::1"
+            udp.sendto(udp_header("127.0.0.1", echo_port) + b"v6", relay)
+            data, _ = udp.recvfrom(65535)
+            assert data == udp_header("127.0.0.1", echo_port) + b"echo:v6"
