@@ -281,3 +281,19 @@ def exchange(port: int, request: bytes) -> bytes:
     with connect(port) as sock:
         sock.sendall(request)
         return recv_all(sock)
+
+
+def expect_reset(port: int, send: bytes = b"") -> None:
+    """Connect, send ``send``, and see the proxy reset the connection without a byte.
+
+    The reset may surface at any step: even connect() reports it when it
+    arrives before the connect call returns.
+    """
+    try:
+        with connect(port) as sock:
+            if send:
+                sock.sendall(send)
+            data = sock.recv(100)
+    except (ConnectionResetError, BrokenPipeError):
+        return
+    raise AssertionError(f"expected a reset, got {data!r}")
