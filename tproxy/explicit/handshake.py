@@ -99,7 +99,7 @@ async def drive_handshake(
                     break
                 received += len(data)
                 try:
-                    events = handshake.receive_data(data)
+                    events = handshake.receive_data(bytes(data))
                 except ProtocolError as error:
                     failure = HandshakeFailed(EndReason.REJECTED, f"handshake: {error.reason}")
                     reply = error.reply

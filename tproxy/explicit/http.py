@@ -27,7 +27,7 @@ import trio
 
 from ..flow import EndReason
 from ..protocols import ConnectRequest, ForwardRequest, HttpProxyHandshake
-from ..protocols.http_proxy import http_response
+from ..protocols.http_proxy import DEFAULT_MAX_HEAD_SIZE, http_response
 from ..sockets import ConnectError, reset_stream
 from .accepted import Accepted
 from .handshake import HandshakeFailed, close_after_reply, drive_handshake, send_reply
@@ -51,9 +51,9 @@ def new_handshake(accepted: Accepted) -> HttpProxyHandshake:
     """A request-head parser with the listener's credentials and size limit."""
     settings = accepted.settings
     policy = settings.policy
-    sizes = {} if settings.max_handshake is None else {"max_head_size": settings.max_handshake}
     return HttpProxyHandshake(
-        authenticate=policy.check_credentials if policy.requires_auth else None, **sizes
+        authenticate=policy.check_credentials if policy.requires_auth else None,
+        max_head_size=settings.max_handshake or DEFAULT_MAX_HEAD_SIZE,
     )
 
 

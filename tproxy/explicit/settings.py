@@ -188,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> ExplicitSettings:
     """Build (once per ``args``) and check the shared settings; UsageError on bad values."""
-    cached = getattr(args, "_explicit_settings", None)
+    cached: ExplicitSettings | None = getattr(args, "_explicit_settings", None)
     if cached is not None:
         return cached
     try:
@@ -236,7 +236,7 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
-def _number(text: str, kind: type) -> float | int:
+def _number(text: str, kind: type[float] | type[int]) -> float:
     try:
         return kind(text)
     except ValueError:

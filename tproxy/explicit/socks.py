@@ -34,7 +34,9 @@ import trio
 
 from ..flow import Address, EndReason
 from ..protocols import SocksCommand, SocksHandshake, SocksRequest
+from ..protocols.socks4 import DEFAULT_MAX_SIZE as SOCKS4_MAX_SIZE
 from ..protocols.socks5 import AUTH_FAILURE, NO_ACCEPTABLE_METHODS, Socks5Method, Socks5Reply
+from ..protocols.socks5 import DEFAULT_MAX_SIZE as SOCKS5_MAX_SIZE
 from ..sockets import ConnectError, family_of, reset_stream
 from .accepted import Accepted
 from .handshake import HandshakeFailed, close_after_reply, drive_handshake, send_reply
@@ -51,14 +53,10 @@ def new_handshake(accepted: Accepted) -> SocksHandshake:
     """A SOCKS handshake with the listener's credentials and size limit."""
     settings = accepted.settings
     policy = settings.policy
-    sizes = {}
-    if settings.max_handshake is not None:
-        sizes = {
-            "socks4_max_size": settings.max_handshake,
-            "socks5_max_size": settings.max_handshake,
-        }
     return SocksHandshake(
-        authenticate=policy.check_credentials if policy.requires_auth else None, **sizes
+        authenticate=policy.check_credentials if policy.requires_auth else None,
+        socks4_max_size=settings.max_handshake or SOCKS4_MAX_SIZE,
+        socks5_max_size=settings.max_handshake or SOCKS5_MAX_SIZE,
     )
 
 
