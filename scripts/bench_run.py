@@ -20,6 +20,7 @@ name            mode         what
 none            routed       no proxy: the gateway only forwards
 tproxy          transparent  ``tproxy run`` without interceptors (passthrough)
 tproxy-label    transparent  ``tproxy run -i label``
+tproxy-copy     transparent  ``tproxy run --no-splice`` (the copy path; when available)
 tproxy-w2       transparent  ``tproxy run --workers 2`` (when available)
 haproxy-t       transparent  HAProxy, one thread, ``bind ... transparent``,
                              ``source 0.0.0.0 usesrc client``
@@ -279,19 +280,21 @@ class Bench:
             for p in procs:
                 self.gw.stop(p, timeout=15)
 
-    def tproxy(self, *extra: str, log: str = "tproxy") -> Callable[[Bench], list[Any]]:
+    def tproxy(
+        self, *extra: str, log: str = "tproxy", tree: Path = ROOT
+    ) -> Callable[[Bench], list[Any]]:
         def start(b: Bench) -> list[Any]:
             return [
                 b.gw.popen(
                     PY, "-m", "tproxy", "run", "-q", "--grace", "1", *extra,
-                    log_name=log, cwd=ROOT, env=b.env,
+                    log_name=log, cwd=tree, env=b.env,
                 )
             ]  # fmt: skip
 
         return start
 
-    def tproxy_transparent(self, *extra: str) -> Callable[[Bench], list[Any]]:
-        return self.tproxy("--mode", f"transparent@127.0.0.1:{PROXY_PORT}", *extra)
+    def tproxy_transparent(self, *extra: str, tree: Path = ROOT) -> Callable[[Bench], list[Any]]:
+        return self.tproxy("--mode", f"transparent@127.0.0.1:{PROXY_PORT}", *extra, tree=tree)
 
     def tproxy_forward(self) -> Callable[[Bench], list[Any]]:
         srv, gw = self.topo.server_ip4, self.topo.gw_in_ip4
@@ -438,6 +441,25 @@ class Bench:
                             proc.stdin.close()
                     self.client.stop(proc)
 
+    def profile(self, cfg: Config, out: Path, seconds: int) -> None:
+        """py-spy on the proxy while wrk opens connections (Connection: close); top frames."""
+        t = self.target(cfg)
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        with self.running(cfg) as pids:
+            wrk = self.client.popen(
+                "wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds + 2}s", "--latency",
+                "-H", "Connection: close", f"http://{t.host}:{t.http}/", log_name="wrk",
+            )  # fmt: skip
+            time.sleep(1)
+            subprocess.run(
+                [spy, "record", "--pid", str(pids[0]), "--duration", str(seconds), "--rate", "200",
+                 "--format", "raw", "--nonblocking", "-o", str(out)],
+                check=True, capture_output=True, timeout=seconds + 60,
+            )  # fmt: skip
+            wrk.wait(timeout=60)
+            print(self.client.read_log(wrk))
+        print_profile(out)
+
     def wait_established(self, count: int, port: int) -> None:
         """Until the server holds ``count`` connections on ``port`` (bounded)."""
         deadline = time.monotonic() + 120
@@ -533,6 +555,17 @@ def configs(b: Bench) -> list[Config]:
         Config("tproxy", "transparent", b.tproxy_transparent(), "passthrough"),
         Config("tproxy-label", "transparent", b.tproxy_transparent("-i", "label"), "-i label"),
     ]
+    if b.args.alt_tree:
+        # Another checkout (e.g. with a patch), A/B against this one in the same run.
+        # Needs a venv without an editable install of either (TPROXY_VENV).
+        alt = Path(b.args.alt_tree).resolve()
+        found.append(
+            Config("tproxy-alt", "transparent", b.tproxy_transparent(tree=alt), f"from {alt}")
+        )
+    if "--no-splice" in help_text:
+        found.append(
+            Config("tproxy-copy", "transparent", b.tproxy_transparent("--no-splice"), "--no-splice")
+        )
     if "--workers" in help_text:
         found.append(
             Config("tproxy-w2", "transparent", b.tproxy_transparent("--workers", "2"), "2 workers")
@@ -593,6 +626,28 @@ def machine() -> list[str]:
         f"nginx {version(['nginx', '-v'])}, iperf3 {version(['iperf3', '--version'])}, "
         f"wrk {version(['wrk', '-v'])}",
     ]
+
+
+def print_profile(path: Path, top: int = 40) -> None:
+    """Inclusive and self share of samples per frame, from py-spy's collapsed stacks."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = stack.split(";")
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    print(f"profile: {total} samples in {path}")
+    for title, table_ in (("inclusive", inclusive), ("self", own)):
+        print(f"-- {title} --")
+        for frame, n in sorted(table_.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{100 * n / max(total, 1):5.1f}%  {frame}")
 
 
 def fmt(value: float | None) -> str:
@@ -706,6 +761,13 @@ def main() -> int:
     p.add_argument("--output", default=None, help="markdown report (default: docs/benchmarks.md "
                    "for a full run, none for --quick)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write raw results here")
+    p.add_argument("--alt-tree", default=None, metavar="DIR",
+                   help="also run tproxy (passthrough) from this checkout, "
+                   "as tproxy-alt")  # fmt: skip
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="instead of the benchmark: py-spy the first --only configuration "
+                   "(default tproxy) under wrk's new-connection test; "
+                   "collapsed stacks to FILE")  # fmt: skip
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -738,6 +800,10 @@ def main() -> int:
         if args.only:
             wanted = set(args.only.split(","))
             cfgs = [c for c in cfgs if c.name in wanted]
+        if args.profile:
+            chosen = cfgs if args.only else [c for c in cfgs if c.name == "tproxy"]
+            bench.profile(chosen[0], Path(args.profile).resolve(), max(args.seconds, 10))
+            return 0
         print(f"bench: {len(cfgs)} configurations x {args.rounds} rounds, "
               f"{args.seconds}s per run, {args.flows} idle flows", flush=True)  # fmt: skip
         for r in range(args.rounds):
