@@ -24,7 +24,8 @@ from explicit_harness import (
 )
 from python_socks.sync import Proxy
 
-from tproxy.cli import UsageError
+from tproxy.cli import UsageError, build_parser
+from tproxy.explicit import check_unused
 from tproxy.explicit.settings import ExplicitSettings
 from tproxy.modes import parse_mode
 from tproxy.protocols import Policy
@@ -147,3 +148,19 @@ def test_a_listener_that_cannot_bind_is_one_line_and_exit_2() -> None:
         taken.listen()
         result = run_tproxy("run", "--mode", f"socks@127.0.0.1:{taken.getsockname()[1]}")
     assert result.returncode == 2 and "cannot listen" in result.stderr, result
+
+
+def test_explicit_options_without_an_explicit_listener_are_refused() -> None:
+    parser = build_parser()
+    transparent_only = [parse_mode("transparent@127.0.0.1:9091")]
+    for given in (
+        ["--allow-host", "x"],
+        ["--credentials", "a:b"],
+        ["--allow-public"],
+        ["--handshake-timeout", "3"],
+    ):
+        with pytest.raises(UsageError, match=given[0]):
+            check_unused(parser.parse_args(["run", *given]), transparent_only)
+    args = parser.parse_args(["run", "--allow-host", "x", "--mode", "socks"])
+    check_unused(args, [*transparent_only, *args.mode])
+    check_unused(parser.parse_args(["run"]), transparent_only)

@@ -274,3 +274,24 @@ def test_caps_are_429_per_client_and_503_in_total(tmp_path: Path) -> None:
                     assert exchange(port, head) == expected
     assert TOO_MANY_FROM_CLIENT.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     assert AT_CAPACITY.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+
+
+def test_tls_proxy_without_interceptors(tmp_path: Path, site: int) -> None:
+    # No interceptor: the socket side of the pair may take the zero-copy path,
+    # the TLS side must not.
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "both.pem")
+    )
+    with running_proxy(tmp_path, ["http"], "--certfile", str(tmp_path / "both.pem")) as running:
+        for tunnel in ([], ["-p"]):
+            result = curl(
+                *tunnel,
+                "-x",
+                f"https://localhost:{running.port('http')}",
+                "--proxy-cacert",
+                str(tmp_path / "ca.pem"),
+                f"http://127.0.0.1:{site}/",
+            )
+            assert result.stdout == PAGE, result.stderr

@@ -1,8 +1,9 @@
 """The explicit front doors: ``forward``, ``socks`` (SOCKS4/4a/5) and ``http`` (CONNECT, TLS).
 
 ``tproxy run`` finds this package and calls :func:`add_arguments` (the
-policy and limit options) and :func:`front_door` (one handler per
-``--mode`` listener). Each front door learns the destination its own way —
+policy and limit options), :func:`front_door` (one handler per
+``--mode`` listener) and :func:`check_unused` (options given without an
+explicit listener). Each front door learns the destination its own way —
 a fixed target, a SOCKS request, an HTTP request head — and then uses the
 engine exactly as transparent mode does: :meth:`Engine.connect
 <tproxy.engine.Engine.connect>` (through :mod:`.upstream`, which applies
@@ -30,10 +31,10 @@ from ..server import Handler
 from .accepted import Accepted, serve_accepted
 from .forward import serve_forward
 from .http import serve_http
-from .settings import ExplicitSettings, add_arguments, settings_from
+from .settings import ExplicitSettings, add_arguments, check_unused, settings_from
 from .socks import serve_socks
 
-__all__ = ["ExplicitSettings", "add_arguments", "front_door", "handler_for"]
+__all__ = ["ExplicitSettings", "add_arguments", "check_unused", "front_door", "handler_for"]
 
 
 def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Handler:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..cli import UsageError
@@ -60,6 +61,27 @@ class ExplicitSettings:
             f"{spec} listens on a non-loopback address and anyone could use it: "
             f"give {need}, or --allow-public to really open it"
         )
+
+
+_FLAGS = {
+    "allow_host": "--allow-host",
+    "deny_host": "--deny-host",
+    "allow_net": "--allow-net",
+    "deny_net": "--deny-net",
+    "allow_port": "--allow-port",
+    "deny_port": "--deny-port",
+    "allow_client": "--allow-client",
+    "credentials": "--credentials",
+    "credentials_file": "--credentials-file",
+    "handshake_timeout": "--handshake-timeout",
+    "max_handshake": "--max-handshake",
+    "max_flows_per_client": "--max-flows-per-client",
+    "bind_timeout": "--bind-timeout",
+    "certfile": "--certfile",
+    "keyfile": "--keyfile",
+    "allow_public": "--allow-public",
+}
+"""Options whose default is "not given", by argparse destination (for :func:`check_unused`)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--handshake-timeout",
         type=_positive,
-        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        default=None,
         metavar="SECONDS",
         help="a client must finish its handshake (and TLS) within this time "
         f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g})",
@@ -162,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--bind-timeout",
         type=_positive,
-        default=DEFAULT_BIND_TIMEOUT,
+        default=None,
         metavar="SECONDS",
         help=f"how long a SOCKS BIND waits for its peer (default {DEFAULT_BIND_TIMEOUT:g})",
     )
@@ -186,6 +208,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_unused(args: argparse.Namespace, specs: Sequence[ModeSpec]) -> None:
+    """Refuse explicit-mode options when no explicit listener would use them.
+
+    ``tproxy run --allow-host ...`` with only transparent listeners would
+    otherwise start and silently apply nothing.
+    """
+    if any(not spec.transparent for spec in specs):
+        return
+    for dest, flag in _FLAGS.items():
+        if getattr(args, dest, None) not in (None, False, []):
+            raise UsageError(
+                f"{flag} applies to explicit listeners: add --mode socks@..., http@... "
+                "or forward:HOST:PORT@..."
+            )
+
+
 def settings_from(args: argparse.Namespace) -> ExplicitSettings:
     """Build (once per ``args``) and check the shared settings; UsageError on bad values."""
     cached: ExplicitSettings | None = getattr(args, "_explicit_settings", None)
@@ -207,9 +245,9 @@ def settings_from(args: argparse.Namespace) -> ExplicitSettings:
         raise UsageError(str(exc)) from None
     settings = ExplicitSettings(
         policy=policy,
-        handshake_timeout=args.handshake_timeout,
+        handshake_timeout=args.handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshake=args.max_handshake,
-        bind_timeout=args.bind_timeout,
+        bind_timeout=args.bind_timeout or DEFAULT_BIND_TIMEOUT,
         slots=ClientSlots(args.max_flows_per_client),
         tls=_tls_context(args),
         allow_public=args.allow_public,
