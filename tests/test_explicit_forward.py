@@ -86,16 +86,34 @@ def test_shutdown_resets_explicit_flows_after_the_grace_period(tmp_path: Path) -
         tunnel = Proxy.from_url(f"socks5://127.0.0.1:{running.port('socks')}").connect(
             "127.0.0.1", echo
         )
-        with tunnel, connect(running.port("forward")) as forwarded:
+        with (
+            tunnel,
+            connect(running.port("forward")) as forwarded,
+            connect(running.port("socks")) as udp_control,
+        ):
             for sock in (tunnel, forwarded):
                 sock.sendall(b"hi")
                 assert recv_exact(sock, 2) == b"hi"
+            # a UDP association, alive as long as its control connection
+            udp_control.sendall(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))
+            assert recv_exact(udp_control, 12)[:4] == b"\x05\x00\x05\x00"
+            running.wait_log("mode=socks-udp")
             running.proc.terminate()
             assert running.proc.wait(10) == 0
-            for sock in (tunnel, forwarded):
+            for sock in (tunnel, forwarded, udp_control):
                 assert recv_all(sock) == b""
         log = running.log()
-    assert log.count("reason=shutdown") == 2, log
+    assert log.count("reason=shutdown") == 3, log
+    assert "shutting down: 3 live flow(s)" in log
+
+
+def test_an_idle_udp_association_ends_and_closes_its_control_connection(tmp_path: Path) -> None:
+    with running_proxy(tmp_path, ["socks"], "--idle-timeout", "0.3") as running:
+        with connect(running.port("socks")) as control:
+            control.sendall(b"\x05\x01\x00\x05\x03\x00\x01" + bytes(6))
+            assert recv_exact(control, 12)[:4] == b"\x05\x00\x05\x00"
+            assert recv_all(control) == b""
+        assert "idle for 0.3s" in running.wait_log("mode=socks-udp")
 
 
 # -- start-time checks ------------------------------------------------------------------
