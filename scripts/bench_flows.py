@@ -2,9 +2,10 @@
 """Hold N idle TCP connections open to HOST:PORT (the memory-per-idle-flow test).
 
 Run by ``scripts/bench`` inside the client namespace. Connects in batches
-(so no listen queue on the way overflows), prints ``connected N`` once all
-are established, then holds them, sending nothing, until stdin closes or
-a signal arrives; then closes them all and exits. Plain blocking Python:
+(so no listen queue on the way overflows), with ``--request`` sends one
+keep-alive HTTP request on each and reads its reply, prints ``connected N``,
+then holds them, sending nothing, until stdin closes or a signal arrives;
+then closes them all and exits. Plain blocking Python:
 nothing here is measured but the proxy in between.
 """
 
@@ -66,16 +67,40 @@ def open_flows(host: str, port: int, count: int, deadline: float) -> list[socket
         sel.close()
 
 
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def one_request_each(held: list[socket.socket], deadline: float) -> None:
+    """One keep-alive request and its whole reply on every flow, so that every proxy
+    has really set the flow up (some connect upstream only when data arrives)."""
+    for s in held:
+        s.setblocking(True)
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        s.sendall(REQUEST)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"\n"):
+            data = s.recv(4096)
+            if not data:
+                raise OSError("the server closed a flow")
+            reply += data
+            if len(reply) > 65536:
+                raise OSError("reply too long")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("count", type=int)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--request", action="store_true", help="one HTTP request per flow first")
     args = p.parse_args()
     _raise_nofile(args.count + 100)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    held = open_flows(args.host, args.port, args.count, time.monotonic() + args.timeout)
+    deadline = time.monotonic() + args.timeout
+    held = open_flows(args.host, args.port, args.count, deadline)
+    if args.request:
+        one_request_each(held, deadline)
     print(f"connected {len(held)}", flush=True)
     try:
         sys.stdin.read()  # until the bench closes our stdin

@@ -35,8 +35,9 @@ proxy, iperf3 one stream up and down, four streams up and down, wrk with
 ``Connection: close`` (new connections/s) and keep-alive (requests/s), stop
 it. CPU seconds per GiB come from ``/proc/<pid>/stat`` of the proxy's
 processes around each iperf3 run. After the rounds, one memory pass per
-configuration: a fresh proxy, 500 idle flows, then N idle flows; resident
-memory per flow is the RSS growth divided by the extra flows.
+configuration: a fresh proxy, 500 flows, then N flows, each after one
+keep-alive HTTP request and its reply, then idle; resident memory per flow
+is the RSS growth divided by the extra flows.
 
 Medians over rounds, spread as min..max. Ratios against HAProxy use the
 HAProxy of the same mode (transparent or forward).
@@ -144,6 +145,8 @@ class Target:
     host: str
     iperf: int
     http: int
+    server_http: int
+    """The port the server sees (forward proxies connect to the direct one)."""
 
 
 @dataclass
@@ -256,10 +259,10 @@ class Bench:
     def target(self, cfg: Config) -> Target:
         srv, gw = self.topo.server_ip4, self.topo.gw_in_ip4
         if cfg.mode == "none":
-            return Target(srv, IPERF_D, HTTP_D)
+            return Target(srv, IPERF_D, HTTP_D, HTTP_D)
         if cfg.mode == "transparent":
-            return Target(srv, IPERF_T, HTTP_T)
-        return Target(gw, FWD_IPERF, FWD_HTTP)
+            return Target(srv, IPERF_T, HTTP_T, HTTP_T)
+        return Target(gw, FWD_IPERF, FWD_HTTP, HTTP_D)
 
     # -- proxies ----------------------------------------------------------------
 
@@ -418,6 +421,7 @@ class Bench:
                 for count in (base, total - base):
                     proc = self.client.popen(
                         PY, ROOT / "scripts" / "bench_flows.py", t.host, t.http, count,
+                        "--request", "--timeout", "60",
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, log_name="flows",
                     )  # fmt: skip
                     holders.append(proc)
@@ -425,7 +429,7 @@ class Bench:
                     if not line.startswith("connected"):
                         raise H.HarnessError(f"flow holder: {line!r} {self.client.read_log(proc)}")
                     want = count + (base if before is not None else 0)
-                    self.wait_established(want, t.http)
+                    self.wait_established(want, t.server_http)
                     time.sleep(0.5)  # let the proxy finish setting the last flows up
                     if before is None:
                         before = rss_bytes(pids)
@@ -462,9 +466,9 @@ class Bench:
 
     def wait_established(self, count: int, port: int) -> None:
         """Until the server holds ``count`` connections on ``port`` (bounded)."""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 30
         n = -1
-        for _ in range(2400):
+        for _ in range(600):
             out = self.server.run(
                 "ss", "-Htn", "state", "established", f"( sport = :{port} )", timeout=30
             ).stdout

@@ -200,15 +200,20 @@ async def splice_one_way(
             if pipe is None:
                 pipe = pool.take(chunk)
             # Fill: the pipe is empty here, so EAGAIN can only mean "src has nothing yet".
+            # (Waits happen outside the except blocks: awaiting inside one would keep the
+            # exception and its traceback alive for as long as the flow is idle.)
             try:
                 held = splice(src_fd, pipe[1], chunk, flags=flags)
             except BlockingIOError:
+                held = -1
+            except OSError as exc:
+                raise _stream_error(exc, "source") from exc
+            if held < 0:
+                held = 0
                 pool.give(pipe, chunk)  # an idle direction holds no pipe
                 pipe = None
                 await wait_readable(src_sock)
                 continue
-            except OSError as exc:
-                raise _stream_error(exc, "source") from exc
             if held == 0:
                 return  # end of stream, and the pipe is empty
             count(held)
@@ -216,10 +221,12 @@ async def splice_one_way(
             while held:
                 try:
                     held -= splice(pipe[0], dst_fd, held, flags=flags)
+                    continue
                 except BlockingIOError:
-                    await wait_writable(dst_sock)
+                    pass
                 except OSError as exc:
                     raise _stream_error(exc, "destination") from exc
+                await wait_writable(dst_sock)
             await checkpoint()
     finally:
         if pipe is not None:
