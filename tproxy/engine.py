@@ -11,16 +11,17 @@ the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
 from .interceptor import Chain, Interceptor
-from .pair import DEFAULT_READ_SIZE, FlowPair
+from .pair import DEFAULT_READ_SIZE, FlowPair, is_cancellation
 from .sockets import ConnectError, SourcePolicy, connect_outgoing, flow_addresses, reset_stream
 
 log = logging.getLogger("tproxy.flow")
@@ -135,6 +136,28 @@ class Engine:
             except Exception as exc:
                 log.error("flow %d: unexpected error", info.id, exc_info=exc)
             return record
+        finally:
+            self._close(record)
+
+    @contextlib.contextmanager
+    def track(self, info: FlowInfo) -> Iterator[FlowRecord]:
+        """Count a flow that is not a stream pair (a SOCKS5 UDP association) as live.
+
+        Inside, the flow counts toward ``max_flows`` and the shutdown waits
+        for it; its open and end lines are logged as for :meth:`relay`. The
+        caller counts its bytes and ends the record; a cancellation ends it
+        as ``shutdown``, an exception as ``error``.
+        """
+        record = self._open(info)
+        log.info(record.open_line())
+        try:
+            yield record
+        except BaseException as exc:
+            if is_cancellation(exc):
+                record.end(EndReason.SHUTDOWN, "cancelled", now=time.monotonic())
+            else:
+                record.end(EndReason.ERROR, repr(exc), now=time.monotonic())
+            raise
         finally:
             self._close(record)
 

@@ -90,7 +90,7 @@ class FlowPair:
             if graceful:
                 self.record.end(EndReason.EOF, now=time.monotonic())
         except BaseException as exc:
-            if _is_cancellation(exc):
+            if is_cancellation(exc):
                 self.record.end(EndReason.SHUTDOWN, "cancelled", now=time.monotonic())
             else:
                 self.record.end(EndReason.ERROR, repr(exc), now=time.monotonic())
@@ -285,7 +285,7 @@ async def _close_politely(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _is_cancellation(exc: BaseException) -> bool:
+def is_cancellation(exc: BaseException) -> bool:
     """Cancelled, or a group of nothing but Cancelled (trio's nurseries wrap them)."""
     if isinstance(exc, BaseExceptionGroup):
         rest = exc.split(trio.Cancelled)[1]

@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from . import explicit, loading, routing
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -42,8 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
         "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
     )
-    from . import loading
-
     loading.add_interceptor_arguments(p)
     g = p.add_argument_group("flows")
     g.add_argument(
@@ -100,24 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     """Options of parts that register their own flags (routing, explicit modes, workers)."""
-    from . import routing
-
-    add = getattr(routing, "add_run_arguments", None)
-    if add is not None:
-        add(p)
-    try:
-        from . import explicit
-    except ImportError:
-        return
-    add = getattr(explicit, "add_arguments", None)
-    if add is not None:
-        add(p)
+    routing.add_run_arguments(p)
+    explicit.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
-    from . import loading
-
     _configure_logging(args.verbose, args.quiet)
     try:
         factories = loading.load_all(args.interceptors)
@@ -135,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
     )
     engine = Engine(config, factories)
     specs = args.mode or default_modes()
+    explicit.check_unused(args, specs)
     doors = open_doors(specs, engine, args)
     routing = routing_for(args, specs)
     server = Server(engine, doors)
@@ -181,10 +169,6 @@ def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Hand
     """The coroutine that serves one accepted connection of this listener."""
     if spec.kind == "transparent":
         return engine.handle_transparent
-    try:
-        from . import explicit
-    except ImportError:
-        raise UsageError(f"mode {spec.kind!r} is not available in this build") from None
     return explicit.front_door(spec, engine, args)
 
 
@@ -192,8 +176,6 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
     """The routing context for ``--setup``, bound to the transparent listeners."""
     if getattr(args, "setup", None) is None:
         return None
-    from . import routing
-
     transparent = [s for s in specs if s.transparent]
     if not transparent:
         raise UsageError("--setup needs a transparent listener (--mode transparent@...)")

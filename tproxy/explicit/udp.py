@@ -26,13 +26,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 
 import trio
 
-from ..engine import Engine
-from ..flow import Address, EndReason, FlowInfo, FlowRecord
+from ..flow import Address, EndReason, FlowRecord
 from ..protocols import (
     DatagramError,
     SocksHandshake,
@@ -55,42 +52,6 @@ MAX_NAMES = 256
 """Resolved names cached per association."""
 MODE = "socks-udp"
 ANY_DESTINATION: Address = ("*", 0)
-
-
-def tracked(engine: Engine, info: FlowInfo) -> AbstractContextManager[FlowRecord]:
-    """Count a flow that is not a byte-stream pair as live in the engine while inside.
-
-    So that ``--max-flows``, the shutdown's wait for live flows and the flow
-    log treat a UDP association like any other flow. Uses ``Engine.track``
-    where the engine has it.
-    """
-    track = getattr(engine, "track", None)
-    if track is not None:
-        return track(info)  # type: ignore[no-any-return]
-    return _tracked(engine, info)
-
-
-@contextmanager
-def _tracked(engine: Engine, info: FlowInfo) -> Iterator[FlowRecord]:
-    # Until Engine.track exists: the engine's own bookkeeping of live flows.
-    record = engine._open(info)
-    flow_log.info(record.open_line())
-    try:
-        yield record
-    except BaseException as exc:
-        cancelled = _is_cancellation(exc)
-        reason = EndReason.SHUTDOWN if cancelled else EndReason.ERROR
-        record.end(reason, "cancelled" if cancelled else repr(exc), now=time.monotonic())
-        raise
-    finally:
-        engine._close(record)
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    """Cancelled, or a group of nothing but Cancelled (trio's nurseries wrap them)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return isinstance(exc, trio.Cancelled)
 
 
 class UdpAssociation:
@@ -265,7 +226,7 @@ async def serve_udp_associate(
             return
         bound = relay.getsockname()
         association = UdpAssociation(accepted, relay, request)
-        with tracked(accepted.engine, accepted.flow(ANY_DESTINATION, MODE)) as record:
+        with accepted.engine.track(accepted.flow(ANY_DESTINATION, MODE)) as record:
             if not await send_reply(stream, handshake.reply_success((bound[0], bound[1]))):
                 record.end(EndReason.RESET, "client went away", now=time.monotonic())
                 return

@@ -62,8 +62,11 @@ REASONS: dict[int, str] = {
     403: "Forbidden",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
