@@ -19,7 +19,7 @@ name            mode         what
 ==============  ===========  ==========================================================
 none            routed       no proxy: the gateway only forwards
 tproxy          transparent  ``tproxy run`` without interceptors (passthrough)
-tproxy-label    transparent  ``tproxy run -i label``
+tproxy-label    transparent  ``tproxy run -i label`` (empty text, both directions)
 tproxy-copy     transparent  ``tproxy run --no-splice`` (the copy path; when available)
 tproxy-w2       transparent  ``tproxy run --workers 2`` (when available)
 haproxy-t       transparent  HAProxy, one thread, ``bind ... transparent``,
@@ -557,7 +557,14 @@ def configs(b: Bench) -> list[Config]:
     found = [
         Config("none", "none", None, "routed by the gateway, no proxy"),
         Config("tproxy", "transparent", b.tproxy_transparent(), "passthrough"),
-        Config("tproxy-label", "transparent", b.tproxy_transparent("-i", "label"), "-i label"),
+        Config(
+            "tproxy-label",
+            "transparent",
+            b.tproxy_transparent("-i", "label", "-o", "text=", "-o", "direction=both"),
+            "-i label -o text= -o direction=both: every chunk both ways through the "
+            "interceptor (copy path), with an empty label so that iperf3's and HTTP's "
+            "framing stay intact",
+        ),
     ]
     if b.args.alt_tree:
         # Another checkout (e.g. with a patch), A/B against this one in the same run.
