@@ -7,6 +7,7 @@ conformance test for exactly that.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import pytest
@@ -243,5 +244,88 @@ def test_abort_with_reply_delivers_reply_then_eof_and_resets_server():
         assert reply == b"HTTP/1.1 403 Forbidden\r\n\r\n"
         assert pair.record.reason is EndReason.INTERCEPTOR_ABORT
         assert await server_end.receive_some(100) == b""
+
+    trio.run(main)
+
+
+def _idle_pair(idle: float):
+    client_end, incoming = memory_stream_pair()
+    outgoing, server_end = memory_stream_pair()
+    pair = FlowPair(incoming, outgoing, _record(), None, idle_timeout=idle)
+    return client_end, server_end, pair
+
+
+def test_idle_timeout_ends_a_silent_pair_with_a_reset():
+    async def main():
+        client_end, server_end, pair = _idle_pair(30.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.run)
+            await client_end.send_all(b"x")
+            assert await server_end.receive_some(10) == b"x"
+        assert pair.record.reason is EndReason.TIMEOUT
+        assert trio.current_time() >= 30.0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_idle_timeout_does_not_outlive_a_finished_pair():
+    async def main():
+        client_end, server_end, pair = _idle_pair(30.0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.run)
+            await client_end.send_eof()
+            await server_end.send_eof()
+        assert pair.record.reason is EndReason.EOF
+        assert trio.current_time() < 30.0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_slow_but_moving_reader_is_not_idle():
+    """Progress while one big chunk drains to a slow reader counts as activity."""
+
+    async def main():
+        client_end, incoming = lockstep_stream_pair()
+        outgoing, server_end = memory_stream_pair()
+        pair = FlowPair(incoming, outgoing, _record(), None, idle_timeout=5.0)
+        payload = b"y" * 1_000_000
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.run)
+            await server_end.send_all(payload)
+            await server_end.send_eof()
+            while chunk := await client_end.receive_some(65536):
+                got += chunk
+                await trio.sleep(2.0)  # 32 KiB/s: one 256 KiB read takes 8 s to drain
+            await client_end.send_eof()
+        assert bytes(got) == payload
+        assert pair.record.reason is EndReason.EOF
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class AbortOnRequest(Interceptor):
+    def client_data(self, data: bytes) -> bytes:
+        self.inject_to_client(b"DENIED")
+        self.abort("denied")
+
+
+def test_abort_that_cuts_a_write_to_the_client_resets_it_instead_of_replying():
+    async def main():
+        client_end, incoming = lockstep_stream_pair()
+        outgoing, server_end = memory_stream_pair()
+        pair = _pair(incoming, outgoing, AbortOnRequest)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.run)
+            await server_end.send_all(b"x" * 100_000)  # stuck: the client does not read yet
+            await trio.testing.wait_all_tasks_blocked()
+            await client_end.send_all(b"request")
+            received = bytearray()
+            # Memory streams know no reset: the end shows as EOF or a broken stream.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while chunk := await client_end.receive_some(65536):
+                    received += chunk
+        assert pair.record.reason is EndReason.INTERCEPTOR_ABORT
+        assert not received.endswith(b"DENIED")
 
     trio.run(main)

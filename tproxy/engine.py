@@ -68,6 +68,8 @@ class Engine:
         self.factories = list(factories)
         self.live: dict[int, FlowRecord] = {}
         self.total = 0
+        self.connecting = 0
+        """Outgoing connects under way: flows past the capacity check, not live yet."""
         self._idle = trio.Event()
         self._idle.set()
 
@@ -78,21 +80,29 @@ class Engine:
         return FlowInfo(id=next_flow_id(), client=client, destination=destination, mode=mode)
 
     def at_capacity(self) -> bool:
-        """Whether ``max_flows`` flow pairs are already live."""
+        """Whether ``max_flows`` flow pairs are live or connecting already."""
         limit = self.config.max_flows
-        return limit is not None and len(self.live) >= limit
+        return limit is not None and len(self.live) + self.connecting >= limit
 
     async def connect(
         self, destination: Address, *, source: Address | None = None
     ) -> tuple[trio.SocketStream, Address]:
-        """Open the outgoing flow; raise :class:`ConnectError` with a ``kind``."""
-        return await connect_outgoing(
-            destination,
-            source=source,
-            policy=self.config.source_policy,
-            mark=self.config.mark,
-            timeout=self.config.connect_timeout,
-        )
+        """Open the outgoing flow; raise :class:`ConnectError` with a ``kind``.
+
+        While it connects, the flow counts toward ``max_flows``: a burst
+        cannot slip past the cap while the first connects are pending.
+        """
+        self.connecting += 1
+        try:
+            return await connect_outgoing(
+                destination,
+                source=source,
+                policy=self.config.source_policy,
+                mark=self.config.mark,
+                timeout=self.config.connect_timeout,
+            )
+        finally:
+            self.connecting -= 1
 
     async def relay(
         self,

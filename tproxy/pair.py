@@ -35,18 +35,21 @@ from .splice import can_splice, splice_one_way
 log = logging.getLogger("tproxy.flow")
 
 DEFAULT_READ_SIZE = 256 * 1024
+_SEND_SLICE = 64 * 1024
 
 
 class _Side:
     """One end of the pair: its stream, a write lock, and whether writing ended."""
 
-    __slots__ = ("lock", "name", "stream", "write_closed")
+    __slots__ = ("lock", "name", "partial", "stream", "write_closed")
 
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
         self.stream = stream
         self.lock = trio.Lock()
         self.write_closed = False
+        self.partial = False
+        """A write is under way; if it is cut, the byte stream to this side is cut."""
 
 
 class FlowPair:
@@ -76,7 +79,7 @@ class FlowPair:
         self.chain = chain if chain is not None and chain.interceptors else None
         self.read_size = read_size
         self.idle_timeout = idle_timeout
-        self._last_activity = time.monotonic()
+        self._last_activity = 0.0
         self._abort_reply = b""
         self.splice = splice and can_splice(incoming) and can_splice(outgoing)
         """Whether directions nobody intercepts go zero-copy (both ends plain sockets)."""
@@ -84,6 +87,7 @@ class FlowPair:
     async def run(self, *, client_prefix: bytes = b"") -> FlowRecord:
         """Relay until both directions end; close or reset both streams."""
         graceful = False
+        self._last_activity = trio.current_time()
         try:
             await self._relay(client_prefix)
             graceful = self.record.reason is None
@@ -121,10 +125,12 @@ class FlowPair:
                 ok = await self._guard(self._forward, self.client, self.server, client_prefix)
                 if not ok:
                     return
-            nursery.start_soon(self._pump, self.client, self.server)
-            nursery.start_soon(self._pump, self.server, self.client)
             if self.idle_timeout is not None:
                 nursery.start_soon(self._watch_idle)
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(self._pump, self.client, self.server)
+                pumps.start_soon(self._pump, self.server, self.client)
+            nursery.cancel_scope.cancel()  # both directions ended: stop the idle watcher
 
     async def _start_chain(self) -> None:
         assert self.chain is not None
@@ -169,7 +175,7 @@ class FlowPair:
             data = await receive(read_size)
             if not data:
                 break
-            self._last_activity = time.monotonic()
+            self._last_activity = trio.current_time()
             if upstream:
                 record.bytes_up += len(data)
             else:
@@ -190,7 +196,7 @@ class FlowPair:
         record = self.record
 
         def count(n: int) -> None:
-            self._last_activity = time.monotonic()
+            self._last_activity = trio.current_time()
             if upstream:
                 record.bytes_up += n
             else:
@@ -226,7 +232,16 @@ class FlowPair:
             )
             return
         async with dst.lock:
-            await dst.stream.send_all(data)
+            dst.partial = True
+            if self.idle_timeout is None or len(data) <= _SEND_SLICE:
+                await dst.stream.send_all(data)
+            else:
+                # A slow reader draining a big chunk is not idle: note progress per slice.
+                view = memoryview(data)
+                for i in range(0, len(data), _SEND_SLICE):
+                    await dst.stream.send_all(view[i : i + _SEND_SLICE])
+                    self._last_activity = trio.current_time()
+            dst.partial = False
 
     async def _send_eof(self, dst: _Side) -> None:
         send_eof = getattr(dst.stream, "send_eof", None)
@@ -245,6 +260,11 @@ class FlowPair:
         connection, so the client side ends politely; the server was reset.
         """
         side = self.client
+        if side.partial:
+            # The abort cut a write to the client: a reply after half a chunk
+            # would read as part of it, so the client is reset instead.
+            await reset_stream(side.stream)
+            return
         with trio.move_on_after(1.0) as scope:
             try:
                 if not side.write_closed:
@@ -259,7 +279,7 @@ class FlowPair:
         assert self.idle_timeout is not None
         while True:
             deadline = self._last_activity + self.idle_timeout
-            now = time.monotonic()
+            now = trio.current_time()
             if now >= deadline:
                 self._over(EndReason.TIMEOUT, f"idle for {self.idle_timeout:g}s")
                 return
