@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
-from .interceptor import Chain, Interceptor
+from .interceptor import Chain, Interceptor, InterceptorError
 from .pair import DEFAULT_READ_SIZE, FlowPair, is_cancellation
 from .sockets import ConnectError, SourcePolicy, connect_outgoing, flow_addresses, reset_stream
 
@@ -123,15 +123,22 @@ class Engine:
         record.outgoing_source = source
         log.info(record.open_line())
         try:
+            built: list[Interceptor] = []
             try:
-                chain = Chain([factory(info) for factory in self.factories])
+                for factory in self.factories:
+                    built.append(factory(info))
             except Exception as exc:
                 log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
                 record.end(EndReason.ERROR, f"interceptor init: {exc!r}", now=time.monotonic())
                 with trio.CancelScope(shield=True):
                     await reset_stream(incoming)
                     await reset_stream(outgoing)
+                try:
+                    Chain(built).end(str(EndReason.ERROR))
+                except InterceptorError as error:
+                    log.error("flow %d: %s", info.id, error, exc_info=error.error)
                 return record
+            chain = Chain(built)
             pair = FlowPair(
                 incoming,
                 outgoing,

@@ -103,7 +103,13 @@ class FlowPair:
             with trio.CancelScope(shield=True):
                 if graceful:
                     await _close_politely(self.client.stream)
-                    await _close_politely(self.server.stream)
+                    if self.server.partial:
+                        # The client could not be half-closed (TLS), so the end
+                        # of the reply ended the pair mid-upload: a FIN would
+                        # pass the cut request off as complete.
+                        await reset_stream(self.server.stream)
+                    else:
+                        await _close_politely(self.server.stream)
                 elif self._abort_reply:
                     await reset_stream(self.server.stream)
                     await self._send_abort_reply()

@@ -153,6 +153,19 @@ class Server:
         except Exception:
             log.exception("front door %s failed on one connection", door.spec)
             await reset_stream(stream)
+        except BaseExceptionGroup as group:
+            # A failure that met a cancellation (shutdown): log the failure,
+            # let only the cancellation go on.
+            cancelled, failures = group.split(trio.Cancelled)
+            if failures is not None:
+                log.error(
+                    "front door %s failed on one connection", door.spec, exc_info=failures
+                )
+                await reset_stream(stream)
+            if cancelled is not None:
+                raise cancelled from None
+            if failures is not None and failures.split(Exception)[1] is not None:
+                raise  # KeyboardInterrupt and the like are not a flow's business
 
 
 @contextlib.contextmanager
