@@ -193,10 +193,20 @@ async def splice_one_way(
     pool = _pipes
     pipe: tuple[int, int] | None = None
     held = 0  # bytes in the pipe
+    small = chunk // 4
+    wait_first = False
     try:
         src_fd = src_sock.fileno()
         dst_fd = dst_sock.fileno()
         while True:
+            if wait_first:
+                # The last read was a small message (request/response traffic): the source
+                # is most likely empty now, so wait before trying, sparing a failed splice
+                # and its exception per message. Bulk transfers keep reading at once.
+                if pipe is not None:
+                    pool.give(pipe, chunk)
+                    pipe = None
+                await wait_readable(src_sock)
             if pipe is None:
                 pipe = pool.take(chunk)
             # Fill: the pipe is empty here, so EAGAIN can only mean "src has nothing yet".
@@ -217,6 +227,7 @@ async def splice_one_way(
             if held == 0:
                 return  # end of stream, and the pipe is empty
             count(held)
+            wait_first = held < small
             # Drain: write all of it before reading more (the pipe is the only buffer).
             while held:
                 try:
@@ -227,7 +238,8 @@ async def splice_one_way(
                 except OSError as exc:
                     raise _stream_error(exc, "destination") from exc
                 await wait_writable(dst_sock)
-            await checkpoint()
+            if not wait_first:
+                await checkpoint()  # (waiting for readable is one)
     finally:
         if pipe is not None:
             if held:
