@@ -542,10 +542,10 @@ listen http
 # The run.
 
 
-def _tproxy_flags() -> str:
+def _tproxy_flags(tree: Path = ROOT) -> str:
     try:
         return subprocess.run(
-            [PY, "-m", "tproxy", "run", "--help"], capture_output=True, text=True, cwd=ROOT,
+            [PY, "-m", "tproxy", "run", "--help"], capture_output=True, text=True, cwd=tree,
             timeout=30,
         ).stdout  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
@@ -570,9 +570,11 @@ def configs(b: Bench) -> list[Config]:
         # Another checkout (e.g. with a patch), A/B against this one in the same run.
         # Needs a venv without an editable install of either (TPROXY_VENV).
         alt = Path(b.args.alt_tree).resolve()
-        found.append(
-            Config("tproxy-alt", "transparent", b.tproxy_transparent(tree=alt), f"from {alt}")
-        )
+        note = b.args.alt_note or f"from {alt}"
+        found.append(Config("tproxy-alt", "transparent", b.tproxy_transparent(tree=alt), note))
+        if "--workers" in _tproxy_flags(alt):
+            w2 = b.tproxy_transparent("--workers", "2", tree=alt)
+            found.append(Config("tproxy-alt-w2", "transparent", w2, f"{note}, 2 workers"))
     if "--no-splice" in help_text:
         found.append(
             Config("tproxy-copy", "transparent", b.tproxy_transparent("--no-splice"), "--no-splice")
@@ -582,7 +584,7 @@ def configs(b: Bench) -> list[Config]:
             Config("tproxy-w2", "transparent", b.tproxy_transparent("--workers", "2"), "2 workers")
         )
     found.append(Config("haproxy-t", "transparent", b.haproxy(True), "1 thread"))
-    if "forward:" in help_text and _forward_available():
+    if "forward:" in help_text:
         found.append(Config("tproxy-fwd", "forward", b.tproxy_forward(), "passthrough"))
     found += [
         Config("haproxy-f", "forward", b.haproxy(False), "1 thread"),
@@ -590,14 +592,6 @@ def configs(b: Bench) -> list[Config]:
         Config("pproxy-f", "forward", b.pproxy, "tunnel, uvloop"),
     ]
     return found
-
-
-def _forward_available() -> bool:
-    try:
-        import tproxy.explicit  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def machine() -> list[str]:
@@ -700,63 +694,42 @@ def table(results: Results, cfgs: list[Config]) -> list[str]:
     return lines
 
 
+TARGETS: list[tuple[str, str, str, str, float, bool]] = [
+    # (target, ours, theirs, metric, goal, lower is better); "{t}" is tproxy or tproxy-alt
+    ("passthrough, 1 stream up >= 1.2x HAProxy-t", "{t}", "haproxy-t", "t1_up", 1.2, False),
+    ("passthrough, 1 stream down >= 1.2x HAProxy-t", "{t}", "haproxy-t", "t1_down", 1.2, False),
+    ("passthrough, 4 streams up >= 1.0x HAProxy-t", "{t}", "haproxy-t", "t4_up", 1.0, False),
+    ("passthrough, 4 streams down >= 1.0x HAProxy-t", "{t}", "haproxy-t", "t4_down", 1.0, False),
+    ("label, 1 stream up >= 1.5x pproxy", "tproxy-label", "pproxy-f", "t1_up", 1.5, False),
+    ("label, 1 stream down >= 1.5x pproxy", "tproxy-label", "pproxy-f", "t1_down", 1.5, False),
+    ("new conn/s, 1 worker >= 1.0x pproxy", "{t}", "pproxy-f", "cps", 1.0, False),
+    ("new conn/s, 1 worker >= 2x pproxy (goal)", "{t}", "pproxy-f", "cps", 2.0, False),
+    ("new conn/s, 1 worker >= 0.5x HAProxy-t (goal)", "{t}", "haproxy-t", "cps", 0.5, False),
+    ("new conn/s, 2 workers >= 1.6x 1 worker", "{t}-w2", "{t}", "cps", 1.6, False),
+    ("forward mode new conn/s >= 1.0x pproxy", "tproxy-fwd", "pproxy-f", "cps", 1.0, False),
+    ("keep-alive req/s >= 1.0x pproxy", "{t}", "pproxy-f", "rps", 1.0, False),
+    ("keep-alive req/s >= 1.0x HAProxy-t (goal)", "{t}", "haproxy-t", "rps", 1.0, False),
+    ("RSS per idle flow <= 3x HAProxy-t", "{t}", "haproxy-t", "mem_flow", 3.0, True),
+]
+
+
 def targets(results: Results) -> list[str]:
-    """The issue's targets, each as a ratio from this run and met / missed."""
-    m = results.median
-    # (target, ours, theirs, goal, lower is better)
-    rows: list[tuple[str, float | None, float | None, float, bool]] = []
-    for d in ("up", "down"):
-        rows.append(
-            (
-                f"passthrough, 1 stream {d} >= 1.2x HAProxy-t",
-                m("tproxy", f"t1_{d}"),
-                m("haproxy-t", f"t1_{d}"),
-                1.2,
-                False,
-            )
-        )
-    for d in ("up", "down"):
-        rows.append(
-            (
-                f"passthrough, 4 streams {d} >= 1.0x HAProxy-t",
-                m("tproxy", f"t4_{d}"),
-                m("haproxy-t", f"t4_{d}"),
-                1.0,
-                False,
-            )
-        )
-    for d in ("up", "down"):
-        rows.append(
-            (
-                f"label, 1 stream {d} >= 1.5x pproxy",
-                m("tproxy-label", f"t1_{d}"),
-                m("pproxy-f", f"t1_{d}"),
-                1.5,
-                False,
-            )
-        )
-    higher = [
-        ("new conn/s, 1 worker >= 1.0x pproxy", "tproxy", "pproxy-f", "cps", 1.0),
-        ("new conn/s, 1 worker >= 2x pproxy (goal)", "tproxy", "pproxy-f", "cps", 2.0),
-        ("new conn/s, 1 worker >= 0.5x HAProxy-t (goal)", "tproxy", "haproxy-t", "cps", 0.5),
-        ("new conn/s, 2 workers >= 1.6x 1 worker", "tproxy-w2", "tproxy", "cps", 1.6),
-        ("forward new conn/s >= 1.0x pproxy", "tproxy-fwd", "pproxy-f", "cps", 1.0),
-        ("keep-alive req/s >= 1.0x pproxy", "tproxy", "pproxy-f", "rps", 1.0),
-        ("keep-alive req/s >= 1.0x HAProxy-t (goal)", "tproxy", "haproxy-t", "rps", 1.0),
-    ]
-    rows += [(w, m(a, k), m(b, k), g, False) for w, a, b, k, g in higher]
-    rows.append(
-        ("RSS per idle flow <= 3x HAProxy-t", m("tproxy", "mem_flow"),
-         m("haproxy-t", "mem_flow"), 3.0, True)
-    )  # fmt: skip
-    lines = ["| target | ratio | met |", "|---|---:|:---:|"]
-    for what, ours, theirs, goal, lower in rows:
-        if ours is None or theirs is None or theirs == 0:
-            lines.append(f"| {what} | not measured | - |")
-            continue
-        r = ours / theirs
-        met = r <= goal if lower else r >= goal
-        lines.append(f"| {what} | {r:.2f}x | {'yes' if met else 'NO'} |")
+    """The issue's targets as ratios from this run, met or not; a column per tproxy tree."""
+    trees = ["tproxy"] + (["tproxy-alt"] if "tproxy-alt" in results.values else [])
+    head = " | ".join("this tree" if t == "tproxy" else "alt tree" for t in trees)
+    lines = [f"| target | {head} |", "|---|" + "---:|" * len(trees)]
+    for what, ours, theirs, key, goal, lower in TARGETS:
+        cells = []
+        for t in trees:
+            a = results.median(ours.format(t=t), key)
+            b = results.median(theirs.format(t=t), key)
+            if a is None or b is None or b == 0:
+                cells.append("not measured")
+                continue
+            r = a / b
+            met = r <= goal if lower else r >= goal
+            cells.append(f"{r:.2f}x {'met' if met else '**missed**'}")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -772,6 +745,7 @@ def main() -> int:
     p.add_argument("--output", default=None, help="markdown report (default: docs/benchmarks.md "
                    "for a full run, none for --quick)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write raw results here")
+    p.add_argument("--alt-note", default=None, help="what --alt-tree is, for the report")
     p.add_argument("--alt-tree", default=None, metavar="DIR",
                    help="also run tproxy (passthrough) from this checkout, "
                    "as tproxy-alt")  # fmt: skip
