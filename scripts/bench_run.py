@@ -190,9 +190,11 @@ METRICS: list[tuple[str, str, bool]] = [
     ("cps", "new connections/s", True),
     ("cps_p50", "  latency p50, ms", False),
     ("cps_p99", "  latency p99, ms", False),
+    ("cps_cpu", "  proxy CPU us per connection", False),
     ("rps", "keep-alive requests/s", True),
     ("rps_p50", "  latency p50, ms", False),
     ("rps_p99", "  latency p99, ms", False),
+    ("rps_cpu", "  proxy CPU us per request", False),
     ("cpu_gib", "CPU s/GiB (iperf3)", False),
     ("mem_flow", "RSS KiB per idle flow", False),
 ]
@@ -304,6 +306,7 @@ class Bench:
         return self.tproxy(
             "--mode", f"forward:{srv}:{IPERF_D}@{gw}:{FWD_IPERF}",
             "--mode", f"forward:{srv}:{HTTP_D}@{gw}:{FWD_HTTP}",
+            "--allow-client", self.topo.client_net4,
         )  # fmt: skip
 
     def haproxy(self, transparent: bool) -> Callable[[Bench], list[Any]]:
@@ -371,8 +374,9 @@ class Bench:
             self.server.stop(self.iperf[port])
         self.iperf[port] = H.iperf3_server(self.server, self.topo.server_ip4, port)
 
-    def wrk(self, cfg: Config, t: Target, key: str, *flags: str) -> None:
+    def wrk(self, cfg: Config, t: Target, pids: list[int], key: str, *flags: str) -> None:
         url = f"http://{t.host}:{t.http}/"
+        cpu0 = cpu_seconds(pids) if pids else 0.0
         try:
             out = self.client.run(
                 "wrk", "-t1", f"-c{self.args.connections}", f"-d{self.args.seconds}s",
@@ -386,6 +390,10 @@ class Bench:
             self.results.fail(cfg.name, f"wrk {key}: no rate in {out[-300:]!r}")
             return
         self.results.add(cfg.name, key, float(rate.group(1)))
+        done = re.search(r"(\d+) requests in", out)
+        if pids and done and int(done.group(1)):
+            per = (cpu_seconds(pids) - cpu0) / int(done.group(1)) * 1e6
+            self.results.add(cfg.name, f"{key}_cpu", per)
         for pct in ("50", "99"):
             m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
             if m:
@@ -407,8 +415,8 @@ class Bench:
             self.iperf3(cfg, t, pids, "t1_down", "-R")
             self.iperf3(cfg, t, pids, "t4_up", "-P", "4")
             self.iperf3(cfg, t, pids, "t4_down", "-P", "4", "-R")
-            self.wrk(cfg, t, "cps", "-H", "Connection: close")
-            self.wrk(cfg, t, "rps")
+            self.wrk(cfg, t, pids, "cps", "-H", "Connection: close")
+            self.wrk(cfg, t, pids, "rps")
 
     def memory(self, cfg: Config) -> None:
         """RSS growth per idle flow between ``base`` and ``flows`` idle flows."""
@@ -457,7 +465,8 @@ class Bench:
             time.sleep(1)
             subprocess.run(
                 [spy, "record", "--pid", str(pids[0]), "--duration", str(seconds), "--rate", "200",
-                 "--format", "raw", "--nonblocking", "-o", str(out)],
+                 "--format", "raw", "--nonblocking", "-o", str(out),
+                 *(["--native"] if self.args.native else [])],
                 check=True, capture_output=True, timeout=seconds + 60,
             )  # fmt: skip
             wrk.wait(timeout=60)
@@ -746,6 +755,7 @@ def main() -> int:
                    "for a full run, none for --quick)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write raw results here")
     p.add_argument("--alt-note", default=None, help="what --alt-tree is, for the report")
+    p.add_argument("--native", action="store_true", help="--profile with native frames")
     p.add_argument("--alt-tree", default=None, metavar="DIR",
                    help="also run tproxy (passthrough) from this checkout, "
                    "as tproxy-alt")  # fmt: skip
