@@ -178,6 +178,20 @@ def test_a_worker_that_cannot_listen_fails_the_command_without_routing(
     assert not _routing_installed(topology)
 
 
+def test_workers_outlive_the_thread_that_started_them(topology: Topology) -> None:
+    """trio starts processes from a worker thread and retires it after 10 s idle: a
+    worker tied to that thread (PR_SET_PDEATHSIG) would be stopped then. Not a timing
+    assertion: the wait only lets that moment pass."""
+    gw = topology.gateway
+    with supervisor(topology) as proc:
+        before = _worker_pids(gw.read_log(proc))
+        time.sleep(12)
+        log = gw.read_log(proc)
+        assert _worker_pids(log) == before, log
+        assert "died" not in log and "restarting" not in log, log
+        assert _listener_pids(topology) == set(before.values())
+
+
 def test_workers_end_with_a_killed_supervisor(topology: Topology) -> None:
     gw = topology.gateway
     with supervisor(topology) as proc:

@@ -756,6 +756,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write raw results here")
     p.add_argument("--alt-note", default=None, help="what --alt-tree is, for the report")
     p.add_argument("--native", action="store_true", help="--profile with native frames")
+    p.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the processes' logs here")
     p.add_argument("--alt-tree", default=None, metavar="DIR",
                    help="also run tproxy (passthrough) from this checkout, "
                    "as tproxy-alt")  # fmt: skip
@@ -825,6 +826,8 @@ def main() -> int:
                       f"{fmt(mem)} KiB/flow", flush=True)  # fmt: skip
     finally:
         bench.close()
+        if args.keep_logs:
+            shutil.copytree(work / "logs", args.keep_logs, dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
     report = render(args, cfgs, results, elapsed)

@@ -21,9 +21,12 @@ per worker. The supervisor:
   exits 0.
 
 Workers run in their own session, so a Ctrl-C on the terminal reaches them
-once, through the supervisor, not twice. They ask the kernel for SIGTERM
-if the supervisor dies (``PR_SET_PDEATHSIG``), so ``kill -9`` of the
-supervisor does not leave orphans serving.
+once, through the supervisor, not twice. Each worker holds the read end of
+a *lifeline* pipe whose write end only the supervisor holds: when the
+supervisor dies, even by ``kill -9``, the pipe reads end of file and the
+worker stops itself as on SIGTERM, so no orphan keeps serving.
+(``PR_SET_PDEATHSIG`` would not do: it fires when the *thread* that forked
+exits, and trio forks from a worker thread that it retires when idle.)
 
 Flow ids do not collide across workers: worker I of N numbers its flows
 I+1, I+1+N, I+1+2N, ...; a restarted worker continues in a fresh range
@@ -33,12 +36,12 @@ I+1, I+1+N, I+1+2N, ...; a restarted worker continues in a fresh range
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -50,7 +53,7 @@ import trio
 log = logging.getLogger("tproxy.workers")
 
 CONTROL_ENV = "TPROXY_WORKER_CONTROL"
-"""``<ready fd>:<generation>:<supervisor pid>``, set by the supervisor for each worker."""
+"""``<ready fd>:<generation>:<lifeline fd>``, set by the supervisor for each worker."""
 
 WORKER_INDEX_FLAG = "--worker-index"
 
@@ -64,8 +67,6 @@ READY_TIMEOUT = 60.0
 
 STOP_TIMEOUT_MARGIN = 30.0
 """After forwarding a stop, how much longer than the grace period to wait before SIGKILL."""
-
-_PR_SET_PDEATHSIG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +110,7 @@ class Worker:
     count: int
     generation: int = 0
     ready_fd: int | None = None
-    supervisor_pid: int | None = None
+    lifeline_fd: int | None = None
 
     @property
     def name(self) -> str:
@@ -117,7 +118,7 @@ class Worker:
 
     def configure(self) -> None:
         """Call once, after logging is configured and before any flow: ids, logs, parent."""
-        _die_with_parent(self.supervisor_pid)
+        _watch_lifeline(self.lifeline_fd)
         start = self.index + 1 + self.count * (self.generation << 32)
         _set_flow_ids(start, self.count)
         prefix = f"{self.name} "
@@ -150,7 +151,7 @@ class Worker:
         try:
             os.write(self.ready_fd, line)
         except OSError:
-            pass  # the supervisor is gone; PR_SET_PDEATHSIG ends us
+            pass  # the supervisor is gone; the lifeline stops us
 
 
 def current(args: argparse.Namespace) -> Worker | None:
@@ -162,10 +163,10 @@ def current(args: argparse.Namespace) -> Worker | None:
     worker = Worker(index=index, count=count)
     control = os.environ.pop(CONTROL_ENV, "")
     if control:
-        fd, generation, parent = control.split(":")
+        fd, generation, lifeline = control.split(":")
         worker.ready_fd = int(fd)
         worker.generation = int(generation)
-        worker.supervisor_pid = int(parent)
+        worker.lifeline_fd = int(lifeline)
     return worker
 
 
@@ -180,18 +181,25 @@ def _set_flow_ids(start: int, step: int) -> None:
         flow._ids = itertools.count(start, step)  # type: ignore[attr-defined]
 
 
-def _die_with_parent(supervisor_pid: int | None) -> None:
-    """SIGTERM this worker when the supervisor dies, and exit now if it already has."""
-    if supervisor_pid is None:
+def _watch_lifeline(fd: int | None) -> None:
+    """Stop this worker (as SIGTERM does: grace period, then exit) when the supervisor dies.
+
+    A daemon thread blocks reading the lifeline; only the supervisor holds its
+    write end and never writes, so the read returns only when that end closes.
+    """
+    if fd is None:
         return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != supervisor_pid:
-        log.error("the supervisor (pid %d) is gone; exiting", supervisor_pid)
-        raise SystemExit(1)
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.error("the supervisor is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tproxy-lifeline", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------
@@ -219,6 +227,8 @@ class _Slot:
     started: float = 0.0
     failures: int = 0
     flows: int = 0
+    lifeline: int | None = None
+    """The write end of this worker's lifeline pipe (held, never written)."""
     ready: trio.Event = field(default_factory=trio.Event)
 
 
@@ -308,17 +318,25 @@ class Supervisor:
 
     async def _spawn(self, slot: _Slot, nursery: trio.Nursery) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        life_r, life_w = os.pipe2(os.O_CLOEXEC)
+        self._close_lifeline(slot)
+        slot.lifeline = life_w
         env = dict(os.environ)
-        env[CONTROL_ENV] = f"{write_fd}:{slot.generation}:{os.getpid()}"
+        env[CONTROL_ENV] = f"{write_fd}:{slot.generation}:{life_r}"
         try:
             slot.process = await trio.lowlevel.open_process(
                 self.command(slot),
                 env=env,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, life_r),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(read_fd)
+            self._close_lifeline(slot)
+            raise
         finally:
             os.close(write_fd)
+            os.close(life_r)
         slot.started = time.monotonic()
         slot.ready = trio.Event()
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
@@ -371,6 +389,12 @@ class Supervisor:
         self.restarts += 1
         await self._spawn(slot, nursery)
 
+    @staticmethod
+    def _close_lifeline(slot: _Slot) -> None:
+        if slot.lifeline is not None:
+            os.close(slot.lifeline)
+            slot.lifeline = None
+
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:
             process = slot.process
@@ -398,6 +422,8 @@ class Supervisor:
             self.stopping = True
             self._signal_all(signal.SIGTERM)
         await self._wait_all()
+        for slot in self.slots:
+            self._close_lifeline(slot)
 
 
 def run_supervisor(
