@@ -443,3 +443,58 @@ def test_flow_pair_uses_splice_when_it_can(monkeypatch):
         await _close_all(client_end, incoming, outgoing, server_end)
 
     trio.run(main)
+
+
+async def _tcp(small_buffers: bool = False):
+    """(proxy-side, peer-side) streams over loopback TCP; small buffers make a slow peer."""
+    listener = trio.socket.socket()
+    if small_buffers:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    peer = trio.socket.socket()
+    if small_buffers:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    await peer.connect(listener.getsockname())
+    proxy_side, _ = await listener.accept()
+    listener.close()
+    return trio.SocketStream(proxy_side), trio.SocketStream(peer)
+
+
+class _AckThenPassthrough(Interceptor):
+    def server_data(self, data: bytes) -> bytes:
+        self.inject_to_server(b"ACK")
+        self.passthrough()
+        return data
+
+
+def test_injection_from_the_hook_that_turns_passthrough_on_is_not_starved():
+    """The other direction may start splicing while that injection still waits to be sent."""
+
+    async def main():
+        incoming, client = await _tcp(small_buffers=True)
+        outgoing, server = await _tcp()
+        big = 8 * 1024 * 1024
+        info = FlowInfo.example()
+        pair = FlowPair(incoming, outgoing, _record(), Chain([_AckThenPassthrough(info)]),
+                        read_size=big)
+        got = b""
+        total = 0
+        with trio.fail_after(30):  # hang guard
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.run)
+                # The pump toward the slow client blocks sending this.
+                nursery.start_soon(server.send_all, b"x" * big)
+                await trio.sleep(0.3)
+                await client.send_all(b"REQ")  # the client->server pump starts splicing
+                while total < big:
+                    total += len(await client.receive_some(1 << 20))
+                while b"ACK" not in got:
+                    got += await server.receive_some(65536)
+                nursery.cancel_scope.cancel()
+        assert got == b"REQACK"
+        assert total == big
+        for stream in (client, server, incoming, outgoing):
+            await trio.aclose_forcefully(stream)
+
+    trio.run(main)

@@ -195,9 +195,9 @@ class FlowPair:
     async def _splice(self, src: _Side, dst: _Side, upstream: bool) -> None:
         """Relay the rest of this direction with splice(2); returns at end of stream.
 
-        Holding ``dst``'s write lock throughout keeps the bytes of an
-        injection still in flight from the other pump from interleaving with
-        spliced ones; once the chain is in passthrough nothing injects again.
+        ``dst``'s write lock is held only while spliced bytes are written, so
+        an injection still in flight from the other pump (made in the hook
+        that turned passthrough on) finishes first and never interleaves.
         """
         record = self.record
 
@@ -208,8 +208,17 @@ class FlowPair:
             else:
                 record.bytes_down += n
 
-        async with dst.lock:
-            await splice_one_way(src.stream, dst.stream, count, chunk=self.read_size)  # type: ignore[arg-type]
+        await splice_one_way(
+            src.stream,  # type: ignore[arg-type]
+            dst.stream,  # type: ignore[arg-type]
+            count,
+            chunk=self.read_size,
+            write_lock=dst.lock,
+            wrote=self._touch,
+        )
+
+    def _touch(self) -> None:
+        self._last_activity = trio.current_time()
 
     async def _forward(self, src: _Side, dst: _Side, data: bytes) -> None:
         chain = self.chain

@@ -170,6 +170,8 @@ async def splice_one_way(
     count: Callable[[int], None],
     *,
     chunk: int = DEFAULT_CHUNK,
+    write_lock: trio.Lock | None = None,
+    wrote: Callable[[], None] | None = None,
 ) -> None:
     """Move bytes from ``src`` to ``dst`` until ``src`` ends; ``dst`` is left open.
 
@@ -177,6 +179,10 @@ async def splice_one_way(
     written to ``dst`` (the caller then calls ``dst.send_eof()``). Raises
     ``trio.BrokenResourceError`` on a reset or broken pipe on either socket.
     ``count(n)`` is called as ``n`` bytes are taken from ``src``.
+    ``write_lock``, if given, is held while bytes are written to ``dst``,
+    never while ``src`` is idle, so another writer (an injection still in
+    flight) can always finish. ``wrote()`` is called when a slow ``dst``
+    takes bytes again: progress, for idle timeouts.
     """
     if chunk <= 0:
         raise ValueError("chunk must be positive")
@@ -208,7 +214,16 @@ async def splice_one_way(
                     pipe = None
                 await wait_readable(src_sock)
             if pipe is None:
-                pipe = pool.take(chunk)
+                try:
+                    pipe = pool.take(chunk)
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    # Out of descriptors, a passing state: this chunk goes through
+                    # user space rather than killing a healthy flow.
+                    if not await _copy_chunk(src, dst, count, chunk, write_lock):
+                        return
+                    continue
             # Fill: the pipe is empty here, so EAGAIN can only mean "src has nothing yet".
             # (Waits happen outside the except blocks: awaiting inside one would keep the
             # exception and its traceback alive for as long as the flow is idle.)
@@ -229,15 +244,26 @@ async def splice_one_way(
             count(held)
             wait_first = held < small
             # Drain: write all of it before reading more (the pipe is the only buffer).
-            while held:
+            if write_lock is not None:
                 try:
-                    held -= splice(pipe[0], dst_fd, held, flags=flags)
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise _stream_error(exc, "destination") from exc
-                await wait_writable(dst_sock)
+                    write_lock.acquire_nowait()  # the usual case: no extra schedule point
+                except trio.WouldBlock:
+                    await write_lock.acquire()
+            try:
+                while held:
+                    try:
+                        held -= splice(pipe[0], dst_fd, held, flags=flags)
+                        continue
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        raise _stream_error(exc, "destination") from exc
+                    await wait_writable(dst_sock)
+                    if wrote is not None:
+                        wrote()
+            finally:
+                if write_lock is not None:
+                    write_lock.release()
             if not wait_first:
                 await checkpoint()  # (waiting for readable is one)
     finally:
@@ -246,6 +272,26 @@ async def splice_one_way(
                 _close_pipe(pipe)  # bytes of a flow that is being reset: never reuse
             else:
                 pool.give(pipe, chunk)
+
+
+async def _copy_chunk(
+    src: trio.SocketStream,
+    dst: trio.SocketStream,
+    count: Callable[[int], None],
+    chunk: int,
+    write_lock: trio.Lock | None,
+) -> bool:
+    """Relay one chunk through user space; False at end of stream."""
+    data = await src.receive_some(chunk)
+    if not data:
+        return False
+    count(len(data))
+    if write_lock is None:
+        await dst.send_all(data)
+    else:
+        async with write_lock:
+            await dst.send_all(data)
+    return True
 
 
 async def splice_relay(
