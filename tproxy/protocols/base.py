@@ -29,7 +29,7 @@ import errno
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 class ProtocolError(Exception):
@@ -73,6 +73,42 @@ class Handshake(Protocol):
     def take_leftover(self) -> bytes:
         """Return :attr:`leftover` and forget it."""
         ...
+
+
+RequestT = TypeVar("RequestT")
+
+
+class RequestHandshake(Generic[RequestT]):
+    """The bookkeeping every request handshake shares: the request and what follows it.
+
+    Subclasses set ``self._request`` when the request is complete and append
+    bytes that came after it to ``self._leftover``.
+    """
+
+    def __init__(self) -> None:
+        self._request: RequestT | None = None
+        self._leftover = bytearray()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the request event has been returned."""
+        return self._request is not None
+
+    @property
+    def request(self) -> RequestT | None:
+        """The parsed request, once complete."""
+        return self._request
+
+    @property
+    def leftover(self) -> bytes:
+        """Bytes received after the request (client data to forward upstream)."""
+        return bytes(self._leftover)
+
+    def take_leftover(self) -> bytes:
+        """Return :attr:`leftover` and forget it."""
+        data = bytes(self._leftover)
+        self._leftover.clear()
+        return data
 
 
 class ConnectFailure(StrEnum):

@@ -46,7 +46,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .base import ConnectFailure, ProtocolError, classify_error
+from .base import ConnectFailure, ProtocolError, RequestHandshake, classify_error
 
 Authenticator = Callable[[str, str], bool]
 """``authenticate(user, password) -> bool``, e.g. ``Policy.check_credentials``."""
@@ -272,7 +272,7 @@ def _basic_credentials(value: str) -> tuple[str, str] | None:
     return user, password
 
 
-class HttpProxyHandshake:
+class HttpProxyHandshake(RequestHandshake[ConnectRequest | ForwardRequest]):
     """Reads one request head; returns a :class:`ConnectRequest` or :class:`ForwardRequest`.
 
     ``receive_data`` returns ``[]`` until the head is complete (the blank
@@ -291,6 +291,7 @@ class HttpProxyHandshake:
         max_head_size: int = DEFAULT_MAX_HEAD_SIZE,
         realm: str = "tproxy",
     ) -> None:
+        super().__init__()
         self.authenticate = authenticate
         self.max_head_size = max_head_size
         self.realm = realm
@@ -299,28 +300,8 @@ class HttpProxyHandshake:
         self._scan = 0
         self._seen_line = False
         """Whether a non-empty line (the request line) was seen."""
-        self._request: ConnectRequest | ForwardRequest | None = None
-        self._leftover = bytearray()
 
     # -- contract -------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        return self._request is not None
-
-    @property
-    def request(self) -> ConnectRequest | ForwardRequest | None:
-        """The parsed request, once complete."""
-        return self._request
-
-    @property
-    def leftover(self) -> bytes:
-        return bytes(self._leftover)
-
-    def take_leftover(self) -> bytes:
-        data = bytes(self._leftover)
-        self._leftover.clear()
-        return data
 
     def receive_data(self, data: bytes) -> list[object]:
         """Feed client bytes; return ``[request]`` once the head is complete."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 from enum import IntEnum
 
+from .base import RequestHandshake
 from .socks_request import SocksCommand, SocksError, SocksRequest, decode_host_name
 
 Address = tuple[str, int]
@@ -61,7 +62,7 @@ def socks4_reply(code: Socks4Reply, bound: Address | None = None) -> bytes:
 REJECTED_REPLY = socks4_reply(Socks4Reply.REJECTED)
 
 
-class Socks4Handshake:
+class Socks4Handshake(RequestHandshake[SocksRequest]):
     """Parses one SOCKS4/4a request; builds its replies.
 
     ``receive_data`` returns ``[SocksRequest]`` once the request is complete
@@ -76,34 +77,15 @@ class Socks4Handshake:
     version = 4
 
     def __init__(self, *, max_size: int = DEFAULT_MAX_SIZE, allowed: bool = True) -> None:
+        super().__init__()
         self.max_size = max_size
         self.allowed = allowed
         self._buf = bytearray()
         self._scan = 8
         """Where to resume looking for the NUL that ends the current field."""
         self._user_end: int | None = None
-        self._request: SocksRequest | None = None
-        self._leftover = bytearray()
 
-    # -- contract ---------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        return self._request is not None
-
-    @property
-    def request(self) -> SocksRequest | None:
-        """The parsed request, once complete."""
-        return self._request
-
-    @property
-    def leftover(self) -> bytes:
-        return bytes(self._leftover)
-
-    def take_leftover(self) -> bytes:
-        data = bytes(self._leftover)
-        self._leftover.clear()
-        return data
+    # -- contract -------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[object]:
         """Feed client bytes; return ``[SocksRequest]`` when it is complete."""

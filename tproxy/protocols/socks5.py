@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .base import ConnectFailure, Reply, classify_error
+from .base import ConnectFailure, Reply, RequestHandshake, classify_error
 from .socks_request import SocksCommand, SocksError, SocksRequest, decode_host_name
 
 Address = tuple[str, int]
@@ -178,7 +178,7 @@ def _parse_address(buf: bytes | bytearray, at: int) -> tuple[str | None, int, bo
     return host, port, is_domain, end
 
 
-class Socks5Handshake:
+class Socks5Handshake(RequestHandshake[SocksRequest]):
     """Method negotiation, optional RFC 1929 authentication, and one request.
 
     ``receive_data`` returns :class:`~tproxy.protocols.base.Reply` events
@@ -205,34 +205,15 @@ class Socks5Handshake:
         authenticate: Authenticator | None = None,
         max_size: int = DEFAULT_MAX_SIZE,
     ) -> None:
+        super().__init__()
         self.authenticate = authenticate
         self.max_size = max_size
         self._state = self._GREETING
         self._buf = bytearray()
         self._consumed = 0
         self._user: str | None = None
-        self._request: SocksRequest | None = None
-        self._leftover = bytearray()
 
     # -- contract -------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        return self._request is not None
-
-    @property
-    def request(self) -> SocksRequest | None:
-        """The parsed request, once complete."""
-        return self._request
-
-    @property
-    def leftover(self) -> bytes:
-        return bytes(self._leftover)
-
-    def take_leftover(self) -> bytes:
-        data = bytes(self._leftover)
-        self._leftover.clear()
-        return data
 
     def receive_data(self, data: bytes) -> list[object]:
         """Feed client bytes; return the replies and request they complete."""
