@@ -20,7 +20,7 @@ import trio
 from ..engine import Engine
 from ..flow import Address, EndReason, FlowInfo
 from ..sockets import reset_stream
-from .handshake import HandshakeFailed
+from .handshake import HandshakeFailed, send_reply
 from .settings import ExplicitSettings
 
 log = logging.getLogger("tproxy.explicit")
@@ -53,6 +53,39 @@ class Accepted:
     ) -> None:
         """Log a flow that ended before it was relayed."""
         self.engine.reject(self.flow(destination), reason, detail)
+
+    async def grant(
+        self,
+        stream: trio.abc.Stream,
+        reply: bytes,
+        outgoing: trio.SocketStream,
+        destination: Address,
+        *,
+        client_prefix: bytes = b"",
+        source: Address | None = None,
+        gone: str = "client went away before the reply",
+    ) -> None:
+        """Send the success reply on ``stream`` (the client's, maybe TLS), then relay.
+
+        If the client left before the reply, the outgoing flow is reset and logged.
+        """
+        try:
+            ok = await send_reply(stream, reply)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await reset_stream(outgoing)
+            raise
+        if not ok:
+            await reset_stream(outgoing)
+            self.reject(EndReason.RESET, gone, destination)
+            return
+        await self.engine.relay(
+            stream,
+            outgoing,
+            self.flow(destination),
+            client_prefix=client_prefix,
+            source=source,
+        )
 
     def handshake_failed(self, failed: HandshakeFailed) -> None:
         """Log a connection whose handshake failed (a bare connect-and-close only at debug)."""

@@ -30,7 +30,7 @@ from ..protocols import ConnectRequest, ForwardRequest, HttpProxyHandshake
 from ..protocols.http_proxy import DEFAULT_MAX_HEAD_SIZE, http_response
 from ..sockets import ConnectError, reset_stream
 from .accepted import Accepted
-from .handshake import HandshakeFailed, close_after_reply, drive_handshake, send_reply
+from .handshake import HandshakeFailed, close_after_reply, drive_handshake
 from .upstream import DestinationDenied, failure_cause, open_upstream
 
 
@@ -111,19 +111,9 @@ async def serve_http(accepted: Accepted) -> None:
         )
         return
     if isinstance(request, ConnectRequest):
-        try:
-            ok = await send_reply(stream, handshake.reply_success())
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await reset_stream(outgoing)
-            raise
-        if not ok:
-            await reset_stream(outgoing)
-            accepted.reject(EndReason.RESET, "client went away before the reply", request.address)
-            return
-        prefix = handshake.take_leftover()
+        reply, prefix = handshake.reply_success(), handshake.take_leftover()
     else:
-        prefix = request.head + handshake.take_leftover()
-    await accepted.engine.relay(
-        stream, outgoing, accepted.flow(request.address), client_prefix=prefix, source=source
+        reply, prefix = b"", request.head + handshake.take_leftover()
+    await accepted.grant(
+        stream, reply, outgoing, request.address, client_prefix=prefix, source=source
     )

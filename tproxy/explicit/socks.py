@@ -131,20 +131,11 @@ async def _connect(accepted: Accepted, handshake: SocksHandshake, request: Socks
         accepted.reject(EndReason.CONNECT_FAILED, str(exc), request.address)
         await close_after_reply(stream, handshake.reply_failure(failure_cause(exc)))
         return
-    try:
-        ok = await send_reply(stream, handshake.reply_success(source))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await reset_stream(outgoing)
-        raise
-    if not ok:
-        await reset_stream(outgoing)
-        accepted.reject(EndReason.RESET, "client went away before the reply", request.address)
-        return
-    await accepted.engine.relay(
+    await accepted.grant(
         stream,
+        handshake.reply_success(source),
         outgoing,
-        accepted.flow(request.address),
+        request.address,
         client_prefix=handshake.take_leftover(),
         source=source,
     )
@@ -195,21 +186,13 @@ async def _bind(accepted: Accepted, handshake: SocksHandshake, request: SocksReq
         return
     peer_name = peer_stream.socket.getpeername()
     peer: Address = (peer_name[0], peer_name[1])
-    try:
-        ok = await send_reply(stream, handshake.reply_success(peer))
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await reset_stream(peer_stream)
-        raise
-    if not ok:
-        await reset_stream(peer_stream)
-        accepted.reject(EndReason.RESET, "client went away during BIND", peer)
-        return
-    await accepted.engine.relay(
+    await accepted.grant(
         stream,
+        handshake.reply_success(peer),
         peer_stream,
-        accepted.flow(peer),
+        peer,
         client_prefix=handshake.take_leftover() + early,
+        gone="client went away during BIND",
     )
 
 
