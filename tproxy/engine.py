@@ -121,7 +121,8 @@ class Engine:
         """
         record = self._open(info)
         record.outgoing_source = source
-        log.info(record.open_line())
+        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
+            log.info(record.open_line())
         try:
             built: list[Interceptor] = []
             try:
@@ -166,7 +167,8 @@ class Engine:
         as ``shutdown``, an exception as ``error``.
         """
         record = self._open(info)
-        log.info(record.open_line())
+        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
+            log.info(record.open_line())
         try:
             yield record
         except BaseException as exc:
@@ -196,7 +198,8 @@ class Engine:
         if record.reason is None:
             record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
         self.live.pop(record.info.id, None)
-        log.info(record.close_line())
+        if log.isEnabledFor(logging.INFO):
+            log.info(record.close_line())
         if not self.live:
             self._idle.set()
 

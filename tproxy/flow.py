@@ -37,6 +37,15 @@ def next_flow_id() -> int:
     return next(_ids)
 
 
+def set_flow_ids(start: int, step: int = 1) -> None:
+    """Number the next flows start, start+step, ... (workers of ``--workers N`` use disjoint
+    residues so their ids never collide); call before the first flow."""
+    global _ids
+    if start < 1 or step < 1:
+        raise ValueError("flow ids start at 1 and increase")
+    _ids = itertools.count(start, step)
+
+
 @dataclass(frozen=True)
 class FlowInfo:
     """Who talks to whom through one flow pair.

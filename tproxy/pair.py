@@ -41,15 +41,22 @@ _SEND_SLICE = 64 * 1024
 class _Side:
     """One end of the pair: its stream, a write lock, and whether writing ended."""
 
-    __slots__ = ("lock", "name", "partial", "stream", "write_closed")
+    __slots__ = ("_lock", "name", "partial", "stream", "write_closed")
 
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
         self.stream = stream
-        self.lock = trio.Lock()
+        self._lock: trio.Lock | None = None
         self.write_closed = False
         self.partial = False
         """A write is under way; if it is cut, the byte stream to this side is cut."""
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Made on first use: a pair without interceptors never needs one (about 1 KiB)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
 
 class FlowPair:
@@ -134,16 +141,16 @@ class FlowPair:
             if self.idle_timeout is not None:
                 nursery.start_soon(self._watch_idle)
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(self._pump, self.client, self.server)
-                pumps.start_soon(self._pump, self.server, self.client)
+                # _guard(_copy) without a _pump frame, and the second direction in this
+                # task: an idle flow is mostly suspended frames and tasks (memory per
+                # flow), and every task spawned is scheduler work per flow.
+                pumps.start_soon(self._guard, self._copy, self.client, self.server)
+                await self._guard(self._copy, self.server, self.client)
             nursery.cancel_scope.cancel()  # both directions ended: stop the idle watcher
 
     async def _start_chain(self) -> None:
         assert self.chain is not None
         await self._send_output(self.chain.start())
-
-    async def _pump(self, src: _Side, dst: _Side) -> None:
-        await self._guard(self._copy, src, dst)
 
     async def _guard(self, fn: Callable[..., Awaitable[None]], *args: Any) -> bool:
         """Run ``fn``; translate a flow failure into the record and end the pair."""
@@ -213,7 +220,9 @@ class FlowPair:
             dst.stream,  # type: ignore[arg-type]
             count,
             chunk=self.read_size,
-            write_lock=dst.lock,
+            # Without interceptors nobody but this pump writes to dst: no lock (none
+            # is made, and none is taken per chunk).
+            write_lock=None if self.chain is None else dst.lock,
             wrote=self._touch,
         )
 
@@ -311,6 +320,10 @@ class FlowPair:
 
 async def _close_politely(stream: trio.abc.Stream) -> None:
     """Close after a clean end: TLS gets a second to say close_notify, then force."""
+    if type(stream) is trio.SocketStream:
+        # Closing a socket never waits: no timeout scope per flow (two per pair).
+        await stream.aclose()
+        return
     with trio.move_on_after(1.0):
         try:
             await stream.aclose()

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from . import explicit, loading, routing
+from . import explicit, loading, routing, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -101,6 +101,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     """Options of parts that register their own flags (routing, explicit modes, workers)."""
     routing.add_run_arguments(p)
     explicit.add_arguments(p)
+    workers.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -120,14 +121,26 @@ def main(args: argparse.Namespace) -> int:
         max_flows=args.max_flows,
         splice=args.splice,
     )
-    engine = Engine(config, factories)
     specs = args.mode or default_modes()
     explicit.check_unused(args, specs)
     routing = routing_for(args, specs)
-    doors = open_doors(specs, engine, args)
+    if workers.wants_supervisor(args):
+        # N processes, each with its own listeners (SO_REUSEPORT); the routing is
+        # installed once, by the supervisor, after all of them listen.
+        return workers.run_supervisor(args, sys.argv[1:], routing)
+    worker = workers.current(args)
+    if worker is not None:
+        worker.configure()  # flow ids, log prefix, exit with the supervisor
+        routing = None
+    engine = Engine(config, factories)
+    doors = open_doors(specs, engine, args, reuse_port=worker is not None)
+    if worker is not None:
+        worker.ready()
     server = Server(engine, doors)
     trio.run(server.serve, routing)
     log.info("stopped after %d flow(s)", engine.total)
+    if worker is not None:
+        worker.finished(engine.total)
     return 0
 
 
@@ -148,14 +161,19 @@ def _ipv6_loopback_usable() -> bool:
         return False
 
 
-def open_doors(specs: list[ModeSpec], engine: Engine, args: argparse.Namespace) -> list[Door]:
-    """Bind every listener before anything is served; a failure closes what was opened."""
+def open_doors(
+    specs: list[ModeSpec], engine: Engine, args: argparse.Namespace, *, reuse_port: bool = False
+) -> list[Door]:
+    """Bind every listener before anything is served; a failure closes what was opened.
+
+    ``reuse_port``: the workers of ``--workers N`` share each address (SO_REUSEPORT).
+    """
     doors: list[Door] = []
     try:
         for spec in specs:
             handler = front_door(spec, engine, args)
             try:
-                doors.append(Door.open(spec, handler))
+                doors.append(Door.open(spec, handler, reuse_port=reuse_port))
             except OSError as exc:
                 raise UsageError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
     except BaseException:

@@ -46,7 +46,21 @@ class SourcePolicy(StrEnum):
 
 
 def family_of(host: str) -> socket.AddressFamily:
-    """AF_INET or AF_INET6 for an IP literal; ValueError for anything else."""
+    """AF_INET or AF_INET6 for an IP literal; ValueError for anything else.
+
+    Called several times per flow: ``inet_pton`` (C) first, ``ipaddress``
+    only for what it alone accepts (IPv6 scope ids).
+    """
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return socket.AF_INET
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return socket.AF_INET6
+    except OSError:
+        pass
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
@@ -152,29 +166,29 @@ async def connect_outgoing(
     whether it is used depends on ``policy``. All within ``timeout`` seconds.
     """
     host, port = destination
-    try:
-        with trio.fail_after(timeout):
+    # A bare cancel scope: trio.fail_after is a generator context manager, per flow.
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
+        try:
+            family_of(host)
+            candidates = [(host, port)]
+        except ValueError:
+            infos = await trio.socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            candidates = [(info[4][0], info[4][1]) for info in infos]
+        errors: list[ConnectError] = []
+        for candidate in candidates:
             try:
-                family_of(host)
-                candidates = [(host, port)]
-            except ValueError:
-                infos = await trio.socket.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                )
-                candidates = [(info[4][0], info[4][1]) for info in infos]
-            errors: list[ConnectError] = []
-            for candidate in candidates:
-                try:
-                    return await _connect_one(candidate, source, policy, mark)
-                except OSError as exc:
-                    errors.append(connect_error_from(exc))
-            if not errors:
-                raise ConnectError("dns", f"no address for {host}")
-            raise errors[0] if len(errors) == 1 else _most_telling(errors)
-    except trio.TooSlowError:
-        raise ConnectError(
-            "timeout", f"connect to {host}:{port} timed out after {timeout:g}s", errno.ETIMEDOUT
-        ) from None
+                return await _connect_one(candidate, source, policy, mark)
+            except OSError as exc:
+                errors.append(connect_error_from(exc))
+        if not errors:
+            raise ConnectError("dns", f"no address for {host}")
+        raise errors[0] if len(errors) == 1 else _most_telling(errors)
+    assert deadline.cancelled_caught
+    raise ConnectError(
+        "timeout", f"connect to {host}:{port} timed out after {timeout:g}s", errno.ETIMEDOUT
+    )
 
 
 def _most_telling(errors: list[ConnectError]) -> ConnectError:
@@ -187,28 +201,36 @@ async def _connect_one(
     destination: Address, source: Address | None, policy: SourcePolicy, mark: int | None
 ) -> tuple[trio.SocketStream, Address]:
     family = family_of(destination[0])
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    # Set up (options, bind) on a plain socket: trio's bind() is a checkpoint, a full
+    # scheduler round per flow, for a call that never blocks. Only connect() waits.
+    raw = socket.socket(family, socket.SOCK_STREAM)
     try:
+        raw.setblocking(False)
         if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            raw.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None and policy is not SourcePolicy.GATEWAY:
             if family_of(source[0]) != family:
                 raise ConnectError(
                     "error", f"client {source[0]} and destination {destination[0]} differ in family"
                 )
-            set_transparent(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            set_transparent(raw)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if policy is SourcePolicy.CLIENT_PORT:
                 try:
-                    await sock.bind((source[0], source[1]))
+                    raw.bind((source[0], source[1]))
                 except OSError as exc:
                     if exc.errno != errno.EADDRINUSE:
                         raise
                     # The client's port is in use here (a local socket): any port will do.
-                    await sock.bind((source[0], 0))
+                    raw.bind((source[0], 0))
             else:
-                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                await sock.bind((source[0], 0))
+                raw.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                raw.bind((source[0], 0))
+        sock = trio.socket.from_stdlib_socket(raw)
+    except BaseException:
+        raw.close()
+        raise
+    try:
         await sock.connect(destination)
         local = sock.getsockname()
         return trio.SocketStream(sock), (local[0], local[1])

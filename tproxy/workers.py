@@ -36,7 +36,6 @@ I+1, I+1+N, I+1+2N, ...; a restarted worker continues in a fresh range
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import signal
@@ -49,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+
+from .flow import set_flow_ids
 
 log = logging.getLogger("tproxy.workers")
 
@@ -120,7 +121,7 @@ class Worker:
         """Call once, after logging is configured and before any flow: ids, logs, parent."""
         _watch_lifeline(self.lifeline_fd)
         start = self.index + 1 + self.count * (self.generation << 32)
-        _set_flow_ids(start, self.count)
+        set_flow_ids(start, self.count)
         prefix = f"{self.name} "
         make_record = logging.getLogRecordFactory()
 
@@ -168,17 +169,6 @@ def current(args: argparse.Namespace) -> Worker | None:
         worker.generation = int(generation)
         worker.lifeline_fd = int(lifeline)
     return worker
-
-
-def _set_flow_ids(start: int, step: int) -> None:
-    """Number this process's flows start, start+step, ... (disjoint across workers)."""
-    from . import flow
-
-    setter = getattr(flow, "set_flow_ids", None)
-    if setter is not None:
-        setter(start, step)
-    else:  # until flow.set_flow_ids exists
-        flow._ids = itertools.count(start, step)  # type: ignore[attr-defined]
 
 
 def _watch_lifeline(fd: int | None) -> None:
