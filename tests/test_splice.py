@@ -14,6 +14,8 @@ import random
 import socket
 import struct
 import termios
+import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -24,11 +26,54 @@ from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.interceptor import Chain
 from tproxy.pair import FlowPair
 from tproxy.sockets import reset_stream
-from tproxy.splice import close_idle_pipes, splice_available, splice_one_way, splice_relay
+from tproxy.splice import DEFAULT_CHUNK, close_idle_pipes, splice_available, splice_one_way
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="os.splice is not available")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+async def splice_relay(
+    client: trio.SocketStream,
+    server: trio.SocketStream,
+    record: FlowRecord,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+) -> None:
+    """Both directions of :func:`splice_one_way`, half-closing each as it ends (a test rig).
+
+    Counts into ``record.bytes_up`` / ``record.bytes_down``. Returns when
+    both directions ended cleanly; the caller closes both streams. On a
+    reset or broken pipe either way the other direction is stopped, the
+    record ends with :attr:`EndReason.RESET` (as :class:`~tproxy.pair.FlowPair`
+    records it) and the stream error is raised, so the caller resets both
+    ends. Neither stream is closed here.
+    """
+    failures: list[trio.BrokenResourceError | trio.ClosedResourceError | OSError] = []
+
+    def up(n: int) -> None:
+        record.bytes_up += n
+
+    def down(n: int) -> None:
+        record.bytes_down += n
+
+    async def direction(
+        src: trio.SocketStream, dst: trio.SocketStream, count: Callable[[int], None]
+    ) -> None:
+        try:
+            await splice_one_way(src, dst, count, chunk=chunk)
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(direction, client, server, up)
+        nursery.start_soon(direction, server, client, down)
+    if failures:
+        exc = failures[0]
+        record.end(EndReason.RESET, f"{exc.__cause__ or exc!r}", now=time.monotonic())
+        raise exc
 
 
 def _record() -> FlowRecord:

@@ -14,8 +14,8 @@ one for the other at a clean point:
   the source, as the copy loop counts what it received.
 - *Half-close*: :func:`splice_one_way` returns at end of stream once every
   byte taken from the source has been written (a pipe never ends holding
-  data); the caller sends end of stream. :func:`splice_relay` does both
-  directions and half-closes each as it ends.
+  data); the caller sends end of stream (:class:`~tproxy.pair.FlowPair`
+  runs one direction per pump and half-closes each as it ends).
 - *Reset*: a reset, a broken pipe or any other socket error raises
   ``trio.BrokenResourceError`` (``ClosedResourceError`` for a closed
   socket), as ``receive_some``/``send_all`` do, so the caller resets both
@@ -43,12 +43,9 @@ import fcntl
 import functools
 import os
 import socket
-import time
 from collections.abc import Callable
 
 import trio
-
-from .flow import EndReason, FlowRecord
 
 DEFAULT_CHUNK = 256 * 1024
 """Bytes moved per splice call, and the size asked for each pipe."""
@@ -293,45 +290,3 @@ async def _copy_chunk(
             await dst.send_all(data)
     return True
 
-
-async def splice_relay(
-    client: trio.SocketStream,
-    server: trio.SocketStream,
-    record: FlowRecord,
-    *,
-    chunk: int = DEFAULT_CHUNK,
-) -> None:
-    """Relay both directions with splice until both have ended; half-close each as it ends.
-
-    Counts into ``record.bytes_up`` / ``record.bytes_down``. Returns when
-    both directions ended cleanly; the caller closes both streams. On a
-    reset or broken pipe either way the other direction is stopped, the
-    record ends with :attr:`EndReason.RESET` (as :class:`~tproxy.pair.FlowPair`
-    records it) and the stream error is raised, so the caller resets both
-    ends. Neither stream is closed here.
-    """
-    failures: list[trio.BrokenResourceError | trio.ClosedResourceError | OSError] = []
-
-    def up(n: int) -> None:
-        record.bytes_up += n
-
-    def down(n: int) -> None:
-        record.bytes_down += n
-
-    async def direction(
-        src: trio.SocketStream, dst: trio.SocketStream, count: Callable[[int], None]
-    ) -> None:
-        try:
-            await splice_one_way(src, dst, count, chunk=chunk)
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            failures.append(exc)
-            nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(direction, client, server, up)
-        nursery.start_soon(direction, server, client, down)
-    if failures:
-        exc = failures[0]
-        record.end(EndReason.RESET, f"{exc.__cause__ or exc!r}", now=time.monotonic())
-        raise exc
