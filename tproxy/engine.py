@@ -27,6 +27,7 @@ from .sockets import ConnectError, SourcePolicy, connect_outgoing, flow_addresse
 log = logging.getLogger("tproxy.flow")
 
 InterceptorFactory = Callable[[FlowInfo], Interceptor]
+MAX_READ_SIZE = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class EngineConfig:
     """Relay directions that no interceptor watches with splice(2) (zero-copy)."""
 
     def __post_init__(self) -> None:
-        if self.read_size < 1024:
-            raise ValueError("read size must be at least 1024 bytes")
+        if not 1024 <= self.read_size <= MAX_READ_SIZE:
+            raise ValueError(f"read size must be 1024..{MAX_READ_SIZE} bytes")
         if self.connect_timeout <= 0:
             raise ValueError("connect timeout must be positive")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
