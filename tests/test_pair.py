@@ -57,11 +57,16 @@ def _pair(incoming, outgoing, *interceptors: type[Interceptor], read_size=65536)
     return FlowPair(incoming, outgoing, _record(), chain, read_size=read_size)
 
 
-def _relayed(nursery: trio.Nursery, *interceptors: type[Interceptor]):
-    """Two outer ends with a relay running between them."""
+def _memory_pair(*interceptors: type[Interceptor], **kwargs):
+    """The client's end, the server's end, and a relay (not started) between them."""
     client_end, incoming = memory_stream_pair()
     outgoing, server_end = memory_stream_pair()
-    pair = _pair(incoming, outgoing, *interceptors)
+    return client_end, server_end, _pair(incoming, outgoing, *interceptors, **kwargs)
+
+
+def _relayed(nursery: trio.Nursery, *interceptors: type[Interceptor]):
+    """Two outer ends with a relay running between them."""
+    client_end, server_end, pair = _memory_pair(*interceptors)
     nursery.start_soon(pair.run)
     return client_end, server_end, pair
 
@@ -174,9 +179,7 @@ def test_backpressure_bounds_memory():
 )
 def test_interceptor_failure_ends_only_its_flow_and_resets(interceptor, reason):
     async def main():
-        client_end, incoming = memory_stream_pair()
-        outgoing, server_end = memory_stream_pair()
-        pair = _pair(incoming, outgoing, interceptor)
+        client_end, server_end, pair = _memory_pair(interceptor)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pair.run)
             await client_end.send_all(b"please deny")
@@ -193,9 +196,7 @@ def test_interceptor_failure_ends_only_its_flow_and_resets(interceptor, reason):
 
 def test_banner_from_start_hook_reaches_client_first():
     async def main():
-        client_end, incoming = memory_stream_pair()
-        outgoing, server_end = memory_stream_pair()
-        pair = _pair(incoming, outgoing, Banner)
+        client_end, server_end, pair = _memory_pair(Banner)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pair.run)
             assert await client_end.receive_some(100) == b"hello\n"
@@ -210,9 +211,7 @@ def test_banner_from_start_hook_reaches_client_first():
 
 def test_cancel_resets_both_ends_and_records_shutdown():
     async def main():
-        client_end, incoming = memory_stream_pair()
-        outgoing, server_end = memory_stream_pair()
-        pair = _pair(incoming, outgoing)
+        client_end, server_end, pair = _memory_pair()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pair.run)
             await client_end.send_all(b"x")
@@ -232,9 +231,7 @@ class Forbid(Interceptor):
 
 def test_abort_with_reply_delivers_reply_then_eof_and_resets_server():
     async def main():
-        client_end, incoming = memory_stream_pair()
-        outgoing, server_end = memory_stream_pair()
-        pair = _pair(incoming, outgoing, Forbid)
+        client_end, server_end, pair = _memory_pair(Forbid)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pair.run)
             await client_end.send_all(b"GET / HTTP/1.1\r\n\r\n")
