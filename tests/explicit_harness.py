@@ -24,6 +24,9 @@ HANG_GUARD = 10.0
 
 PAGE = "hello world, from the server\n"
 
+REPLACE = ["-i", "replace", "-o", "old=world", "-o", "new=WORLD", "-o", "direction=server"]
+"""An interceptor that visibly rewrites PAGE on its way to the client."""
+
 
 def free_port(family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
     """A port nothing listens on right now."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from explicit_harness import (
     PAGE,
+    REPLACE,
     connect,
     curl,
     echo_server,
@@ -29,8 +30,6 @@ from tproxy.explicit import check_unused
 from tproxy.explicit.settings import ExplicitSettings
 from tproxy.modes import parse_mode
 from tproxy.protocols import Policy
-
-REPLACE = ["-i", "replace", "-o", "old=world", "-o", "new=WORLD", "-o", "direction=server"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import trustme
 from explicit_harness import (
     PAGE,
+    REPLACE,
     RunningProxy,
     blackhole,
     connect,
@@ -33,8 +34,6 @@ from tproxy.protocols.http_proxy import (
     proxy_auth_required,
     response_for_error,
 )
-
-REPLACE = ["-i", "replace", "-o", "old=world", "-o", "new=WORLD", "-o", "direction=server"]
 
 
 def protocol_error_reply(raw: bytes) -> bytes:

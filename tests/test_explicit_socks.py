@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from explicit_harness import (
     PAGE,
+    REPLACE,
     RunningProxy,
     blackhole,
     connect,
@@ -32,8 +33,6 @@ from explicit_harness import (
 )
 from python_socks import ProxyError
 from python_socks.sync import Proxy
-
-REPLACE = ["-i", "replace", "-o", "old=world", "-o", "new=WORLD", "-o", "direction=server"]
 
 
 def socks5_failure(code: int) -> bytes:
