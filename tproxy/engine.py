@@ -12,7 +12,9 @@ the server.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,9 +22,19 @@ from dataclasses import dataclass
 import trio
 
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
+from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .pair import DEFAULT_READ_SIZE, FlowPair, is_cancellation
-from .sockets import ConnectError, SourcePolicy, connect_outgoing, flow_addresses, reset_stream
+from .sockets import (
+    ConnectError,
+    SourcePolicy,
+    connect_outgoing,
+    flow_addresses,
+    outgoing_socket,
+    reset_socket,
+    reset_stream,
+)
+from .splice import splice_available
 
 log = logging.getLogger("tproxy.flow")
 
@@ -73,6 +85,18 @@ class Engine:
         """Outgoing connects under way: flows past the capacity check, not live yet."""
         self._idle = trio.Event()
         self._idle.set()
+        self.hub: SpliceHub | None = None
+        """Relays the pairs nobody intercepts, all from one task (:mod:`tproxy.hub`);
+        in use while its ``run`` runs (the server starts it)."""
+        if self.config.splice and not self.factories and splice_available():
+            self.hub = SpliceHub(
+                opened=self._open_connected,
+                rejected=self.reject,
+                closed=self._close,
+                chunk=self.config.read_size,
+                idle_timeout=self.config.idle_timeout,
+                connect_timeout=self.config.connect_timeout,
+            )
 
     # -- flows --------------------------------------------------------------
 
@@ -83,7 +107,10 @@ class Engine:
     def at_capacity(self) -> bool:
         """Whether ``max_flows`` flow pairs are live or connecting already."""
         limit = self.config.max_flows
-        return limit is not None and len(self.live) + self.connecting >= limit
+        if limit is None:
+            return False
+        connecting = self.connecting + (self.hub.connecting if self.hub is not None else 0)
+        return len(self.live) + connecting >= limit
 
     async def connect(
         self, destination: Address, *, source: Address | None = None
@@ -120,10 +147,15 @@ class Engine:
         must be forwarded first. ``source`` is the outgoing flow's local
         address, for the open log line.
         """
-        record = self._open(info)
-        record.outgoing_source = source
-        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line())
+        hub = self.hub
+        if (
+            hub is not None
+            and hub.running
+            and type(incoming) is trio.SocketStream
+            and type(outgoing) is trio.SocketStream
+        ):
+            return await self._relay_in_hub(hub, incoming, outgoing, info, client_prefix, source)
+        record = self._open_connected(info, source)
         try:
             built: list[Interceptor] = []
             try:
@@ -157,6 +189,55 @@ class Engine:
             return record
         finally:
             self._close(record)
+
+    async def _relay_in_hub(
+        self,
+        hub: SpliceHub,
+        incoming: trio.SocketStream,
+        outgoing: trio.SocketStream,
+        info: FlowInfo,
+        client_prefix: bytes,
+        source: Address | None,
+    ) -> FlowRecord:
+        """Hand a pair nobody intercepts to the hub; return once it has ended there."""
+        record = self._open_connected(info, source)
+        failure: tuple[EndReason, str] | None = None
+        try:
+            if client_prefix:
+                record.bytes_up += len(client_prefix)
+                await outgoing.send_all(client_prefix)
+            if not hub.running:  # it stopped (shutdown) while the prefix was sent
+                failure = (EndReason.SHUTDOWN, "cancelled")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            failure = (EndReason.RESET, repr(exc.__cause__ or exc))
+        except BaseException:
+            failure = (EndReason.SHUTDOWN, "cancelled")
+            raise
+        finally:
+            if failure is not None:
+                record.end(*failure, now=time.monotonic())
+                with trio.CancelScope(shield=True):
+                    await reset_stream(incoming)
+                    await reset_stream(outgoing)
+                self._close(record)
+        if failure is not None:
+            return record
+        flow = hub.adopt(_unwrap(incoming), _unwrap(outgoing), record)
+        try:
+            assert flow.done is not None
+            await flow.done.wait()
+        except BaseException:
+            hub.abort(flow, EndReason.SHUTDOWN, "cancelled")
+            raise
+        return record
+
+    def _open_connected(self, info: FlowInfo, source: Address | None) -> FlowRecord:
+        """Open the record of a flow whose outgoing side is connected; log its open line."""
+        record = self._open(info)
+        record.outgoing_source = source
+        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
+            log.info(record.open_line())
+        return record
 
     @contextlib.contextmanager
     def track(self, info: FlowInfo) -> Iterator[FlowRecord]:
@@ -211,6 +292,45 @@ class Engine:
 
     # -- the transparent front door -----------------------------------------
 
+    @property
+    def accept_fast(self) -> Callable[[socket.socket], None] | None:
+        """The synchronous front door for diverted connections, where the hub can serve
+        them whole (no interceptors, splice available); ``None`` otherwise."""
+        if self.hub is None:
+            return None
+        return self.transparent_in_hub
+
+    def transparent_in_hub(self, incoming: socket.socket) -> None:
+        """Serve one diverted connection without a task: the hub connects and relays it.
+
+        The same steps as :meth:`handle_transparent`; ``incoming`` is a plain,
+        non-blocking socket as accepted.
+        """
+        hub = self.hub
+        if hub is None or not hub.running:
+            raise RuntimeError("the splice hub is not running")
+        try:
+            peer = incoming.getpeername()
+            local = incoming.getsockname()
+        except OSError as exc:
+            log.debug("diverted connection vanished before it was served: %s", exc)
+            reset_socket(incoming)
+            return
+        client, destination = (peer[0], peer[1]), (local[0], local[1])
+        info = self.new_flow(client, destination, "transparent")
+        if self.at_capacity():
+            self.reject(info, EndReason.REJECTED, "too many flows")
+            reset_socket(incoming)
+            return
+        config = self.config
+        hub.connect(
+            incoming,
+            info,
+            functools.partial(
+                outgoing_socket, destination, client, config.source_policy, config.mark
+            ),
+        )
+
     async def handle_transparent(self, incoming: trio.SocketStream) -> None:
         """Serve one diverted connection: its local address is the destination."""
         try:
@@ -236,3 +356,15 @@ class Engine:
             await reset_stream(incoming)
             raise
         await self.relay(incoming, outgoing, info, source=source)
+
+
+def _unwrap(stream: trio.SocketStream) -> socket.socket:
+    """The plain socket under a trio stream, for the hub, which owns it from now on.
+
+    trio is told first that it no longer watches the descriptor, so a later
+    socket that reuses the number starts clean there.
+    """
+    tsock = stream.socket
+    trio.lowlevel.notify_closing(tsock)
+    family, type_, proto = tsock.family, tsock.type, tsock.proto
+    return socket.socket(family, type_, proto, fileno=tsock.detach())

@@ -176,8 +176,9 @@ def open_doors(
     try:
         for spec in specs:
             handler = front_door(spec, engine, args)
+            fast = engine.accept_fast if spec.transparent else None
             try:
-                doors.append(Door.open(spec, handler, reuse_port=reuse_port))
+                doors.append(Door.open(spec, handler, reuse_port=reuse_port, fast=fast))
             except OSError as exc:
                 raise UsageError(f"cannot listen on {spec}: {exc.strerror or exc}") from None
     except BaseException:

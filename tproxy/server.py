@@ -26,16 +26,34 @@ import trio
 
 from .engine import Engine
 from .modes import ModeSpec
-from .sockets import listening_socket, reset_stream
+from .sockets import listening_socket, reset_socket, reset_stream
 
 log = logging.getLogger("tproxy.server")
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
+FastHandler = Callable[[socket.socket], None]
+"""A front door that serves an accepted socket synchronously, without a task."""
 
 # Out of file descriptors or buffers: the flow cannot be accepted now, but
 # the next may be; trio's own serve_listeners makes the same choice.
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _CAPACITY_BACKOFF = 0.1
+# The connection died in the queue, or a firewall refused it: the next one is fine
+# (trio's SocketListener ignores the same ones).
+_IGNORED_ERRNOS = {
+    errno.ECONNABORTED,
+    errno.EPERM,
+    errno.EPROTO,
+    errno.ENETDOWN,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETUNREACH,
+}
+_ACCEPT_BATCH = 32
+"""Connections accepted back to back before other tasks get a turn."""
 
 
 @dataclass
@@ -45,14 +63,23 @@ class Door:
     spec: ModeSpec
     sock: socket.socket
     handler: Handler
+    fast: FastHandler | None = None
+    """Serves an accepted socket at once, in the accept loop, when set (the hub's path)."""
 
     @classmethod
-    def open(cls, spec: ModeSpec, handler: Handler, *, reuse_port: bool = False) -> Door:
+    def open(
+        cls,
+        spec: ModeSpec,
+        handler: Handler,
+        *,
+        reuse_port: bool = False,
+        fast: FastHandler | None = None,
+    ) -> Door:
         """Bind and listen now (outside the event loop), so errors come before serving."""
         sock = listening_socket(
             spec.host, spec.port, transparent=spec.transparent, reuse_port=reuse_port
         )
-        return cls(spec, sock, handler)
+        return cls(spec, sock, handler, fast)
 
     def close(self) -> None:
         self.sock.close()
@@ -85,14 +112,15 @@ class Server:
     ) -> None:
         """Accept and relay until :meth:`stop` or a signal; then shut down in order."""
         try:
-            listeners = [
-                trio.SocketListener(trio.socket.from_stdlib_socket(door.sock))
-                for door in self.doors
-            ]
+            for door in self.doors:
+                door.sock.setblocking(False)
             async with trio.open_nursery() as flows:
+                hub = self.engine.hub
+                if hub is not None:
+                    await flows.start(hub.run)
                 async with trio.open_nursery() as accepting:
-                    for door, listener in zip(self.doors, listeners, strict=True):
-                        accepting.start_soon(self._accept_loop, door, listener, flows)
+                    for door in self.doors:
+                        accepting.start_soon(self._accept_loop, door, flows)
                         log.info("listening: %s", door.spec)
                     if handle_signals:
                         accepting.start_soon(self._signals)
@@ -129,22 +157,46 @@ class Server:
                 log.info("received %s", signal.Signals(signum).name)
                 self.stop()
 
-    async def _accept_loop(
-        self, door: Door, listener: trio.SocketListener, flows: trio.Nursery
-    ) -> None:
+    async def _accept_loop(self, door: Door, flows: trio.Nursery) -> None:
+        """Accept until cancelled: a batch at a time, then wait for the listener.
+
+        Plain ``accept()`` on the non-blocking listener, not trio's
+        ``SocketListener``: a door with a ``fast`` handler serves the socket
+        right here, and only the others cost a task (and a trio stream).
+        """
+        lsock = door.sock
+        fast = door.fast
+        hub = self.engine.hub
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _CAPACITY_ERRNOS:
-                    log.error("accept on %s failed: %s; retrying", door.spec, exc)
-                    await trio.sleep(_CAPACITY_BACKOFF)
-                    continue
-                raise
-            if self.draining:
-                await reset_stream(stream)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, _ = lsock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _IGNORED_ERRNOS:
+                        continue
+                    if exc.errno in _CAPACITY_ERRNOS:
+                        log.error("accept on %s failed: %s; retrying", door.spec, exc)
+                        await trio.sleep(_CAPACITY_BACKOFF)
+                        break
+                    raise
+                sock.setblocking(False)
+                if self.draining:
+                    reset_socket(sock)
+                elif fast is not None and hub is not None and hub.running:
+                    try:
+                        fast(sock)
+                    except Exception:
+                        log.exception("front door %s failed on one connection", door.spec)
+                        reset_socket(sock)
+                else:
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                    flows.start_soon(self._serve_one, door, stream)
+            else:
+                await trio.lowlevel.checkpoint()
                 continue
-            flows.start_soon(self._serve_one, door, stream)
+            await trio.lowlevel.wait_readable(lsock)
 
     async def _serve_one(self, door: Door, stream: trio.SocketStream) -> None:
         """Contain a flow's failure: trio would otherwise end the whole server."""

@@ -97,6 +97,8 @@ def listening_socket(
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
             set_transparent(sock)
+        # Accepted sockets inherit it: set once here, not per flow.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:
@@ -197,12 +199,15 @@ def _most_telling(errors: list[ConnectError]) -> ConnectError:
     return min(errors, key=lambda e: order.index(e.kind) if e.kind in order else len(order))
 
 
-async def _connect_one(
+def outgoing_socket(
     destination: Address, source: Address | None, policy: SourcePolicy, mark: int | None
-) -> tuple[trio.SocketStream, Address]:
+) -> socket.socket:
+    """A non-blocking socket for the outgoing flow, marked and bound, not connected yet.
+
+    Plain (stdlib) calls: none of this ever blocks, so neither the trio
+    connect nor the splice hub pays a scheduler round for it.
+    """
     family = family_of(destination[0])
-    # Set up (options, bind) on a plain socket: trio's bind() is a checkpoint, a full
-    # scheduler round per flow, for a call that never blocks. Only connect() waits.
     raw = socket.socket(family, socket.SOCK_STREAM)
     try:
         raw.setblocking(False)
@@ -226,6 +231,17 @@ async def _connect_one(
             else:
                 raw.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 raw.bind((source[0], 0))
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+async def _connect_one(
+    destination: Address, source: Address | None, policy: SourcePolicy, mark: int | None
+) -> tuple[trio.SocketStream, Address]:
+    raw = outgoing_socket(destination, source, policy, mark)
+    try:
         sock = trio.socket.from_stdlib_socket(raw)
     except BaseException:
         raw.close()
@@ -237,6 +253,15 @@ async def _connect_one(
     except BaseException:
         sock.close()
         raise
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close a plain socket so that its peer sees RST (SO_LINGER 0), in whatever state."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already closed
+    sock.close()
 
 
 async def reset_stream(stream: trio.abc.AsyncResource) -> None:
