@@ -39,6 +39,15 @@ configuration: a fresh proxy, 500 flows, then N flows, each after one
 keep-alive HTTP request and its reply, then idle; resident memory per flow
 is the RSS growth divided by the extra flows.
 
+Then the churn (``--churn SECONDS``; 600 in a full run, off with ``--quick``
+or ``--churn 0``): ``tproxy`` alone (``--churn-configs`` may add others, each
+for as long again), a fresh process, wrk with ``Connection: close`` back to back
+in 10 s slices for SECONDS, its RSS sampled after each slice. The first 30 s
+are warm-up; a least-squares line over the samples from then on gives the
+slope. "Flat" means the fitted growth over that window is under
+``CHURN_MAX_GROWTH`` (2 MiB) and under ``CHURN_MAX_SLOPE`` (1 % of the RSS at
+the start) per minute; see ``Churn``.
+
 Medians over rounds, spread as min..max. Ratios against HAProxy use the
 HAProxy of the same mode (transparent or forward).
 """
@@ -76,6 +85,19 @@ FWD_IPERF, FWD_HTTP = 15201, 18080
 INSTANCE = "tpxbench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 2**20
+
+# The churn: slices of wrk, a warm-up, and what counts as flat. 2 MiB over the
+# ~9.5 measured minutes of a full run at ~1,500 flows/s (~850,000 flows) is
+# ~2.5 bytes per flow: anything kept per flow (a Python object is >= 16 bytes,
+# a dict entry more) shows above it, and allocator noise (arenas, the few dozen
+# flows in flight at a sample) stays below it. A 2 MiB cap alone would say
+# nothing about a one-minute run, so the slope must also stay under 1 % of the
+# RSS at the start per minute (linear growth that would take 100 min to double).
+CHURN_SLICE = 10.0
+CHURN_WARMUP = 30.0
+CHURN_MAX_GROWTH = 2 * MiB
+CHURN_MAX_SLOPE = 0.01  # of the RSS at the start, per minute
 
 
 # ----------------------------------------------------------------------------
@@ -162,9 +184,93 @@ class Config:
 
 
 @dataclass
+class Churn:
+    """RSS of one proxy while short flows come and go, sampled after each wrk slice."""
+
+    config: str
+    seconds: float
+    """How long the churn was asked to run (warm-up included)."""
+    warmup: float = CHURN_WARMUP
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    """(seconds since the proxy came up, RSS bytes, flows served so far); the first at 0."""
+    start: int = 0
+    """Index of the first sample after warm-up: the RSS "at start"."""
+    errors: int = 0
+    """wrk socket errors and non-2xx replies, all slices."""
+
+    @property
+    def measured(self) -> list[tuple[float, int, int]]:
+        return self.samples[self.start :] if self.start else []
+
+    @property
+    def window(self) -> float:
+        """Seconds between the RSS at start and at end."""
+        m = self.measured
+        return m[-1][0] - m[0][0] if len(m) > 1 else 0.0
+
+    @property
+    def slope(self) -> float | None:
+        """Least-squares RSS growth over the measured samples, bytes per minute."""
+        m = self.measured
+        if len(m) < 2:
+            return None
+        fit = statistics.linear_regression([t for t, _, _ in m], [float(r) for _, r, _ in m])
+        return fit.slope * 60
+
+    @property
+    def growth(self) -> float | None:
+        """The fitted growth over the measured window, bytes."""
+        slope = self.slope
+        return None if slope is None else slope * self.window / 60
+
+    @property
+    def flows(self) -> int:
+        return self.samples[-1][2] if self.samples else 0
+
+    @property
+    def rate(self) -> float | None:
+        """Flows per second after warm-up."""
+        m = self.measured
+        return (m[-1][2] - m[0][2]) / self.window if self.window else None
+
+    @property
+    def per_flow(self) -> float | None:
+        """Fitted growth per flow served after warm-up, bytes."""
+        m, growth = self.measured, self.growth
+        done = m[-1][2] - m[0][2] if m else 0
+        return growth / done if growth is not None and done else None
+
+    @property
+    def flat(self) -> bool | None:
+        """Below both thresholds (module docstring); None when too short to tell."""
+        slope, growth = self.slope, self.growth
+        if slope is None or growth is None:
+            return None
+        start_rss = self.measured[0][1]
+        return growth < CHURN_MAX_GROWTH and slope < CHURN_MAX_SLOPE * start_rss
+
+    @property
+    def verdict(self) -> str:
+        return {True: "flat", False: "**growing**", None: "too short"}[self.flat]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "warmup": self.warmup,
+            "samples": self.samples,
+            "start": self.start,
+            "errors": self.errors,
+            "slope_bytes_per_min": self.slope,
+            "growth_bytes": self.growth,
+            "flat": self.flat,
+        }
+
+
+@dataclass
 class Results:
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
+    churn: dict[str, Churn] = field(default_factory=dict)
 
     def add(self, config: str, metric: str, value: float) -> None:
         self.values.setdefault(config, {}).setdefault(metric, []).append(value)
@@ -453,6 +559,55 @@ class Bench:
                             proc.stdin.close()
                     self.client.stop(proc)
 
+    def churn(self, cfg: Config, seconds: float) -> Churn:
+        """Short flows through a fresh proxy for ``seconds``, its RSS after every slice.
+
+        wrk (``Connection: close``, so every request is a flow of its own) runs back
+        to back in slices of CHURN_SLICE seconds; after each, once the last flows
+        have had a moment to close, the proxy's RSS is sampled and a progress line
+        printed. Failures are recorded in the results; what was sampled is kept.
+        """
+        t = self.target(cfg)
+        url = f"http://{t.host}:{t.http}/"
+        result = Churn(cfg.name, seconds, warmup=min(CHURN_WARMUP, seconds / 2))
+        self.results.churn[cfg.name] = result
+        try:
+            with self.running(cfg) as pids:
+                began = time.monotonic()
+                result.samples.append((0.0, rss_bytes(pids), 0))
+                while (left := seconds - (time.monotonic() - began)) >= 1:
+                    d = max(1, min(round(CHURN_SLICE), int(left)))
+                    out = self.client.run(
+                        "wrk", "-t1", f"-c{self.args.connections}", f"-d{d}s",
+                        "-H", "Connection: close", url, timeout=d + 30,
+                    ).stdout  # fmt: skip
+                    done = re.search(r"(\d+) requests in", out)
+                    if not done:
+                        raise H.HarnessError(f"wrk: no request count in {out[-300:]!r}")
+                    errors = re.search(r"Socket errors: (.*)", out)
+                    if errors:
+                        result.errors += sum(int(n) for n in re.findall(r"\d+", errors.group(1)))
+                    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+                    if non2xx:
+                        result.errors += int(non2xx.group(1))
+                    time.sleep(0.3)  # let the last flows of the slice close
+                    rss = rss_bytes(pids)
+                    if not rss:
+                        raise H.HarnessError(f"{cfg.name} is gone")
+                    now = time.monotonic() - began
+                    flows = result.samples[-1][2] + int(done.group(1))
+                    result.samples.append((round(now, 1), rss, flows))
+                    if not result.start and now >= result.warmup:
+                        result.start = len(result.samples) - 1
+                    print(f"  churn  {cfg.name:13s} {now:5.0f}/{seconds:.0f}s "
+                          f"{flows:>10,} flows {int(done.group(1)) / d:7,.0f}/s "
+                          f"RSS {rss / MiB:6.1f} MiB", flush=True)  # fmt: skip
+        except (H.HarnessError, H.CommandError, H.CommandTimeout, OSError) as exc:
+            self.results.fail(cfg.name, f"churn: {str(exc)[:300]}")
+        if result.errors:
+            self.results.fail(cfg.name, f"churn: {result.errors} wrk socket errors/non-2xx")
+        return result
+
     def profile(self, cfg: Config, out: Path, seconds: int) -> None:
         """py-spy on the proxy while wrk opens connections (Connection: close); top frames."""
         t = self.target(cfg)
@@ -722,6 +877,72 @@ TARGETS: list[tuple[str, str, str, str, float, bool]] = [
 ]
 
 
+def fmt_churn(c: Churn) -> str:
+    """One line: RSS at start and end, slope, fitted growth, flows."""
+    if c.flat is None:
+        return f"{len(c.samples)} samples, {c.flows:,} flows"
+    m = c.measured
+    assert c.slope is not None and c.growth is not None and c.per_flow is not None
+    return (
+        f"RSS {m[0][1] / MiB:.1f} -> {m[-1][1] / MiB:.1f} MiB, {c.slope / 1024:+.0f} KiB/min, "
+        f"fitted {c.growth / MiB:+.2f} MiB over {c.window / 60:.1f} min "
+        f"({c.per_flow:+.2f} B/flow), {c.flows:,} flows"
+    )
+
+
+def churn_section(args: argparse.Namespace, results: Results) -> list[str]:
+    """The churn: how it was run, a row per configuration, every sample, a blank line."""
+    if not results.churn:
+        return []
+    names = ", ".join(f"`{n}`" for n in results.churn)
+    warmup = min(c.warmup for c in results.churn.values())
+    lines = [
+        "## Churn",
+        "",
+        f"{names} alone, not interleaved, each a fresh process after the rounds: wrk with "
+        f"one thread, {args.connections} connections and `Connection: close` (a flow per "
+        f"request) back to back in {CHURN_SLICE:.0f} s slices for {args.churn:.0f} s, the "
+        f"proxy's RSS sampled after each slice. RSS at start is the first sample after "
+        f"{warmup:.0f} s of warm-up; the slope is a least-squares fit over the samples from "
+        f"there to the end, the fitted growth that slope over the same window. Flat: fitted "
+        f"growth under {CHURN_MAX_GROWTH / MiB:.0f} MiB and slope under "
+        f"{CHURN_MAX_SLOPE:.0%} of the RSS at start per minute (over a full run at "
+        f"~1,500 flows/s, 2 MiB is ~2.5 bytes per flow: anything kept per flow shows).",
+    ]
+    if "haproxy-t" not in results.churn:
+        lines[-1] += (
+            " HAProxy-t is not churned: it would add as long again to the run "
+            "(`--churn-configs tproxy,haproxy-t`)."
+        )
+    lines += [
+        "",
+        "| config | flows | flows/s | RSS at launch, MiB | at start | at end | end - start "
+        "| slope, KiB/min | fitted growth, MiB | per flow, B | wrk errors | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, c in results.churn.items():
+        m = c.measured
+        if c.flat is None or not m:
+            lines.append(f"| {name} | {c.flows:,} | - | - | - | - | - | - | - | - "
+                         f"| {c.errors:,} | {c.verdict} |")  # fmt: skip
+            continue
+        assert c.slope is not None and c.growth is not None and c.per_flow is not None
+        rate = f"{c.rate:,.0f}" if c.rate is not None else "-"
+        lines.append(
+            f"| {name} | {c.flows:,} | {rate} | {c.samples[0][1] / MiB:.1f} "
+            f"| {m[0][1] / MiB:.1f} | {m[-1][1] / MiB:.1f} | {(m[-1][1] - m[0][1]) / MiB:+.2f} "
+            f"| {c.slope / 1024:+.0f} | {c.growth / MiB:+.2f} | {c.per_flow:+.2f} "
+            f"| {c.errors:,} | {c.verdict} |"
+        )
+    lines += ["", "RSS samples, seconds since the proxy came up : MiB (warm-up before `|`):", ""]
+    for name, c in results.churn.items():
+        cells = [f"{t:.0f}:{r / MiB:.2f}" for t, r, _ in c.samples]
+        if c.start:
+            cells.insert(c.start, "|")
+        lines.append(f"- `{name}`: " + " ".join(cells))
+    return [*lines, ""]
+
+
 def targets(results: Results) -> list[str]:
     """The issue's targets as ratios from this run, met or not; a column per tproxy tree."""
     trees = ["tproxy"] + (["tproxy-alt"] if "tproxy-alt" in results.values else [])
@@ -739,6 +960,16 @@ def targets(results: Results) -> list[str]:
             met = r <= goal if lower else r >= goal
             cells.append(f"{r:.2f}x {'met' if met else '**missed**'}")
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    cells = []
+    for t in trees:
+        c = results.churn.get(t)
+        if c is None or c.flat is None or c.slope is None or c.growth is None:
+            cells.append("not measured")
+            continue
+        short = f" (only {c.seconds / 60:g} min)" if c.seconds < 600 else ""
+        cells.append(f"{c.growth / MiB:+.2f} MiB, {c.slope / 1024:+.0f} KiB/min "
+                     f"{'met' if c.flat else '**missed**'}{short}")  # fmt: skip
+    lines.append("| RSS flat over a 10-minute churn (see Churn) | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -751,6 +982,12 @@ def main() -> int:
     p.add_argument("--flows", type=int, default=None, help="idle flows for the memory test")
     p.add_argument("--only", default=None, help="comma-separated configuration names")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--churn", type=float, default=None, metavar="SECONDS",
+                   help="after the rounds, short flows through a fresh proxy for this long, "
+                   "RSS sampled every ~10 s (default 600; 0 with --quick; 0 skips)")  # fmt: skip
+    p.add_argument("--churn-configs", default="tproxy", metavar="CONFIGS",
+                   help="comma-separated configurations to churn, one after the other, "
+                   "each for --churn SECONDS, whatever --only says (default: tproxy)")  # fmt: skip
     p.add_argument("--output", default=None, help="markdown report (default: docs/benchmarks.md "
                    "for a full run, none for --quick)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write raw results here")
@@ -768,6 +1005,8 @@ def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.seconds = args.seconds or (1 if args.quick else 3)
+    if args.churn is None:
+        args.churn = 0 if args.quick else 600
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # A proxy holds two sockets per flow; where the hard limit on descriptors is
     # lower than 2 x 10,000 (+ listeners, pipes), hold as many flows as fit.
@@ -792,7 +1031,7 @@ def main() -> int:
     cfgs: list[Config] = []
     try:
         bench.setup()
-        cfgs = configs(bench)
+        cfgs = everything = configs(bench)
         if args.only:
             wanted = set(args.only.split(","))
             cfgs = [c for c in cfgs if c.name in wanted]
@@ -824,6 +1063,14 @@ def main() -> int:
                 mem = results.median(cfg.name, "mem_flow")
                 print(f"  memory {cfg.name:13s} {time.monotonic() - t0:5.1f}s "
                       f"{fmt(mem)} KiB/flow", flush=True)  # fmt: skip
+        if args.churn > 0:
+            by_name = {c.name: c for c in everything}
+            for name in args.churn_configs.split(","):
+                if name not in by_name:
+                    results.fail(name, f"churn: no configuration {name!r} on this tree")
+                    continue
+                c = bench.churn(by_name[name], args.churn)
+                print(f"  churn  {name:13s} {c.verdict}: {fmt_churn(c)}", flush=True)
     finally:
         bench.close()
         if args.keep_logs:
@@ -837,7 +1084,14 @@ def main() -> int:
         print(f"bench: wrote {args.output}")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"values": results.values, "errors": results.errors}, indent=1)
+            json.dumps(
+                {
+                    "values": results.values,
+                    "errors": results.errors,
+                    "churn": {k: c.as_json() for k, c in results.churn.items()},
+                },
+                indent=1,
+            )
         )
     return 0
 
@@ -872,6 +1126,7 @@ def render(
         "",
         *table(results, cfgs),
         "",
+        *churn_section(args, results),
         "## Targets (issue 6)",
         "",
         *targets(results),
