@@ -135,6 +135,13 @@ def _stat(pid: int) -> list[str]:
     return text[text.rindex(")") + 2 :].split()
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat's first line."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """user+system CPU of the trees rooted at ``pids``, reaped children included."""
     ticks = 0
@@ -297,6 +304,7 @@ METRICS: list[tuple[str, str, bool]] = [
     ("cps_p50", "  latency p50, ms", False),
     ("cps_p99", "  latency p99, ms", False),
     ("cps_cpu", "  proxy CPU us per connection", False),
+    ("cps_busy", "  whole machine CPU busy, %", False),
     ("rps", "keep-alive requests/s", True),
     ("rps_p50", "  latency p50, ms", False),
     ("rps_p99", "  latency p99, ms", False),
@@ -483,6 +491,7 @@ class Bench:
     def wrk(self, cfg: Config, t: Target, pids: list[int], key: str, *flags: str) -> None:
         url = f"http://{t.host}:{t.http}/"
         cpu0 = cpu_seconds(pids) if pids else 0.0
+        busy0, total0 = machine_cpu()
         try:
             out = self.client.run(
                 "wrk", "-t1", f"-c{self.args.connections}", f"-d{self.args.seconds}s",
@@ -496,6 +505,11 @@ class Bench:
             self.results.fail(cfg.name, f"wrk {key}: no rate in {out[-300:]!r}")
             return
         self.results.add(cfg.name, key, float(rate.group(1)))
+        if key == "cps":
+            # Whether a core was left for more proxy processes (the --workers target).
+            busy1, total1 = machine_cpu()
+            if total1 > total0:
+                self.results.add(cfg.name, "cps_busy", 100 * (busy1 - busy0) / (total1 - total0))
         done = re.search(r"(\d+) requests in", out)
         if pids and done and int(done.group(1)):
             per = (cpu_seconds(pids) - cpu0) / int(done.group(1)) * 1e6
