@@ -46,7 +46,15 @@ import trio
 
 from .flow import Address, EndReason, FlowInfo, FlowRecord, format_address
 from .sockets import ConnectError, connect_error_from, reset_socket
-from .splice import _FLAGS, _SPLICE, DEFAULT_CHUNK, _close_pipe, _pipes
+from .splice import (
+    _FLAGS,
+    _SPLICE,
+    DEFAULT_CHUNK,
+    _close_pipe,
+    _pipes,
+    at_urgent_mark,
+    close_idle_pipes,
+)
 
 log = logging.getLogger("tproxy.flow")
 
@@ -64,6 +72,9 @@ CHUNKS_PER_WAKE = 4
 _READING = 0  # waiting for its source
 _WRITING = 1  # its pipe (or buffer) holds bytes the destination has not taken yet
 _DONE = 2  # end of stream passed on
+
+_PARKED = -2
+"""A socket's mask while it is out of the epoll set: it hung up cleanly (see _ready)."""
 
 
 class _Way:
@@ -293,6 +304,8 @@ class SpliceHub:
         try:
             server = outgoing()
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                close_idle_pipes()  # descriptors for the next flows, not for spare pipes
             self._rejected(info, EndReason.CONNECT_FAILED, str(connect_error_from(exc)))
             reset_socket(client)
             return
@@ -346,6 +359,10 @@ class SpliceHub:
 
     def _register(self, flow: HubFlow, client_mask: int, server_mask: int) -> None:
         assert self._epoll is not None
+        if client_mask == 0 and flow.mask_client == _PARKED:
+            client_mask = _PARKED  # stays out until its direction reads again
+        if server_mask == 0 and flow.mask_server == _PARKED:
+            server_mask = _PARKED
         if client_mask != flow.mask_client:
             fd = flow.client.fileno()
             if flow.mask_client < 0:
@@ -395,8 +412,23 @@ class SpliceHub:
             handled = True
             self._pump(flow, reading)
         if not handled and ev & _BAD and self._fds.get(fd) is flow:
+            if not ev & select.EPOLLERR and reading.state == _WRITING:
+                # A clean hang-up: the peer sent FIN after we had shut writing toward
+                # it, and what it sent before is still queued for a destination that
+                # is slower. HUP cannot be masked: the socket leaves the epoll set
+                # until its direction reads again.
+                self._park(flow, fd)
+                return
             # Nobody waits on this socket, yet it failed or hung up: its peer is gone.
             self._end(flow, EndReason.RESET, _socket_error(flow, fd))
+
+    def _park(self, flow: HubFlow, fd: int) -> None:
+        assert self._epoll is not None
+        self._epoll.unregister(fd)
+        if fd == flow.client_fd:
+            flow.mask_client = _PARKED
+        else:
+            flow.mask_server = _PARKED
 
     def _pump(self, flow: HubFlow, way: _Way) -> None:
         """Move what the source has (up to a budget), writing each chunk before the next."""
@@ -405,7 +437,7 @@ class SpliceHub:
         chunk = self.chunk
         record = flow.record
         assert record is not None
-        for _ in range(CHUNKS_PER_WAKE):
+        for turn in range(CHUNKS_PER_WAKE):
             if way.pipe is None:
                 try:
                     way.pipe = _pipes.take(chunk)
@@ -418,13 +450,20 @@ class SpliceHub:
                 n = splice(way.src_fd, way.pipe[1], chunk, flags=_FLAGS)
             except BlockingIOError:
                 self._give_pipe(way)  # an idle direction holds no pipe
+                if turn == 0 and at_urgent_mark(way.src):
+                    # Readable, yet nothing to splice: urgent data, which only recv()
+                    # gets past (level-triggered, this would spin otherwise).
+                    self._copy_chunk(flow, way)
                 return
             except OSError as exc:
                 self._end(flow, EndReason.RESET, repr(exc))
                 return
             if n == 0:
                 self._give_pipe(way)
-                self._eof(flow, way)
+                if at_urgent_mark(way.src):
+                    self._copy_chunk(flow, way)  # not the end yet: urgent data first
+                else:
+                    self._eof(flow, way)
                 return
             if way.up:
                 record.bytes_up += n

@@ -27,6 +27,7 @@ import trio
 from .engine import Engine
 from .modes import ModeSpec
 from .sockets import listening_socket, reset_socket, reset_stream
+from .splice import close_idle_pipes
 
 log = logging.getLogger("tproxy.server")
 
@@ -178,6 +179,7 @@ class Server:
                         continue
                     if exc.errno in _CAPACITY_ERRNOS:
                         log.error("accept on %s failed: %s; retrying", door.spec, exc)
+                        close_idle_pipes()  # spare pipes give their descriptors back
                         await trio.sleep(_CAPACITY_BACKOFF)
                         break
                     raise

@@ -211,6 +211,9 @@ def outgoing_socket(
     raw = socket.socket(family, socket.SOCK_STREAM)
     try:
         raw.setblocking(False)
+        # As trio.SocketStream does, and the listener for accepted sockets: what is
+        # read is written at once, and Nagle would hold back a second small write.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
             raw.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None and policy is not SourcePolicy.GATEWAY:

@@ -43,6 +43,7 @@ import fcntl
 import functools
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 import trio
@@ -87,6 +88,24 @@ def splice_available() -> bool:
     finally:
         a.close()
         b.close()
+
+
+_SIOCATMARK = 0x8905
+
+
+def at_urgent_mark(sock: socket.socket | trio.socket.SocketType) -> bool:
+    """Whether the next byte to read is TCP urgent data (``MSG_OOB``).
+
+    splice(2) from a TCP socket stops in front of urgent data for good: it
+    returns EAGAIN (or 0 once the FIN is in) while poll says readable. A
+    ``recv`` steps past it, as the copy path does, so whoever splices asks
+    here when a read that was promised data brings none.
+    """
+    try:
+        mark = fcntl.ioctl(sock.fileno(), _SIOCATMARK, b"\0\0\0\0")
+    except OSError:
+        return False
+    return struct.unpack("i", mark)[0] != 0
 
 
 def can_splice(stream: trio.abc.Stream) -> bool:
@@ -198,6 +217,7 @@ async def splice_one_way(
     held = 0  # bytes in the pipe
     small = chunk // 4
     wait_first = False
+    waited = False  # poll said readable since the last splice from src
     try:
         src_fd = src_sock.fileno()
         dst_fd = dst_sock.fileno()
@@ -210,6 +230,7 @@ async def splice_one_way(
                     pool.give(pipe, chunk)
                     pipe = None
                 await wait_readable(src_sock)
+                waited = True
             if pipe is None:
                 try:
                     pipe = pool.take(chunk)
@@ -230,11 +251,20 @@ async def splice_one_way(
                 held = -1
             except OSError as exc:
                 raise _stream_error(exc, "source") from exc
+            if held <= 0 and (waited or held == 0) and at_urgent_mark(src_sock):
+                # Not idle, not the end: urgent data that only recv() gets past.
+                held = 0
+                waited = False
+                if not await _copy_chunk(src, dst, count, chunk, write_lock):
+                    return
+                continue
+            waited = False
             if held < 0:
                 held = 0
                 pool.give(pipe, chunk)  # an idle direction holds no pipe
                 pipe = None
                 await wait_readable(src_sock)
+                waited = True
                 continue
             if held == 0:
                 return  # end of stream, and the pipe is empty
