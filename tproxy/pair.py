@@ -21,6 +21,7 @@ it (sockets do, TLS streams do not: there end of stream closes the pair).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,7 +42,7 @@ _SEND_SLICE = 64 * 1024
 class _Side:
     """One end of the pair: its stream, a write lock, and whether writing ended."""
 
-    __slots__ = ("_lock", "name", "partial", "stream", "write_closed")
+    __slots__ = ("_lock", "fd", "name", "partial", "sock", "stream", "wait_first", "write_closed")
 
     def __init__(self, name: str, stream: trio.abc.Stream) -> None:
         self.name = name
@@ -50,6 +51,73 @@ class _Side:
         self.write_closed = False
         self.partial = False
         """A write is under way; if it is cut, the byte stream to this side is cut."""
+        self.sock: trio.socket.SocketType | None = None
+        self.wait_first = False
+        """The last read was a small message: the socket is most likely empty now."""
+        self.fd = -1
+        """A plain socket's descriptor: the copy path reads and writes it directly."""
+        if type(stream) is trio.SocketStream:
+            self.sock = stream.socket
+            self.fd = stream.socket.fileno()
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` (b"" at end of stream), passing exactly one schedule point.
+
+        For a plain socket this is ``read(2)`` on the descriptor, waiting for
+        readability only when nothing is there: trio's ``receive_some`` passes
+        two schedule points per call and a context manager per call, which is
+        most of the copy path's cost per chunk (docs/benchmarks.md). Socket
+        errors stay ``OSError``, which the pair reads as a reset.
+        """
+        fd = self.fd
+        if fd < 0:
+            return await self.stream.receive_some(max_bytes)
+        if not self.wait_first:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                pass
+            else:
+                # Fair to other flows; not cancellable, as trio's own: what was read is kept.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self.wait_first = len(data) < max_bytes // 4
+                return data
+        # After a small message (request/response traffic) wait before reading: a read
+        # that finds nothing costs a system call and an exception per message.
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                continue  # woken without data; wait again
+            self.wait_first = len(data) < max_bytes // 4
+            return data
+
+    async def send_all(self, data: bytes | memoryview, progress: Callable[[], None]) -> None:
+        """Write all of ``data``; ``progress()`` after each partial write (idle timeouts).
+
+        A plain socket is written with ``write(2)``, waiting for room only
+        when the kernel takes less than everything. A write that completes
+        at once passes no schedule point: the pump's read just passed one.
+        """
+        fd = self.fd
+        if fd < 0:
+            await self.stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while True:
+            try:
+                sent += os.write(fd, view[sent:] if sent else view)
+            except BlockingIOError:
+                pass
+            if sent >= total:
+                return
+            await trio.lowlevel.wait_writable(self.sock)
+            progress()
 
     @property
     def lock(self) -> trio.Lock:
@@ -177,7 +245,7 @@ class FlowPair:
         self._nursery.cancel_scope.cancel()
 
     async def _copy(self, src: _Side, dst: _Side) -> None:
-        receive = src.stream.receive_some
+        receive = src.receive
         read_size = self.read_size
         upstream = src is self.client
         record = self.record
@@ -255,10 +323,15 @@ class FlowPair:
                 dst.name,
             )
             return
-        async with dst.lock:
+        lock = dst.lock
+        try:
+            lock.acquire_nowait()  # the usual case: no schedule point for the lock
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             dst.partial = True
-            if self.idle_timeout is None or len(data) <= _SEND_SLICE:
-                await dst.stream.send_all(data)
+            if dst.fd >= 0 or self.idle_timeout is None or len(data) <= _SEND_SLICE:
+                await dst.send_all(data, self._touch)
             else:
                 # A slow reader draining a big chunk is not idle: note progress per slice.
                 view = memoryview(data)
@@ -266,6 +339,8 @@ class FlowPair:
                     await dst.stream.send_all(view[i : i + _SEND_SLICE])
                     self._last_activity = trio.current_time()
             dst.partial = False
+        finally:
+            lock.release()
 
     async def _send_eof(self, dst: _Side) -> None:
         send_eof = getattr(dst.stream, "send_eof", None)
