@@ -39,6 +39,17 @@ configuration: a fresh proxy, 500 flows, then N flows, each after one
 keep-alive HTTP request and its reply, then idle; resident memory per flow
 is the RSS growth divided by the extra flows.
 
+Then the chunk sizes (``--chunk-sizes LIST``; 16384,65536,262144,1048576 in a
+full run, off with ``--quick`` unless given): the copy path, ``tproxy run -i
+label -o text= -o direction=both --read-size SIZE`` (every chunk through the
+interceptor both ways), a fresh process per size and round, iperf3 one stream
+up and down (with the proxy's CPU s/GiB) and wrk keep-alive; two rounds (one
+with ``--rounds 1``), sizes ascending in the first and descending in the
+second, so that a drift of the machine does not favour one end. About 1.5
+min with the default 4 sizes and ``--seconds`` (~10 s per size and round).
+Before the churn, so that the throughput numbers come from the same stretch
+of the run as the rounds.
+
 Then the churn (``--churn SECONDS``; 600 in a full run, off with ``--quick``
 or ``--churn 0``): ``tproxy`` alone (``--churn-configs`` may add others, each
 for as long again), a fresh process, wrk with ``Connection: close`` back to back
@@ -98,6 +109,13 @@ CHURN_SLICE = 10.0
 CHURN_WARMUP = 30.0
 CHURN_MAX_GROWTH = 2 * MiB
 CHURN_MAX_SLOPE = 0.01  # of the RSS at the start, per minute
+
+# The chunk-size phase: the copy path (an interceptor on every chunk, both ways)
+# at each --read-size; what a full run measures, and how many rounds at most.
+CHUNK_SIZES = (16384, 65536, 262144, 1048576)
+CHUNK_ROUNDS = 2
+CHUNK_DEFAULT = 262144  # tproxy run's own --read-size default, marked in the table
+CHUNK_INTERCEPTOR = ("-i", "label", "-o", "text=", "-o", "direction=both")
 
 
 # ----------------------------------------------------------------------------
@@ -278,6 +296,9 @@ class Results:
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
     churn: dict[str, Churn] = field(default_factory=dict)
+    chunks: dict[int, str] = field(default_factory=dict)
+    """--read-size -> the name its values are kept under (the chunk-size phase)."""
+    chunk_rounds: int = 0
 
     def add(self, config: str, metric: str, value: float) -> None:
         self.values.setdefault(config, {}).setdefault(metric, []).append(value)
@@ -538,6 +559,16 @@ class Bench:
             self.wrk(cfg, t, pids, "cps", "-H", "Connection: close")
             self.wrk(cfg, t, pids, "rps")
 
+    def chunk(self, cfg: Config) -> None:
+        """The chunk-size phase, one size: 1 stream up and down, keep-alive requests/s."""
+        t = self.target(cfg)
+        with self.running(cfg) as pids:
+            self.client.run("curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", "10",
+                            f"http://{t.host}:{t.http}/", timeout=15)  # fmt: skip
+            self.iperf3(cfg, t, pids, "t1_up")
+            self.iperf3(cfg, t, pids, "t1_down", "-R")
+            self.wrk(cfg, t, pids, "rps")
+
     def memory(self, cfg: Config) -> None:
         """RSS growth per idle flow between ``base`` and ``flows`` idle flows."""
         t = self.target(cfg)
@@ -772,6 +803,38 @@ def configs(b: Bench) -> list[Config]:
     return found
 
 
+def chunk_configs(b: Bench, sizes: list[int]) -> list[tuple[int, Config]]:
+    """The copy path at each --read-size; none when this tree's tproxy has no such flag."""
+    if "--read-size" not in _tproxy_flags():
+        b.results.fail("chunk sizes", "tproxy run has no --read-size on this tree")
+        return []
+    return [
+        (
+            size,
+            Config(
+                f"tproxy-label-r{size}",
+                "transparent",
+                b.tproxy_transparent(*CHUNK_INTERCEPTOR, "--read-size", str(size)),
+                f"{' '.join(CHUNK_INTERCEPTOR)} --read-size {size}",
+            ),
+        )
+        for size in sizes
+    ]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``--chunk-sizes``: comma-separated byte counts; '' or 'none' for none."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of byte counts: {text!r}") from None
+    if any(n <= 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"byte counts must be positive: {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
 def machine() -> list[str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -957,6 +1020,61 @@ def churn_section(args: argparse.Namespace, results: Results) -> list[str]:
     return [*lines, ""]
 
 
+def kib(size: int) -> str:
+    """16 KiB, 1 MiB, 1,500 B."""
+    if size % MiB == 0:
+        return f"{size // MiB:,} MiB"
+    return f"{size // 1024:,} KiB" if size % 1024 == 0 else f"{size:,} B"
+
+
+def chunk_section(args: argparse.Namespace, results: Results) -> list[str]:
+    """The copy path by --read-size: a row per size, medians (min..max), a blank line."""
+    if not results.chunks:
+        return []
+
+    def cell(name: str, key: str) -> str:
+        med, spread = results.median(name, key), results.spread(name, key)
+        if med is None or spread is None:
+            return "-"
+        return (
+            fmt(med)
+            if spread[0] == spread[1]
+            else f"{fmt(med)} ({fmt(spread[0])}..{fmt(spread[1])})"
+        )
+
+    def best(key: str, higher: bool) -> str:
+        got = [
+            (m, s) for s, n in results.chunks.items() if (m := results.median(n, key)) is not None
+        ]
+        if not got:
+            return "-"
+        return kib((max if higher else min)(got)[1])
+
+    rounds = results.chunk_rounds
+    lines = [
+        "## Copy path by chunk size",
+        "",
+        f"How the copy path's throughput and CPU per byte depend on `--read-size` (the "
+        f"largest read per chunk, so the number of chunks and trips through the "
+        f"interceptor per GiB), with `tproxy run {' '.join(CHUNK_INTERCEPTOR)}` (every "
+        f"chunk through the interceptor, both ways). A fresh process per size and round, "
+        f"{rounds} round{'s' if rounds != 1 else ''} after the rounds above (sizes "
+        f"ascending, then descending), {args.seconds} s per run, medians (min..max); CPU "
+        f"s/GiB is the proxy's over both iperf3 runs. Fastest here: 1 stream up at "
+        f"{best('t1_up', True)}, down at {best('t1_down', True)}; least CPU per GiB at "
+        f"{best('cpu_gib', False)}.",
+        "",
+        "| --read-size | 1 stream up, Gbit/s | 1 stream down, Gbit/s | CPU s/GiB (iperf3) "
+        "| keep-alive requests/s | proxy CPU us per request |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size, name in results.chunks.items():
+        cells = " | ".join(cell(name, k) for k in ("t1_up", "t1_down", "cpu_gib", "rps", "rps_cpu"))
+        default = ", default" if size == CHUNK_DEFAULT else ""
+        lines.append(f"| {size:,} ({kib(size)}{default}) | {cells} |")
+    return [*lines, ""]
+
+
 def targets(results: Results) -> list[str]:
     """The issue's targets as ratios from this run, met or not; a column per tproxy tree."""
     trees = ["tproxy"] + (["tproxy-alt"] if "tproxy-alt" in results.values else [])
@@ -999,6 +1117,12 @@ def main() -> int:
     p.add_argument("--churn", type=float, default=None, metavar="SECONDS",
                    help="after the rounds, short flows through a fresh proxy for this long, "
                    "RSS sampled every ~10 s (default 600; 0 with --quick; 0 skips)")  # fmt: skip
+    p.add_argument("--chunk-sizes", type=parse_sizes, default=None, metavar="LIST",
+                   help="after the rounds (before the churn), the copy path (-i label, both "
+                   "ways) at each --read-size in this comma-separated list of bytes, a fresh "
+                   "tproxy per size: 1 stream up/down, CPU s/GiB, keep-alive req/s; 2 rounds "
+                   "(default 16384,65536,262144,1048576; none with --quick; '' or none "
+                   "skips), whatever --only says")  # fmt: skip
     p.add_argument("--churn-configs", default="tproxy", metavar="CONFIGS",
                    help="comma-separated configurations to churn, one after the other, "
                    "each for --churn SECONDS, whatever --only says (default: tproxy)")  # fmt: skip
@@ -1021,6 +1145,8 @@ def main() -> int:
     args.seconds = args.seconds or (1 if args.quick else 3)
     if args.churn is None:
         args.churn = 0 if args.quick else 600
+    if args.chunk_sizes is None:
+        args.chunk_sizes = [] if args.quick else list(CHUNK_SIZES)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # A proxy holds two sockets per flow; where the hard limit on descriptors is
     # lower than 2 x 10,000 (+ listeners, pipes), hold as many flows as fit.
@@ -1077,6 +1203,23 @@ def main() -> int:
                 mem = results.median(cfg.name, "mem_flow")
                 print(f"  memory {cfg.name:13s} {time.monotonic() - t0:5.1f}s "
                       f"{fmt(mem)} KiB/flow", flush=True)  # fmt: skip
+        if args.chunk_sizes:
+            sized = chunk_configs(bench, args.chunk_sizes)
+            results.chunk_rounds = min(CHUNK_ROUNDS, args.rounds) if sized else 0
+            for size, cfg in sized:
+                results.chunks[size] = cfg.name
+            for r in range(results.chunk_rounds):
+                for size, cfg in sized if r % 2 == 0 else sized[::-1]:
+                    t0 = time.monotonic()
+                    try:
+                        bench.chunk(cfg)
+                    except (H.HarnessError, H.CommandError, H.CommandTimeout) as exc:
+                        results.fail(cfg.name, f"chunk round {r + 1}: {str(exc)[:500]}")
+                    latest = results.values.get(cfg.name, {})
+                    shown = " ".join(f"{k}={fmt(v[-1])}" for k, v in latest.items())
+                    print(f"  chunk {r + 1} {size:>9,} B {time.monotonic() - t0:5.1f}s {shown}",
+                          flush=True)  # fmt: skip
+            print("\n".join(chunk_section(args, results)), flush=True)
         if args.churn > 0:
             by_name = {c.name: c for c in everything}
             for name in args.churn_configs.split(","):
@@ -1097,11 +1240,20 @@ def main() -> int:
         Path(args.output).write_text("\n".join(report) + "\n")
         print(f"bench: wrote {args.output}")
     if args.json:
+        per_size = set(results.chunks.values())
         Path(args.json).write_text(
             json.dumps(
                 {
-                    "values": results.values,
+                    "values": {k: v for k, v in results.values.items() if k not in per_size},
                     "errors": results.errors,
+                    "chunk_sizes": {
+                        str(size): {
+                            "config": name,
+                            "rounds": results.chunk_rounds,
+                            **results.values.get(name, {}),
+                        }
+                        for size, name in results.chunks.items()
+                    },
                     "churn": {k: c.as_json() for k, c in results.churn.items()},
                 },
                 indent=1,
@@ -1140,6 +1292,7 @@ def render(
         "",
         *table(results, cfgs),
         "",
+        *chunk_section(args, results),
         *churn_section(args, results),
         "## Targets (issue 6)",
         "",
