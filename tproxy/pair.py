@@ -37,6 +37,7 @@ log = logging.getLogger("tproxy.flow")
 
 DEFAULT_READ_SIZE = 256 * 1024
 _SEND_SLICE = 64 * 1024
+_SMALL_READ = 64 * 1024
 
 
 class _Side:
@@ -84,14 +85,17 @@ class _Side:
                 self.wait_first = len(data) < max_bytes // 4
                 return data
         # After a small message (request/response traffic) wait before reading: a read
-        # that finds nothing costs a system call and an exception per message.
+        # that finds nothing costs a system call and an exception per message. And
+        # read at most _SMALL_READ then: os.read allocates all it may return, and a
+        # megabyte per 32-byte reply costs more than the reply (docs/benchmarks.md).
+        size = min(max_bytes, _SMALL_READ) if self.wait_first else max_bytes
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             try:
-                data = os.read(fd, max_bytes)
+                data = os.read(fd, size)
             except BlockingIOError:
                 continue  # woken without data; wait again
-            self.wait_first = len(data) < max_bytes // 4
+            self.wait_first = len(data) < size // 4
             return data
 
     async def send_all(self, data: bytes | memoryview, progress: Callable[[], None]) -> None:
