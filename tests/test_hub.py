@@ -965,13 +965,6 @@ def test_an_unexpected_exception_ends_only_its_flow(monkeypatch):
     _run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in tproxy/hub.py SpliceHub._connected: it clears flow.pending (and "
-    "decrements connecting) before calling opened(); when opened() raises, _failed() -> "
-    "_end() finds neither a record nor pending info, fails `assert info is not None`, and "
-    "that AssertionError escapes _loop: the whole hub (and the server's flows nursery) dies",
-)
 def test_an_opened_callback_that_raises_ends_only_that_connect():
     """The engine's ``opened`` for one connect raises: that attempt ends, the hub goes on."""
 
@@ -1016,12 +1009,6 @@ def test_an_opened_callback_that_raises_ends_only_that_connect():
     _run(main)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in tproxy/hub.py SpliceHub._sweep (and run's finally): _end() is called "
-    "without the per-flow containment _loop gives _ready(); a closed() callback that raises "
-    "for one timed-out flow escapes _loop and stops the hub, every other flow is reset",
-)
 def test_a_closed_callback_that_raises_in_the_timeout_sweep_ends_only_that_flow():
     async def main():
         reports = Reports()

@@ -200,11 +200,16 @@ class SpliceHub:
         finally:
             self.running = False
             self._now = time.monotonic()
-            for fd, flow in list(self._fds.items()):
-                if self._fds.get(fd) is flow:
-                    self._end(flow, EndReason.SHUTDOWN, "cancelled")
-            self._epoll.close()
-            self._epoll = None
+            try:
+                for fd, flow in list(self._fds.items()):
+                    if self._fds.get(fd) is flow:
+                        try:
+                            self._end(flow, EndReason.SHUTDOWN, "cancelled")
+                        except Exception as exc:
+                            self._failed(flow, exc)
+            finally:
+                self._epoll.close()
+                self._epoll = None
 
     async def _loop(self) -> None:
         assert self._epoll is not None
@@ -262,17 +267,23 @@ class SpliceHub:
         for fd, flow in list(self._fds.items()):
             if self._fds.get(fd) is not flow or fd != flow.server_fd:
                 continue  # ended meanwhile; or its other descriptor: once per flow
-            if flow.pending is not None:
-                if now >= flow.connect_deadline:
-                    timeout = ConnectError(
-                        "timeout",
-                        f"connect to {format_address(flow.pending.destination)} timed out "
-                        f"after {self.connect_timeout:g}s",
-                        errno.ETIMEDOUT,
-                    )
-                    self._end(flow, EndReason.CONNECT_FAILED, str(timeout))
-            elif idle is not None and now - flow.last >= idle:
-                self._end(flow, EndReason.TIMEOUT, f"idle for {idle:g}s")
+            try:
+                self._check_timeouts(flow, now, idle)
+            except Exception as exc:
+                self._failed(flow, exc)
+
+    def _check_timeouts(self, flow: HubFlow, now: float, idle: float | None) -> None:
+        if flow.pending is not None:
+            if now >= flow.connect_deadline:
+                timeout = ConnectError(
+                    "timeout",
+                    f"connect to {format_address(flow.pending.destination)} timed out "
+                    f"after {self.connect_timeout:g}s",
+                    errno.ETIMEDOUT,
+                )
+                self._end(flow, EndReason.CONNECT_FAILED, str(timeout))
+        elif idle is not None and now - flow.last >= idle:
+            self._end(flow, EndReason.TIMEOUT, f"idle for {idle:g}s")
 
     # -- taking flows in --------------------------------------------------------
 
@@ -321,7 +332,10 @@ class SpliceHub:
         self._fds[flow.server_fd] = flow
         self.connecting += 1
         if rc == 0:
-            self._connected(flow)
+            try:
+                self._connected(flow)
+            except Exception as exc:
+                self._failed(flow, exc)
             return
         flow.connect_deadline = time.monotonic() + self.connect_timeout
         self._plan_sweep()
@@ -341,9 +355,12 @@ class SpliceHub:
         except OSError as exc:  # reset between connect and now
             self._end(flow, EndReason.CONNECT_FAILED, _connect_error(exc.errno or 0))
             return
+        # The record first: if opening it fails, the flow is still a pending one that
+        # _failed can end and report.
+        record = self._opened(info, (local[0], local[1]))
         flow.pending = None
         self.connecting -= 1
-        flow.record = self._opened(info, (local[0], local[1]))
+        flow.record = record
         self._start_relay(flow)
         self._plan_sweep()
 
@@ -599,7 +616,10 @@ class SpliceHub:
         flow_id = flow.record.info.id if flow.record is not None else "?"
         log.error("flow %s: unexpected error in the splice hub", flow_id, exc_info=exc)
         if self._fds.get(flow.client_fd) is flow or self._fds.get(flow.server_fd) is flow:
-            self._end(flow, EndReason.ERROR, repr(exc))
+            try:
+                self._end(flow, EndReason.ERROR, repr(exc))
+            except Exception as again:  # reporting it failed too: it is out of the hub
+                log.error("flow %s: could not be reported", flow_id, exc_info=again)
 
     def abort(self, flow: HubFlow, reason: EndReason, detail: str) -> None:
         """Reset an adopted flow now, if it is still relayed (its front door was cancelled)."""
