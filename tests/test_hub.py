@@ -1191,3 +1191,79 @@ def test_engine_transparent_in_hub_connects_and_relays():
         await trio.aclose_forcefully(backend)
 
     _run(main)
+
+
+# -- found by review with real peers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+def test_a_hang_up_while_its_last_bytes_wait_for_a_slow_reader_is_not_a_reset(first):
+    """One side half-closes; the other answers with more than the slow reader's buffers
+    hold and closes at once. Its FIN reaches the proxy while its bytes still wait there:
+    epoll says "hung up" (HUP cannot be masked), which is not a dead peer."""
+    reply = random.Random(11).randbytes(3_000_000)
+
+    async def main():
+        async with running_hub() as (hub, _):
+            relayed = Relayed(hub, small_client=first == "client", small_server=first == "server")
+            a, b = (
+                (relayed.client, relayed.server)
+                if first == "client"
+                else (relayed.server, relayed.client)
+            )
+            await _send_and_eof(a, b"request")
+            assert await _read_all(b) == b"request"
+            async with trio.open_nursery() as n:
+
+                async def answer_and_close() -> None:
+                    await b.send_all(reply)
+                    await b.aclose()
+
+                n.start_soon(answer_and_close)
+                await trio.sleep(0.5)  # the reader is slow: everything piles up on the way
+                assert await _read_all(a) == reply
+            record = await relayed.done()
+            assert record.reason is EndReason.EOF, record.detail
+            assert len(reply) in (record.bytes_up, record.bytes_down)
+            await relayed.aclose()
+
+    _run(main)
+
+
+@pytest.mark.parametrize("urgent_last", [False, True])
+def test_urgent_data_neither_stalls_nor_spins_nor_ends_the_flow_early(urgent_last):
+    """TCP urgent data (MSG_OOB): splice(2) stops in front of it for good. The copy path
+    reads past it (the urgent byte is out of band), and so must the hub: the bytes after
+    it arrive, the flow ends eof only at the real end, and the hub does not spin."""
+
+    async def main():
+        async with running_hub() as (hub, _):
+            relayed = Relayed(hub)
+            relayed.client_sock.send(b"before")
+            relayed.client_sock.send(b"!", socket.MSG_OOB)
+            if not urgent_last:
+                await _assert_hub_quiet()  # readable, yet splice gets nothing: no busy loop
+                relayed.client_sock.send(b"after")
+            await relayed.client.send_eof()
+            expected = b"before" if urgent_last else b"beforeafter"
+            assert await _read_all(relayed.server) == expected
+            await relayed.server.send_eof()
+            assert await _read_all(relayed.client) == b""
+            record = await relayed.done()
+            assert record.reason is EndReason.EOF
+            assert record.bytes_up == len(expected)
+            await relayed.aclose()
+
+    _run(main)
+
+
+def test_the_outgoing_socket_and_the_listener_turn_nagle_off():
+    """The hub writes what it reads at once; with Nagle a second small write waits for the
+    server's delayed ACK (about 40 ms per write-write-read round). Accepted sockets inherit
+    the listener's setting."""
+    from tproxy.sockets import listening_socket
+
+    out = outgoing_socket(("127.0.0.1", 9), None, SourcePolicy.GATEWAY, None)
+    with out, listening_socket("127.0.0.1", 0, transparent=False) as listener:
+        assert out.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -339,6 +339,30 @@ def test_idle_flows_hold_no_pipes():
     trio.run(main)
 
 
+def test_urgent_data_does_not_stall_the_splice_path():
+    """splice(2) stops in front of TCP urgent data (MSG_OOB) for good; the pump reads past
+    it as the copy path does, so the bytes after it arrive and the end is the real end."""
+
+    async def main():
+        client_end, incoming, outgoing, server_end = await _topology()
+        async with trio.open_nursery() as n:
+            n.start_soon(_serve, incoming, outgoing)
+            await client_end.send_all(b"before")
+            await trio.sleep(0.05)  # the pump has spliced it and waits for more
+            raw = client_end.socket
+            await raw.send(b"!", socket.MSG_OOB)
+            await raw.send(b"after")
+            await client_end.send_eof()
+            with trio.fail_after(10):
+                assert await _read_all(server_end) == b"beforeafter"
+            await server_end.send_eof()
+            with trio.fail_after(10):
+                assert await _read_all(client_end) == b""
+        await _close_all(client_end, server_end)
+
+    trio.run(main)
+
+
 def test_eof_with_data_still_in_the_pipe():
     """The source ends while the destination is full: everything still arrives, then EOF."""
 
