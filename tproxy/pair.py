@@ -333,6 +333,14 @@ class FlowPair:
         except trio.WouldBlock:
             await lock.acquire()
         try:
+            if dst.write_closed:  # _send_eof ran while this task waited for the lock
+                log.warning(
+                    "flow %d: dropped %d bytes for the %s, which has been sent end of stream",
+                    self.record.info.id,
+                    len(data),
+                    dst.name,
+                )
+                return
             dst.partial = True
             if dst.fd >= 0 or self.idle_timeout is None or len(data) <= _SEND_SLICE:
                 await dst.send_all(data, self._touch)
