@@ -319,21 +319,13 @@ class FlowPair:
     async def _send(self, dst: _Side, data: bytes) -> None:
         if not data:
             return
-        if dst.write_closed:
-            log.warning(
-                "flow %d: dropped %d bytes for the %s, which has been sent end of stream",
-                self.record.info.id,
-                len(data),
-                dst.name,
-            )
-            return
         lock = dst.lock
         try:
             lock.acquire_nowait()  # the usual case: no schedule point for the lock
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            if dst.write_closed:  # _send_eof ran while this task waited for the lock
+            if dst.write_closed:  # checked under the lock: _send_eof sets it holding it
                 log.warning(
                     "flow %d: dropped %d bytes for the %s, which has been sent end of stream",
                     self.record.info.id,
