@@ -310,13 +310,11 @@ class Engine:
         if hub is None or not hub.running:
             raise RuntimeError("the splice hub is not running")
         try:
-            peer = incoming.getpeername()
-            local = incoming.getsockname()
+            client, destination = flow_addresses(incoming)
         except OSError as exc:
             log.debug("diverted connection vanished before it was served: %s", exc)
             reset_socket(incoming)
             return
-        client, destination = (peer[0], peer[1]), (local[0], local[1])
         info = self.new_flow(client, destination, "transparent")
         if self.at_capacity():
             self.reject(info, EndReason.REJECTED, "too many flows")

@@ -375,25 +375,21 @@ class SpliceHub:
     # -- readiness ------------------------------------------------------------
 
     def _register(self, flow: HubFlow, client_mask: int, server_mask: int) -> None:
+        flow.mask_client = self._watch(flow.client_fd, flow.mask_client, client_mask)
+        flow.mask_server = self._watch(flow.server_fd, flow.mask_server, server_mask)
+
+    def _watch(self, fd: int, old: int, new: int) -> int:
+        """Set ``fd``'s epoll mask from ``old`` to ``new`` (negative: not in the set); the
+        mask now in force. A parked socket stays out until its direction reads again."""
         assert self._epoll is not None
-        if client_mask == 0 and flow.mask_client == _PARKED:
-            client_mask = _PARKED  # stays out until its direction reads again
-        if server_mask == 0 and flow.mask_server == _PARKED:
-            server_mask = _PARKED
-        if client_mask != flow.mask_client:
-            fd = flow.client.fileno()
-            if flow.mask_client < 0:
-                self._epoll.register(fd, client_mask)
+        if new == 0 and old == _PARKED:
+            return old
+        if new != old:
+            if old < 0:
+                self._epoll.register(fd, new)
             else:
-                self._epoll.modify(fd, client_mask)
-            flow.mask_client = client_mask
-        if server_mask != flow.mask_server:
-            fd = flow.server.fileno()
-            if flow.mask_server < 0:
-                self._epoll.register(fd, server_mask)
-            else:
-                self._epoll.modify(fd, server_mask)
-            flow.mask_server = server_mask
+                self._epoll.modify(fd, new)
+        return new
 
     def _update(self, flow: HubFlow) -> None:
         up, down = flow.up, flow.down

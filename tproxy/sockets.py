@@ -107,7 +107,7 @@ def listening_socket(
     return sock
 
 
-def flow_addresses(sock: trio.socket.SocketType) -> tuple[Address, Address]:
+def flow_addresses(sock: trio.socket.SocketType | socket.socket) -> tuple[Address, Address]:
     """(client, original destination) of an accepted, diverted socket.
 
     With TPROXY the accepted socket's local address *is* the original
