@@ -27,6 +27,9 @@ import pytest
 import trio
 import trio.testing
 from explicit_harness import ipv6_loopback
+from stream_helpers import read_all as _read_all
+from stream_helpers import reset as _reset
+from stream_helpers import send_and_eof as _send_and_eof
 
 import tproxy.splice
 from tproxy.engine import Engine, EngineConfig
@@ -199,20 +202,6 @@ class Relayed:
         await trio.aclose_forcefully(self.server)
 
 
-async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    chunks = []
-    with trio.fail_after(HANG_GUARD):
-        while data := await stream.receive_some(65536):
-            chunks.append(data)
-    return b"".join(chunks)
-
-
-async def _send_and_eof(stream: trio.SocketStream, data: bytes) -> None:
-    if data:
-        await stream.send_all(data)
-    await stream.send_eof()
-
-
 async def _sees_reset(stream: trio.SocketStream) -> None:
     """The peer was reset (RST), not closed politely (FIN): receiving ends in ECONNRESET."""
     with trio.fail_after(HANG_GUARD), pytest.raises(trio.BrokenResourceError) as caught:
@@ -228,11 +217,6 @@ async def _send_fails_at_once(sock: socket.socket) -> None:
     await trio.testing.wait_all_tasks_blocked(cushion=0.01)  # the RST is in by now
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
         sock.send(b"x")
-
-
-def _reset(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    stream.socket.close()
 
 
 def _fds() -> int:

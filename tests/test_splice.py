@@ -20,6 +20,9 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
+from stream_helpers import read_all as _read_all
+from stream_helpers import reset as _reset
+from stream_helpers import send_and_eof as _send_and_eof
 
 from tproxy import Interceptor
 from tproxy.flow import EndReason, FlowInfo, FlowRecord
@@ -98,24 +101,6 @@ async def _topology() -> tuple[trio.SocketStream, ...]:
     client_end, incoming = await _tcp_pair()
     outgoing, server_end = await _tcp_pair()
     return client_end, incoming, outgoing, server_end
-
-
-async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
-    chunks = []
-    while data := await stream.receive_some(65536):
-        chunks.append(data)
-    return b"".join(chunks)
-
-
-async def _send_and_eof(stream: trio.SocketStream, data: bytes) -> None:
-    if data:
-        await stream.send_all(data)
-    await stream.send_eof()
-
-
-def _reset(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    stream.socket.close()
 
 
 def _fds() -> int:
