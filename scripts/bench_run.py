@@ -550,8 +550,7 @@ class Bench:
     def round(self, cfg: Config) -> None:
         t = self.target(cfg)
         with self.running(cfg) as pids:
-            self.client.run("curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", "10",
-                            f"http://{t.host}:{t.http}/", timeout=15)  # fmt: skip
+            self.check_serves(t)
             self.iperf3(cfg, t, pids, "t1_up")
             self.iperf3(cfg, t, pids, "t1_down", "-R")
             self.iperf3(cfg, t, pids, "t4_up", "-P", "4")
@@ -563,11 +562,15 @@ class Bench:
         """The chunk-size phase, one size: 1 stream up and down, keep-alive requests/s."""
         t = self.target(cfg)
         with self.running(cfg) as pids:
-            self.client.run("curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", "10",
-                            f"http://{t.host}:{t.http}/", timeout=15)  # fmt: skip
+            self.check_serves(t)
             self.iperf3(cfg, t, pids, "t1_up")
             self.iperf3(cfg, t, pids, "t1_down", "-R")
             self.wrk(cfg, t, pids, "rps")
+
+    def check_serves(self, t: Target) -> None:
+        """One real request through the configuration before anything is measured."""
+        self.client.run("curl", "-sS", "--fail", "-o", "/dev/null", "--max-time", "10",
+                        f"http://{t.host}:{t.http}/", timeout=15)  # fmt: skip
 
     def memory(self, cfg: Config) -> None:
         """RSS growth per idle flow between ``base`` and ``flows`` idle flows."""
