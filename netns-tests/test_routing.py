@@ -95,9 +95,9 @@ EXPECTED_MANGLE_V4 = """\
 -A PREROUTING -m comment --comment "tproxy:default" -j TPROXY_PRE
 -A TPROXY_DIVERT -m comment --comment "tproxy:default" -j MARK --set-xmark 0x1/0xffffffff
 -A TPROXY_DIVERT -m comment --comment "tproxy:default" -j ACCEPT
--A TPROXY_PRE -i in0 -p tcp -m tcp --dport 80 -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
+-A TPROXY_PRE -i in0 -p tcp -m tcp --dport 80 ! --tcp-flags FIN,SYN,RST,ACK SYN -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
 -A TPROXY_PRE -i out0 -p tcp -m tcp --sport 80 -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
--A TPROXY_PRE -i in0 -p tcp -m tcp --dport 8000:8100 -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
+-A TPROXY_PRE -i in0 -p tcp -m tcp --dport 8000:8100 ! --tcp-flags FIN,SYN,RST,ACK SYN -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
 -A TPROXY_PRE -i out0 -p tcp -m tcp --sport 8000:8100 -m socket --transparent -m comment --comment "tproxy:default" -j TPROXY_DIVERT
 -A TPROXY_PRE -i in0 -p tcp -m tcp --dport 80 -m comment --comment "tproxy:default" -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
 -A TPROXY_PRE -i in0 -p tcp -m tcp --dport 8000:8100 -m comment --comment "tproxy:default" -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff

@@ -16,9 +16,9 @@ iptables-legacy -t mangle -N TPROXY_DIVERT
 iptables-legacy -t mangle -N TPROXY_PRE
 iptables-legacy -t mangle -A TPROXY_DIVERT -m comment --comment tproxy:default -j MARK --set-xmark 0x1/0xffffffff
 iptables-legacy -t mangle -A TPROXY_DIVERT -m comment --comment tproxy:default -j ACCEPT
-iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 80 -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
+iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 80 '!' --syn -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
 iptables-legacy -t mangle -A TPROXY_PRE -i eth1 -p tcp -m tcp --sport 80 -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
-iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 8000:8100 -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
+iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 8000:8100 '!' --syn -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
 iptables-legacy -t mangle -A TPROXY_PRE -i eth1 -p tcp -m tcp --sport 8000:8100 -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
 iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 80 -m comment --comment tproxy:default -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
 iptables-legacy -t mangle -A TPROXY_PRE -i eth0 -p tcp -m tcp --dport 8000:8100 -m comment --comment tproxy:default -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff
@@ -32,7 +32,7 @@ ip6tables-legacy -t mangle -N TPROXY_DIVERT_lab
 ip6tables-legacy -t mangle -N TPROXY_PRE_lab
 ip6tables-legacy -t mangle -A TPROXY_DIVERT_lab -m comment --comment tproxy:lab -j MARK --set-xmark 0x10/0xf0
 ip6tables-legacy -t mangle -A TPROXY_DIVERT_lab -m comment --comment tproxy:lab -j ACCEPT
-ip6tables-legacy -t mangle -A TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
+ip6tables-legacy -t mangle -A TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 '!' --syn -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
 ip6tables-legacy -t mangle -A TPROXY_PRE_lab -i out0 -p tcp -m tcp --sport 443 -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
 ip6tables-legacy -t mangle -A TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 -m comment --comment tproxy:lab -j TPROXY --on-port 8443 --on-ip 2001:db8::5 --tproxy-mark 0x10/0xf0
 ip6tables-legacy -t mangle -I PREROUTING 1 -m comment --comment tproxy:lab -j TPROXY_PRE_lab
@@ -42,7 +42,7 @@ EXPECTED_V6_TEARDOWN = """\
 ip6tables-legacy -t mangle -D PREROUTING -m comment --comment tproxy:lab -j TPROXY_PRE_lab
 ip6tables-legacy -t mangle -D TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 -m comment --comment tproxy:lab -j TPROXY --on-port 8443 --on-ip 2001:db8::5 --tproxy-mark 0x10/0xf0
 ip6tables-legacy -t mangle -D TPROXY_PRE_lab -i out0 -p tcp -m tcp --sport 443 -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
-ip6tables-legacy -t mangle -D TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
+ip6tables-legacy -t mangle -D TPROXY_PRE_lab -i in0 -p tcp -m tcp --dport 443 '!' --syn -m socket --transparent -m comment --comment tproxy:lab -j TPROXY_DIVERT_lab
 ip6tables-legacy -t mangle -D TPROXY_DIVERT_lab -m comment --comment tproxy:lab -j ACCEPT
 ip6tables-legacy -t mangle -D TPROXY_DIVERT_lab -m comment --comment tproxy:lab -j MARK --set-xmark 0x10/0xf0
 ip6tables-legacy -t mangle -F TPROXY_PRE_lab

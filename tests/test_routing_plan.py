@@ -51,7 +51,7 @@ def test_ipv4_plan_items_in_install_order() -> None:
         MangleRule(4, "TPROXY_DIVERT", SetMark(1, 0xFFFFFFFF), c),
         MangleRule(4, "TPROXY_DIVERT", Accept(), c),
         MangleRule(4, "TPROXY_PRE", items[6].target, c, "eth0", "tcp",
-                   dport=PortRange(80, 80), socket_transparent=True),
+                   dport=PortRange(80, 80), not_syn=True, socket_transparent=True),
         MangleRule(4, "TPROXY_PRE", items[6].target, c, "eth1", "tcp",
                    sport=PortRange(80, 80), socket_transparent=True),
         MangleRule(4, "TPROXY_PRE", Tproxy("127.0.0.1", 9091, 1, 0xFFFFFFFF), c, "eth0",

@@ -43,6 +43,10 @@ def rule_spec(rule: MangleRule) -> list[str]:
             args += ["--sport", rule.sport.iptables]
         if rule.dport is not None:
             args += ["--dport", rule.dport.iptables]
+    if rule.not_syn:
+        if rule.dport is None and rule.sport is None:
+            args += ["-m", "tcp"]
+        args += ["!", "--syn"]
     if rule.socket_transparent:
         args += ["-m", "socket", "--transparent"]
     args += ["-m", "comment", "--comment", rule.comment]

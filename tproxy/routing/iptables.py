@@ -60,6 +60,8 @@ from .ports import PortRange
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 _ANY4 = "0.0.0.0/0.0.0.0"
 _ANY6 = "::/0"
+#: ``! --syn`` as python-iptables spells it (``--syn`` is ``--tcp-flags FIN,SYN,RST,ACK SYN``).
+_NOT_SYN = ("!", "FIN,SYN,RST,ACK", "SYN")
 
 
 def _iptc() -> Any:
@@ -126,12 +128,14 @@ class FamilyTables:
             built.in_interface = rule.in_interface
         if rule.protocol is not None:
             built.protocol = rule.protocol
-        if rule.dport is not None or rule.sport is not None:
+        if rule.dport is not None or rule.sport is not None or rule.not_syn:
             match = built.create_match(rule.protocol or "tcp")
             if rule.sport is not None:
                 match.sport = rule.sport.iptables
             if rule.dport is not None:
                 match.dport = rule.dport.iptables
+            if rule.not_syn:
+                match.tcp_flags = list(_NOT_SYN)
         if rule.socket_transparent:
             built.create_match("socket").transparent = ""
         built.create_match("comment").comment = rule.comment
@@ -244,13 +248,17 @@ class FamilyTables:
             return unknown
         protocol = live.protocol if live.protocol not in (None, "ip", "all", "0") else None
         dport = sport = None
-        transparent = False
+        transparent = not_syn = False
         for name, params in matches:
-            if name == protocol and set(params) <= {"dport", "sport"}:
+            if name == protocol and set(params) <= {"dport", "sport", "tcp-flags"}:
                 if "dport" in params:
                     dport = _port_range(params["dport"])
                 if "sport" in params:
                     sport = _port_range(params["sport"])
+                if "tcp-flags" in params:
+                    if params["tcp-flags"] != list(_NOT_SYN):
+                        return unknown
+                    not_syn = True
             elif name == "socket" and params == {"transparent": []}:
                 transparent = True
             elif name != "comment":
@@ -260,7 +268,8 @@ class FamilyTables:
             return unknown
         return MangleRule(
             family, chain, target, comment, live.in_interface or None, protocol,
-            dport=dport or None, sport=sport or None, socket_transparent=transparent,
+            dport=dport or None, sport=sport or None, not_syn=not_syn,
+            socket_transparent=transparent,
             first=chain == "PREROUTING",
         )
 
