@@ -13,6 +13,8 @@ bounded by ``--timeout``.
 - ``expect-reset``: connects and reads; reports whether a reset came.
 - ``many --count N``: N concurrent connections, each sends and reads back.
 - ``stream --seconds S``: sends forever (bounded by S) and reports how it ended.
+- ``http10 [--source-port P]``: one HTTP/1.0 GET (the server closes first),
+  from local port P if given; the status line and the local address.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import threading
 import time
 
 
-def connect(host: str, port: int, timeout: float) -> socket.socket:
+def connect(host: str, port: int, timeout: float, source_port: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    if source_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
     sock.connect((host, port))
     return sock
 
@@ -192,9 +197,19 @@ def cmd_stream(args: argparse.Namespace) -> dict:
     return {"outcome": outcome, "sent": sent}
 
 
+def cmd_http10(args: argparse.Namespace) -> dict:
+    with connect(args.host, args.port, args.timeout, args.source_port) as sock:
+        local = sock.getsockname()
+        sock.sendall(f"GET / HTTP/1.0\r\nHost: {args.host}\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return {"local": [local[0], local[1]], "status": reply.split(b"\r\n", 1)[0].decode()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    commands = ["peer", "bulk", "halfclose", "expect-reset", "many", "stream"]
+    commands = ["peer", "bulk", "halfclose", "expect-reset", "many", "stream", "http10"]
     parser.add_argument("command", choices=commands)
     parser.add_argument("host")
     parser.add_argument("port", type=int)
@@ -202,6 +217,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--source-port", type=int, default=0)
     args = parser.parse_args()
     fn = globals()["cmd_" + args.command.replace("-", "_")]
     print(json.dumps(fn(args)), flush=True)

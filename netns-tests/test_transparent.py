@@ -78,6 +78,41 @@ def test_replace_rewrites_a_real_http_response(topology: Topology, tmp_path: Pat
     assert topology.client_ip4 in server_log
 
 
+def syn_retransmissions(ns: Namespace) -> int:
+    """The namespace's count of SYNs its sockets sent again (its own, nobody else's)."""
+    out = ns.run("nstat", "-az", "TcpExtTCPSynRetrans").stdout
+    return int(out.split("TcpExtTCPSynRetrans")[1].split()[0])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_client_reusing_a_port_in_time_wait_connects_at_the_first_syn(
+    topology: Topology, tmp_path: Path, family: int
+) -> None:
+    # HTTP/1.0: the server closes first, so the proxy closes its accepted
+    # socket first and that socket waits in TIME_WAIT on the gateway for 60 s.
+    # A client that reuses its port meanwhile must reach the proxy with its
+    # first SYN; the socket match used to divert that SYN to the TIME_WAIT
+    # socket, which answered with a stray ACK and cost a SYN retransmission.
+    (tmp_path / "index.html").write_text("hello\n")
+    server_ip = topology.server_ip4 if family == 4 else topology.server_ip6
+    http_server(topology.server, "::" if family == 6 else "0.0.0.0", HTTP_PORT, tmp_path)
+    with proxy(topology, "-q"):
+        first = client_json(topology, "http10", server_ip, HTTP_PORT, "--timeout", 10)
+        port = first["local"][1]
+        waiting = topology.gateway.run(
+            "ss", "-tanH", "state", "time-wait", f"( sport = :{HTTP_PORT} and dport = :{port} )"
+        ).stdout
+        assert waiting.strip(), "no TIME_WAIT socket on the gateway: the test proves nothing"
+        before = syn_retransmissions(topology.client)
+        again = client_json(
+            topology, "http10", server_ip, HTTP_PORT, "--source-port", port, "--timeout", 10
+        )
+        after = syn_retransmissions(topology.client)
+    assert first["status"].startswith("HTTP/1.0 200") and again["status"] == first["status"]
+    assert again["local"][1] == port
+    assert after == before, f"{after - before} SYN retransmission(s) to reach the proxy"
+
+
 @pytest.mark.slow
 def test_one_gib_each_way_arrives_unchanged(topology: Topology) -> None:
     echo_server(topology.server, "0.0.0.0", ECHO_PORT)
