@@ -5,6 +5,7 @@ and shutdown of explicit flows.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,68 @@ def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
             assert recv_exact(first, 3) == b"one"
             expect_reset(running.port("forward"))
         assert "--max-flows-per-client" in running.wait_log("reason=rejected")
+
+
+def test_a_client_gets_its_slot_back_when_its_flow_ends(tmp_path: Path) -> None:
+    with (
+        echo_server() as echo,
+        running_proxy(
+            tmp_path, [f"forward:127.0.0.1:{echo}"], "--max-flows-per-client", "1"
+        ) as running,
+    ):
+        ended = running.wait_log(" end reason=").count(" end reason=")  # the readiness probe
+        for _ in range(3):
+            with connect(running.port("forward")) as sock:
+                sock.sendall(b"ping")
+                assert recv_exact(sock, 4) == b"ping"
+                sock.shutdown(socket.SHUT_WR)
+                assert recv_all(sock) == b""
+            ended += 1
+            # The client sees EOF a moment before the proxy books the end.
+            for _ in range(500):
+                if running.log().count(" end reason=") >= ended:
+                    break
+                time.sleep(0.01)
+        log = running.log()
+    assert log.count(" end reason=eof") >= 3 and "reason=rejected" not in log, log
+
+
+def test_a_failed_connect_gives_the_slot_back_too(tmp_path: Path) -> None:
+    target = f"forward:127.0.0.1:{free_port()}"
+    with running_proxy(tmp_path, [target], "--max-flows-per-client", "1") as running:
+        running.wait_log(" end reason=")  # the readiness probe held the slot while it connected
+        for _ in range(3):
+            expect_reset(running.port("forward"))
+        log = running.wait_log("reason=connect-failed")
+    assert "reason=rejected" not in log, log
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "fast"),
+    [
+        ("127.0.0.1:80", [], True),
+        ("[::1]:80", [], True),
+        ("localhost:80", [], False),  # a name: resolved per connection, in a task
+        ("127.0.0.1:80", ["--no-splice"], False),
+        ("127.0.0.1:80", REPLACE, False),
+    ],
+)
+def test_which_forward_listeners_the_hub_serves_without_a_task(
+    target: str, extra: list[str], fast: bool
+) -> None:
+    from tproxy import loading
+    from tproxy.engine import Engine, EngineConfig
+    from tproxy.runner import open_doors
+
+    listen = f"forward:{target}@127.0.0.1:{free_port()}"
+    args = build_parser().parse_args(["run", "--mode", listen, *extra])
+    engine = Engine(EngineConfig(splice=args.splice), loading.load_all(args.interceptors))
+    doors = open_doors(args.mode, engine, args)
+    try:
+        assert (doors[0].fast is not None) is fast
+    finally:
+        for door in doors:
+            door.close()
 
 
 def test_shutdown_resets_explicit_flows_after_the_grace_period(tmp_path: Path) -> None:

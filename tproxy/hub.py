@@ -112,6 +112,7 @@ class HubFlow:
         "last",
         "mask_client",
         "mask_server",
+        "on_end",
         "pending",
         "record",
         "server",
@@ -134,6 +135,8 @@ class HubFlow:
         self.mask_client = -1  # not registered
         self.mask_server = -1
         self.done: trio.Event | None = None
+        self.on_end: Callable[[], None] | None = None
+        """Called once the flow has ended and been reported (a front door's own books)."""
 
 
 class SpliceHub:
@@ -302,14 +305,19 @@ class SpliceHub:
         return flow
 
     def connect(
-        self, client: socket.socket, info: FlowInfo, outgoing: Callable[[], socket.socket]
+        self,
+        client: socket.socket,
+        info: FlowInfo,
+        outgoing: Callable[[], socket.socket],
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         """Open the outgoing flow for an accepted connection, then relay the pair.
 
         ``outgoing()`` makes the bound, non-blocking outgoing socket; the
         connect completes in the hub. A failure is recorded through
         ``rejected`` as ``connect-failed`` and resets the client at once (a
-        silent close would look like an empty reply).
+        silent close would look like an empty reply). ``on_end()`` runs once
+        when the flow has ended, however it ended, this failure included.
         """
         self._check_running()
         try:
@@ -317,17 +325,26 @@ class SpliceHub:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 close_idle_pipes()  # descriptors for the next flows, not for spare pipes
-            self._rejected(info, EndReason.CONNECT_FAILED, str(connect_error_from(exc)))
             reset_socket(client)
+            try:
+                self._rejected(info, EndReason.CONNECT_FAILED, str(connect_error_from(exc)))
+            finally:
+                if on_end is not None:
+                    on_end()
             return
         rc = server.connect_ex(info.destination)
         if rc not in (0, errno.EINPROGRESS):
-            self._rejected(info, EndReason.CONNECT_FAILED, _connect_error(rc))
             server.close()
             reset_socket(client)
+            try:
+                self._rejected(info, EndReason.CONNECT_FAILED, _connect_error(rc))
+            finally:
+                if on_end is not None:
+                    on_end()
             return
         flow = HubFlow(client, server)
         flow.pending = info
+        flow.on_end = on_end
         self._fds[flow.client_fd] = flow
         self._fds[flow.server_fd] = flow
         self.connecting += 1
@@ -593,19 +610,22 @@ class SpliceHub:
             reset_socket(flow.client)
             reset_socket(flow.server)
         record = flow.record
-        if record is None:
-            info = flow.pending
-            assert info is not None
-            flow.pending = None
-            self.connecting -= 1
-            self._rejected(info, reason, detail)
-            return
-        record.end(reason, detail, now=time.monotonic())
         try:
-            self._closed(record)
+            if record is None:
+                info = flow.pending
+                assert info is not None
+                flow.pending = None
+                self.connecting -= 1
+                self._rejected(info, reason, detail)
+            else:
+                record.end(reason, detail, now=time.monotonic())
+                self._closed(record)
         finally:
             if flow.done is not None:
                 flow.done.set()
+            on_end, flow.on_end = flow.on_end, None
+            if on_end is not None:
+                on_end()
 
     def _failed(self, flow: HubFlow, exc: Exception) -> None:
         """A flow's step raised what no rule above expects: it ends that flow only."""

@@ -176,7 +176,10 @@ def open_doors(
     try:
         for spec in specs:
             handler = front_door(spec, engine, args)
-            fast = engine.accept_fast if spec.transparent else None
+            if spec.transparent:
+                fast = engine.accept_fast
+            else:
+                fast = explicit.fast_door(spec, engine, args)
             try:
                 doors.append(Door.open(spec, handler, reuse_port=reuse_port, fast=fast))
             except OSError as exc:

@@ -27,19 +27,34 @@ import trio
 from ..cli import UsageError
 from ..engine import Engine
 from ..modes import ModeSpec
-from ..server import Handler
+from ..server import FastHandler, Handler
 from .accepted import Accepted, serve_accepted
-from .forward import serve_forward
+from .forward import forward_in_hub, serve_forward
 from .http import serve_http
 from .settings import ExplicitSettings, add_arguments, check_unused, settings_from
 from .socks import serve_socks
 
-__all__ = ["ExplicitSettings", "add_arguments", "check_unused", "front_door", "handler_for"]
+__all__ = [
+    "ExplicitSettings",
+    "add_arguments",
+    "check_unused",
+    "fast_door",
+    "front_door",
+    "handler_for",
+]
 
 
 def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Handler:
     """The handler of one explicit listener; every option is checked here, before listening."""
     return handler_for(spec, engine, settings_from(args))
+
+
+def fast_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> FastHandler | None:
+    """The synchronous handler of one explicit listener where it has one (see :mod:`.forward`)."""
+    if spec.kind != "forward":
+        return None
+    assert spec.target is not None
+    return forward_in_hub(engine, settings_from(args), spec.target)
 
 
 def handler_for(spec: ModeSpec, engine: Engine, settings: ExplicitSettings) -> Handler:

@@ -7,17 +7,31 @@ operator's choice, so the destination rules (``--allow-host`` ...) do not
 apply; the client allow list and the flow caps do. A connection that cannot
 be served (cap reached, target unreachable) is reset at once, as in
 transparent mode: a silent close would look like an empty answer.
+
+A target given as an IP address, with no interceptor loaded, is served by
+:func:`forward_in_hub` without a task: the accept loop hands each socket to
+the splice hub, which connects and relays it (the same checks, records and
+resets; only the per-flow cost of a trio task and stream is gone).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import socket
+from collections.abc import Callable
+
 import trio
 
+from ..engine import Engine
 from ..flow import Address, EndReason
 from ..protocols import Policy
-from ..sockets import ConnectError, reset_stream
-from .accepted import Accepted
-from .upstream import DestinationDenied, open_upstream
+from ..sockets import ConnectError, outgoing_socket, reset_socket, reset_stream
+from .accepted import UNKNOWN_DESTINATION, Accepted
+from .settings import ExplicitSettings
+from .upstream import DestinationDenied, is_ip_literal, open_upstream
+
+log = logging.getLogger("tproxy.explicit")
 
 _ANYWHERE = Policy()
 
@@ -41,3 +55,50 @@ async def serve_forward(accepted: Accepted, target: Address) -> None:
             await reset_stream(stream)
         raise
     await accepted.engine.relay(stream, outgoing, accepted.flow(target), source=source)
+
+
+def forward_in_hub(
+    engine: Engine, settings: ExplicitSettings, target: Address
+) -> Callable[[socket.socket], None] | None:
+    """The synchronous front door of a forward listener, where the hub can serve it whole.
+
+    ``None`` where it cannot: interceptors loaded or splice off (no hub), or
+    a target name, which needs an asynchronous lookup per connection.
+    """
+    hub = engine.hub
+    if hub is None or not is_ip_literal(target[0]):
+        return None
+    config = engine.config
+    outgoing = functools.partial(outgoing_socket, target, None, config.source_policy, config.mark)
+    slots = settings.slots
+
+    def serve(incoming: socket.socket) -> None:
+        """What :func:`serve_accepted` and :func:`serve_forward` do, in one call."""
+        try:
+            peer = incoming.getpeername()
+        except OSError as exc:
+            log.debug("connection vanished before it was served: %s", exc)
+            reset_socket(incoming)
+            return
+        client: Address = (peer[0], peer[1])
+        if not settings.policy.check_client(client[0]):
+            engine.reject(
+                engine.new_flow(client, UNKNOWN_DESTINATION, "forward"),
+                EndReason.REJECTED,
+                "client not in --allow-client",
+            )
+            reset_socket(incoming)
+            return
+        info = engine.new_flow(client, target, "forward")
+        problem = None
+        if engine.at_capacity():
+            problem = "too many flows (--max-flows)"
+        elif not slots.acquire(client[0]):
+            problem = f"client has {slots.limit} flow(s) open already (--max-flows-per-client)"
+        if problem is not None:
+            engine.reject(info, EndReason.REJECTED, problem)
+            reset_socket(incoming)
+            return
+        hub.connect(incoming, info, outgoing, functools.partial(slots.release, client[0]))
+
+    return serve
