@@ -325,22 +325,12 @@ class SpliceHub:
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 close_idle_pipes()  # descriptors for the next flows, not for spare pipes
-            reset_socket(client)
-            try:
-                self._rejected(info, EndReason.CONNECT_FAILED, str(connect_error_from(exc)))
-            finally:
-                if on_end is not None:
-                    on_end()
+            self._refuse(client, info, str(connect_error_from(exc)), on_end)
             return
         rc = server.connect_ex(info.destination)
         if rc not in (0, errno.EINPROGRESS):
             server.close()
-            reset_socket(client)
-            try:
-                self._rejected(info, EndReason.CONNECT_FAILED, _connect_error(rc))
-            finally:
-                if on_end is not None:
-                    on_end()
+            self._refuse(client, info, _connect_error(rc), on_end)
             return
         flow = HubFlow(client, server)
         flow.pending = info
@@ -359,6 +349,21 @@ class SpliceHub:
         # The client is watched too (mask 0: errors only), so that one that resets
         # while we connect ends the attempt instead of being reported every poll.
         self._register(flow, 0, _OUT)
+
+    def _refuse(
+        self,
+        client: socket.socket,
+        info: FlowInfo,
+        detail: str,
+        on_end: Callable[[], None] | None,
+    ) -> None:
+        """A connect that failed before the flow entered the hub: reset, report, ``on_end``."""
+        reset_socket(client)
+        try:
+            self._rejected(info, EndReason.CONNECT_FAILED, detail)
+        finally:
+            if on_end is not None:
+                on_end()
 
     def _check_running(self) -> None:
         if not self.running:

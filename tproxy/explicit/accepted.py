@@ -27,6 +27,7 @@ log = logging.getLogger("tproxy.explicit")
 
 UNKNOWN_DESTINATION: Address = ("-", 0)
 """The destination logged for a connection refused before it named one."""
+_TOO_MANY_FLOWS = "too many flows (--max-flows)"
 
 
 @dataclass
@@ -100,14 +101,36 @@ class Accepted:
         When there is none, this connection takes one of its client's slots,
         which :func:`serve_accepted` gives back when the connection ends.
         """
-        if self.engine.at_capacity():
-            return "too many flows (--max-flows)"
-        if not self.holds_slot:
-            if not self.settings.slots.acquire(self.client[0]):
-                limit = self.settings.slots.limit
-                return f"client has {limit} flow(s) open already (--max-flows-per-client)"
-            self.holds_slot = True
-        return None
+        if self.holds_slot:
+            return _TOO_MANY_FLOWS if self.engine.at_capacity() else None
+        problem = take_slot(self.engine, self.settings, self.client[0])
+        self.holds_slot = problem is None
+        return problem
+
+
+def take_slot(engine: Engine, settings: ExplicitSettings, client_ip: str) -> str | None:
+    """Why a new flow of ``client_ip`` may not start now (a cap reached), or ``None``.
+
+    ``None`` means it may, and then it holds one of the client's slots, to
+    give back with ``settings.slots.release`` when the connection ends.
+    """
+    if engine.at_capacity():
+        return _TOO_MANY_FLOWS
+    if not settings.slots.acquire(client_ip):
+        return f"client has {settings.slots.limit} flow(s) open already (--max-flows-per-client)"
+    return None
+
+
+def refuse_stranger(engine: Engine, settings: ExplicitSettings, client: Address, mode: str) -> bool:
+    """Log and return ``True`` for a client outside ``--allow-client`` (the caller resets it)."""
+    if settings.policy.check_client(client[0]):
+        return False
+    engine.reject(
+        engine.new_flow(client, UNKNOWN_DESTINATION, mode),
+        EndReason.REJECTED,
+        "client not in --allow-client",
+    )
+    return True
 
 
 Body = Callable[[Accepted], Awaitable[None]]
@@ -128,12 +151,7 @@ async def serve_accepted(
         await reset_stream(stream)
         return
     client: Address = (peer[0], peer[1])
-    if not settings.policy.check_client(client[0]):
-        engine.reject(
-            engine.new_flow(client, UNKNOWN_DESTINATION, mode),
-            EndReason.REJECTED,
-            "client not in --allow-client",
-        )
+    if refuse_stranger(engine, settings, client, mode):
         await reset_stream(stream)
         return
     accepted = Accepted(engine, settings, mode, stream, client)

@@ -27,7 +27,7 @@ from ..engine import Engine
 from ..flow import Address, EndReason
 from ..protocols import Policy
 from ..sockets import ConnectError, outgoing_socket, reset_socket, reset_stream
-from .accepted import UNKNOWN_DESTINATION, Accepted
+from .accepted import Accepted, refuse_stranger, take_slot
 from .settings import ExplicitSettings
 from .upstream import DestinationDenied, is_ip_literal, open_upstream
 
@@ -70,7 +70,6 @@ def forward_in_hub(
         return None
     config = engine.config
     outgoing = functools.partial(outgoing_socket, target, None, config.source_policy, config.mark)
-    slots = settings.slots
 
     def serve(incoming: socket.socket) -> None:
         """What :func:`serve_accepted` and :func:`serve_forward` do, in one call."""
@@ -81,24 +80,16 @@ def forward_in_hub(
             reset_socket(incoming)
             return
         client: Address = (peer[0], peer[1])
-        if not settings.policy.check_client(client[0]):
-            engine.reject(
-                engine.new_flow(client, UNKNOWN_DESTINATION, "forward"),
-                EndReason.REJECTED,
-                "client not in --allow-client",
-            )
+        if refuse_stranger(engine, settings, client, "forward"):
             reset_socket(incoming)
             return
         info = engine.new_flow(client, target, "forward")
-        problem = None
-        if engine.at_capacity():
-            problem = "too many flows (--max-flows)"
-        elif not slots.acquire(client[0]):
-            problem = f"client has {slots.limit} flow(s) open already (--max-flows-per-client)"
+        problem = take_slot(engine, settings, client[0])
         if problem is not None:
             engine.reject(info, EndReason.REJECTED, problem)
             reset_socket(incoming)
             return
-        hub.connect(incoming, info, outgoing, functools.partial(slots.release, client[0]))
+        release = functools.partial(settings.slots.release, client[0])
+        hub.connect(incoming, info, outgoing, release)
 
     return serve
