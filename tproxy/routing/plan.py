@@ -34,8 +34,10 @@ that socket, which has no listener behind the original destination and
 answers with a bare ACK, and the client connects only after a SYN
 retransmission (a second or more). The TPROXY target handles exactly this
 case: it retires the TIME_WAIT socket and hands the SYN to the listener.
-Measured with ``scripts/bench``: 5 % of new connections/s through the
-transparent path hit it, HAProxy's as much as ours.
+``scripts/bench`` found it: with the socket rule taking SYNs too, 5 % of
+new connections through tproxy and 25 % through HAProxy (same rules) needed
+a SYN retransmission; with SYNs kept off it, HAProxy went from 5,700 to
+13,500 new connections/s.
 """
 
 from __future__ import annotations
