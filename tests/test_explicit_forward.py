@@ -4,6 +4,7 @@ and shutdown of explicit flows.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from explicit_harness import (
     PAGE,
     REPLACE,
+    RunningProxy,
     connect,
     curl,
     echo_server,
@@ -60,7 +62,9 @@ def test_an_unreachable_target_resets_the_client(tmp_path: Path) -> None:
         assert "refused" in running.wait_log("reason=connect-failed")
 
 
-def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def one_flow_per_client(tmp_path: Path) -> Iterator[RunningProxy]:
+    """A forward listener to an echo server, one flow per client, its readiness probe ended."""
     with (
         echo_server() as echo,
         running_proxy(
@@ -69,6 +73,11 @@ def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
     ):
         # the harness's readiness probe was a flow too: let it end first
         running.wait_log(" end reason=")
+        yield running
+
+
+def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
+    with one_flow_per_client(tmp_path) as running:
         with connect(running.port("forward")) as first:
             first.sendall(b"one")
             assert recv_exact(first, 3) == b"one"
@@ -77,13 +86,8 @@ def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
 
 
 def test_a_client_gets_its_slot_back_when_its_flow_ends(tmp_path: Path) -> None:
-    with (
-        echo_server() as echo,
-        running_proxy(
-            tmp_path, [f"forward:127.0.0.1:{echo}"], "--max-flows-per-client", "1"
-        ) as running,
-    ):
-        ended = running.wait_log(" end reason=").count(" end reason=")  # the readiness probe
+    with one_flow_per_client(tmp_path) as running:
+        ended = running.log().count(" end reason=")
         for _ in range(3):
             with connect(running.port("forward")) as sock:
                 sock.sendall(b"ping")
