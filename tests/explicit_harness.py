@@ -84,15 +84,16 @@ class RunningProxy:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_log(self, text: str) -> str:
-        """The log once it contains ``text`` (a flow is logged after its client saw the end)."""
+    def wait_log(self, text: str, count: int = 1) -> str:
+        """The log once it contains ``text`` ``count`` times (a flow is logged after its
+        client saw the end)."""
         deadline = time.monotonic() + HANG_GUARD
         while time.monotonic() < deadline:
             log = self.log()
-            if text in log:
+            if log.count(text) >= count:
                 return log
             time.sleep(0.02)
-        raise AssertionError(f"{text!r} never appeared in the log:\n{self.log()}")
+        raise AssertionError(f"{text!r} never appeared {count} time(s) in the log:\n{self.log()}")
 
 
 @contextlib.contextmanager

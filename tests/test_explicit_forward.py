@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +27,14 @@ from explicit_harness import (
 )
 from python_socks.sync import Proxy
 
+from tproxy import loading
 from tproxy.cli import UsageError, build_parser
+from tproxy.engine import Engine, EngineConfig
 from tproxy.explicit import check_unused
 from tproxy.explicit.settings import ExplicitSettings
 from tproxy.modes import parse_mode
 from tproxy.protocols import Policy
+from tproxy.runner import open_doors
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +89,16 @@ def test_per_client_cap_resets_the_extra_connection(tmp_path: Path) -> None:
 
 def test_a_client_gets_its_slot_back_when_its_flow_ends(tmp_path: Path) -> None:
     with one_flow_per_client(tmp_path) as running:
-        ended = running.log().count(" end reason=")
-        for _ in range(3):
+        before = running.log().count(" end reason=eof client")  # the readiness probe's
+        for flows in range(1, 4):
             with connect(running.port("forward")) as sock:
                 sock.sendall(b"ping")
                 assert recv_exact(sock, 4) == b"ping"
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_all(sock) == b""
-            ended += 1
             # The client sees EOF a moment before the proxy books the end.
-            for _ in range(500):
-                if running.log().count(" end reason=") >= ended:
-                    break
-                time.sleep(0.01)
-        log = running.log()
-    assert log.count(" end reason=eof") >= 3 and "reason=rejected" not in log, log
+            log = running.wait_log(" end reason=eof client", count=before + flows)
+    assert "reason=rejected" not in log, log
 
 
 def test_a_failed_connect_gives_the_slot_back_too(tmp_path: Path) -> None:
@@ -127,10 +124,6 @@ def test_a_failed_connect_gives_the_slot_back_too(tmp_path: Path) -> None:
 def test_which_forward_listeners_the_hub_serves_without_a_task(
     target: str, extra: list[str], fast: bool
 ) -> None:
-    from tproxy import loading
-    from tproxy.engine import Engine, EngineConfig
-    from tproxy.runner import open_doors
-
     listen = f"forward:{target}@127.0.0.1:{free_port()}"
     args = build_parser().parse_args(["run", "--mode", listen, *extra])
     engine = Engine(EngineConfig(splice=args.splice), loading.load_all(args.interceptors))
