@@ -8,7 +8,8 @@
 # test extra (again only when pyproject.toml changed). Quiet unless something
 # fails. PYTHON picks the interpreter for a new .venv (default python3, >= 3.11).
 
-BOOTSTRAP_PACKAGES=(iptables iproute2 curl iperf3 iputils-ping procps nftables ca-certificates)
+BOOTSTRAP_PACKAGES=(iptables iproute2 curl iperf3 iputils-ping procps nftables ca-certificates
+    openssl jq tshark bind9-dnsutils redis-server redis-tools)
 
 _say() { printf '==> %s\n' "$*"; }
 
