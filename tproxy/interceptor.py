@@ -16,11 +16,12 @@ position in the stream.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .flow import FlowInfo
+from .timers import CLIENT, SERVER, SIDES, FlowTimers, ThreadJob, TimerHandle
 
 
 class OptionError(ValueError):
@@ -143,6 +144,102 @@ class Interceptor:
         """Whether :meth:`passthrough` was called."""
         return self._passthrough
 
+    # -- time, pacing and threads (the state lives in tproxy.timers) -----------
+
+    _tproxy_timers: FlowTimers | None = None
+    _tproxy_index = 0
+
+    def _flow_timers(self, what: str) -> FlowTimers:
+        timers = self._tproxy_timers
+        if timers is None:
+            raise RuntimeError(
+                f"{what} needs a relay that drives timers, and this flow's chain has no "
+                "clock (Chain.set_clock was never called)"
+            )
+        return timers
+
+    def now(self) -> float:
+        """The flow's clock in seconds: the relay's monotonic time, the Driver's virtual time.
+
+        Only differences mean something. Use it instead of :func:`time.monotonic`,
+        so tests on :class:`tproxy.testing.Driver` control time.
+        """
+        return self._flow_timers("now()").clock()
+
+    def call_later(self, seconds: float, fn: Callable[[], object]) -> TimerHandle:
+        """Call ``fn()`` once, ``seconds`` from now (0: as soon as the hook returned).
+
+        The callback may do what a hook does: inject (routed from this
+        interceptor's place in the chain, like a hook's injections), abort,
+        close, pass through, hold or release reading and end of stream, set
+        more timers. Its return value is ignored. Callbacks due at the same
+        time run in the order they were made. Returns a handle whose
+        ``cancel()`` drops the call; all timers die with the flow.
+        """
+        return self._flow_timers("call_later()").call_later(self._tproxy_index, seconds, fn)
+
+    def hold_reading(self, side: str, held: bool = True) -> None:
+        """Ask the relay to stop (``held``) or resume reading from ``side``.
+
+        ``side`` is ``client``, ``server`` or ``both``. While any interceptor
+        holds a side, the relay reads nothing from it: the sender meets TCP
+        backpressure instead of the proxy queueing without bound. Hold when
+        what you queued passes a limit, release when it drained (in a timer
+        callback). The relay may still deliver one read that was in flight.
+        """
+        self._flow_timers("hold_reading()").hold_reading(self._tproxy_index, side, held)
+
+    def hold_eof(self, side: str, held: bool = True) -> None:
+        """Hold ``side``'s end of stream at this interceptor (``held=False``: let it go on).
+
+        When ``side`` (``client``, ``server`` or ``both``) finishes sending, its
+        end of stream passes the chain like data; at an interceptor holding
+        it, it stops after that interceptor's ``client_eof``/``server_eof``
+        hook (which may call this, or it may have been called earlier). The
+        interceptors after it see their eof hook, and the other end gets its
+        half-close, only once this interceptor releases it — after it
+        injected what it still queued. ``slow-close`` uses ``hold_eof`` plus
+        ``call_later`` to delay a FIN.
+        """
+        self._flow_timers("hold_eof()").hold_eof(self._tproxy_index, side, held)
+
+    def close(self, reason: str = "closed by interceptor") -> None:
+        """End the flow politely: both ends get a FIN, not a reset.
+
+        What the current call returns or injected is still delivered first;
+        then the relay stops reading, half-closes both sides and ends the flow
+        (reason ``eof``, ``reason`` as its detail). Timers stop. Compare
+        :meth:`abort`, which resets both ends.
+        """
+        timers = self._flow_timers("close()")
+        if timers.closing is None:
+            timers.closing = reason
+
+    def run_in_thread(
+        self,
+        fn: Callable[[], Any],
+        then: Callable[[Any], object] | None = None,
+        *,
+        hold: str = "both",
+    ) -> ThreadJob:
+        """Run ``fn()`` in a worker thread, off the event loop; then ``then(outcome)`` on it.
+
+        The only sanctioned way to do slow or blocking work (a lookup, a
+        file, a subprocess): a hook that blocks freezes every flow of the
+        process. ``outcome`` is what ``fn`` returned or the exception it
+        raised; ``then`` runs as this interceptor and may inject, abort,
+        close or pass through. Without ``then`` an exception from ``fn``
+        fails the flow. Meanwhile the relay does not read from ``hold``
+        (``client``, ``server``, ``both`` — the default — or ``none``), so
+        the data that triggered the job is not overtaken by more. ``fn``
+        must not touch the interceptor's state unguarded: it runs in
+        another thread. In :class:`tproxy.testing.Driver` jobs run when the
+        test calls ``run_threads()``.
+        """
+        return self._flow_timers("run_in_thread()").run_in_thread(
+            self._tproxy_index, fn, then, hold
+        )
+
 
 class InterceptorError(Exception):
     """An interceptor raised; the engine ends that one flow and logs this."""
@@ -235,30 +332,13 @@ class Chain:
     def client_eof(self) -> Output:
         """Flush the client-to-server direction, interceptor by interceptor."""
         out = _Collect()
-        pending = b""
-        for k, ic in enumerate(self.interceptors):
-            if ic.is_passthrough:
-                continue
-            if pending:
-                pending = self._call(k, "client_data", (pending,), out, to_server_from=k)
-            pending += self._call(k, "client_eof", (), out, to_server_from=k)
-        if pending:
-            out.server.append(pending)
+        self._eof_from(CLIENT, 0, out)
         return out.output()
 
     def server_eof(self) -> Output:
         """Flush the server-to-client direction, interceptor by interceptor."""
         out = _Collect()
-        pending = b""
-        for k in range(len(self.interceptors) - 1, -1, -1):
-            ic = self.interceptors[k]
-            if ic.is_passthrough:
-                continue
-            if pending:
-                pending = self._call(k, "server_data", (pending,), out, to_client_from=k)
-            pending += self._call(k, "server_eof", (), out, to_client_from=k)
-        if pending:
-            out.client.append(pending)
+        self._eof_from(SERVER, len(self.interceptors) - 1, out)
         return out.output()
 
     def end(self, reason: str) -> None:
@@ -362,3 +442,161 @@ class Chain:
             except (AbortFlow, InterceptorError):
                 pass
         exc.to_client = b"".join(out.client)
+
+    # -- time: optional members a relay honours (contract in tproxy.timers) -----
+
+    _flow_timers: FlowTimers | None = None
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """Give the chain the relay's clock; call once, before :meth:`start`.
+
+        Calling it promises that the caller honours every member below; an
+        interceptor asking for time in a chain without a clock fails its flow.
+        """
+        timers = FlowTimers(clock)
+        self._flow_timers = timers
+        for k, ic in enumerate(self.interceptors):
+            ic._tproxy_timers = timers
+            ic._tproxy_index = k
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` is next wanted (on the chain's clock); None for never."""
+        timers = self._flow_timers
+        if timers is None or self._ended or timers.closing is not None:
+            return None
+        return timers.next_deadline()
+
+    def on_timer(self, now: float) -> Output:
+        """Run the callbacks due at ``now`` in order and route what they inject.
+
+        A callback's injections toward the server pass the interceptors after
+        its own, toward the client the ones before it, as a hook's do. Raises
+        like the data hooks. Callbacks made during this call run in the next.
+        """
+        timers = self._flow_timers
+        if timers is None or self._ended:
+            return Output()
+        out = _Collect()
+        made_before = timers.last_seq
+        while timers.closing is None:
+            handle = timers.pop_due(now, made_before)
+            if handle is None:
+                break
+            self._callback(handle.owner, handle.fn, (), "call_later", out)
+            self._release_eofs(timers, out)
+        self._release_eofs(timers, out)
+        return out.output()
+
+    @property
+    def holds_client_reading(self) -> bool:
+        """While true the relay must not read from the client."""
+        timers = self._flow_timers
+        return timers is not None and timers.holds_reading(CLIENT)
+
+    @property
+    def holds_server_reading(self) -> bool:
+        """While true the relay must not read from the server."""
+        timers = self._flow_timers
+        return timers is not None and timers.holds_reading(SERVER)
+
+    @property
+    def holds_client_eof(self) -> bool:
+        """The client's end of stream is held in the chain: do not half-close the server yet."""
+        timers = self._flow_timers
+        return timers is not None and timers.eof_at[CLIENT] is not None
+
+    @property
+    def holds_server_eof(self) -> bool:
+        """The server's end of stream is held in the chain: do not half-close the client yet."""
+        timers = self._flow_timers
+        return timers is not None and timers.eof_at[SERVER] is not None
+
+    @property
+    def closing(self) -> str | None:
+        """Set when an interceptor asked to end the flow with a FIN both ways (its reason)."""
+        timers = self._flow_timers
+        return None if timers is None else timers.closing
+
+    def take_thread_jobs(self) -> list[ThreadJob]:
+        """Jobs asked for since the last call; run each's ``run()`` off the loop."""
+        timers = self._flow_timers
+        return [] if timers is None else timers.take_jobs()
+
+    def on_thread_done(self, job: ThreadJob) -> Output:
+        """A job's ``run()`` returned: release its hold and call its ``then`` on the loop."""
+        timers = self._flow_timers
+        if timers is None or not timers.job_back(job) or self._ended:
+            return Output()
+        out = _Collect()
+        if timers.closing is None:
+            if job.then is not None:
+                self._callback(job.owner, job.then, (job.outcome,), "run_in_thread", out)
+            elif job.error is not None:
+                ic = self.interceptors[job.owner]
+                raise InterceptorError(ic, "run_in_thread", job.error) from job.error
+        self._release_eofs(timers, out)
+        return out.output()
+
+    def _callback(
+        self, k: int, fn: Callable[..., object], args: tuple[Any, ...], via: str, out: _Collect
+    ) -> None:
+        """Run a timer or thread callback as interceptor ``k`` and route its injections."""
+        ic = self.interceptors[k]
+        try:
+            fn(*args)
+        except AbortFlow as exc:
+            self._keep_reply(k, exc, out)
+            raise
+        except Exception as exc:
+            name = getattr(fn, "__name__", "callback")
+            raise InterceptorError(ic, f"{name} ({via})", exc) from exc
+        inj_server = b"".join(ic._to_server)
+        inj_client = b"".join(ic._to_client)
+        ic._to_server.clear()
+        ic._to_client.clear()
+        if inj_client:
+            self._to_client(k - 1, inj_client, out)
+        if inj_server:
+            self._to_server(k + 1, inj_server, out)
+
+    def _eof_from(self, side: str, start: int, out: _Collect) -> None:
+        """Carry ``side``'s end of stream on from interceptor ``start`` until one holds it.
+
+        Each interceptor first gets what the ones before it flushed (as data),
+        then its eof hook; one that holds the eof keeps it, and what it
+        flushed goes on as data only.
+        """
+        timers = self._flow_timers
+        pending = b""
+        if side == CLIENT:
+            for k in range(start, len(self.interceptors)):
+                if self.interceptors[k].is_passthrough:
+                    continue
+                if pending:
+                    pending = self._call(k, "client_data", (pending,), out, to_server_from=k)
+                pending += self._call(k, "client_eof", (), out, to_server_from=k)
+                if timers is not None and timers.stops_eof(k, CLIENT):
+                    self._to_server(k + 1, pending, out)
+                    return
+            if pending:
+                out.server.append(pending)
+        else:
+            for k in range(start, -1, -1):
+                if self.interceptors[k].is_passthrough:
+                    continue
+                if pending:
+                    pending = self._call(k, "server_data", (pending,), out, to_client_from=k)
+                pending += self._call(k, "server_eof", (), out, to_client_from=k)
+                if timers is not None and timers.stops_eof(k, SERVER):
+                    self._to_client(k - 1, pending, out)
+                    return
+            if pending:
+                out.client.append(pending)
+
+    def _release_eofs(self, timers: FlowTimers, out: _Collect) -> None:
+        """Carry on each end of stream whose holder let go of it."""
+        for side in SIDES:
+            at = timers.eof_at[side]
+            if at is not None and at not in timers.eof_holds[side]:
+                timers.eof_at[side] = None
+                self._eof_from(side, at + 1 if side == CLIENT else at - 1, out)

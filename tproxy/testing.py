@@ -19,6 +19,7 @@ from typing import Any
 
 from .flow import FlowInfo
 from .interceptor import AbortFlow, Chain, Interceptor, InterceptorError, Output
+from .timers import ThreadJob
 
 InterceptorLike = type[Interceptor] | Interceptor | tuple[type[Interceptor], Mapping[str, str]]
 
@@ -52,6 +53,9 @@ class Driver:
                 built.append(item(self.flow, item.parse_options(dict(opts))))
         self.interceptors = built
         self.chain = Chain(built)
+        self.time = 0.0
+        """The virtual clock in seconds that ``now()`` reads (see :meth:`advance`)."""
+        self.chain.set_clock(lambda: self.time)
         self.to_server = b""
         """Everything forwarded or injected toward the server so far."""
         self.to_client = b""
@@ -124,6 +128,126 @@ class Driver:
         if self.ended is None:
             self.ended = reason
             self.chain.end(reason)
+
+    # -- virtual time and threads -----------------------------------------------
+
+    MAX_ROUNDS = 100_000
+    """How many timer rounds one :meth:`advance` may run before it calls it a runaway."""
+
+    def advance(self, seconds: float) -> list[tuple[float, Output]]:
+        """Move the virtual clock forward, firing due timers in order, at their own times.
+
+        Each round of due callbacks runs with :attr:`time` set to their
+        deadline, as a relay would run them; what they send is added to
+        :attr:`to_server`/:attr:`to_client` and returned as ``(time, output)``
+        pairs (rounds that sent nothing included, so tests see when a hold
+        or an end of stream was released). Stops early if the flow ends.
+        """
+        if not seconds >= 0:
+            raise ValueError(f"advance: seconds must be >= 0, not {seconds!r}")
+        target = self.time + seconds
+        events: list[tuple[float, Output]] = []
+        for _ in range(self.MAX_ROUNDS):
+            if self.done or self.ended is not None:
+                break
+            deadline = self.chain.next_deadline()
+            if deadline is None or deadline > target:
+                break
+            self.time = max(self.time, deadline)
+            events.append((self.time, self._run("on_timer", self.time)))
+            self._closed_check()
+        else:
+            raise RuntimeError(
+                f"advance: more than {self.MAX_ROUNDS} timer rounds before t={target:g} "
+                "(a callback rescheduling itself without delay?)"
+            )
+        if self.ended is None:
+            self.time = target
+        return events
+
+    def advance_until_idle(self, limit: float = 3600.0) -> list[tuple[float, Output]]:
+        """Advance until no timer is pending (at most ``limit`` virtual seconds)."""
+        deadline = self.chain.next_deadline()
+        events: list[tuple[float, Output]] = []
+        end = self.time + limit
+        while deadline is not None and deadline <= end and not self.done and self.ended is None:
+            events += self.advance(max(0.0, deadline - self.time))
+            deadline = self.chain.next_deadline()
+        return events
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When the next timer is due on the virtual clock (None: none pending)."""
+        return self.chain.next_deadline()
+
+    @property
+    def holds_client_reading(self) -> bool:
+        """Whether the relay would now stop reading from the client."""
+        return self.chain.holds_client_reading
+
+    @property
+    def holds_server_reading(self) -> bool:
+        """Whether the relay would now stop reading from the server."""
+        return self.chain.holds_server_reading
+
+    @property
+    def holds_client_eof(self) -> bool:
+        """The client's end of stream came but the server is not half-closed yet."""
+        return self.chain.holds_client_eof
+
+    @property
+    def holds_server_eof(self) -> bool:
+        """The server's end of stream came but the client is not half-closed yet."""
+        return self.chain.holds_server_eof
+
+    @property
+    def server_half_closed(self) -> bool:
+        """Whether the relay would have sent the server its FIN by now."""
+        return (self.client_closed and not self.holds_client_eof) or self.closed is not None
+
+    @property
+    def client_half_closed(self) -> bool:
+        """Whether the relay would have sent the client its FIN by now."""
+        return (self.server_closed and not self.holds_server_eof) or self.closed is not None
+
+    @property
+    def closed(self) -> str | None:
+        """The reason, once an interceptor closed the flow politely (``close()``)."""
+        return self.chain.closing
+
+    def _closed_check(self) -> None:
+        if self.chain.closing is not None and self.ended is None:
+            self.end("eof")
+
+    def run_threads(self) -> list[Output]:
+        """Run the pending :meth:`~tproxy.interceptor.Interceptor.run_in_thread` jobs here.
+
+        Each job's function runs synchronously, then its ``then`` callback as
+        the relay would run it back on the loop; jobs those callbacks start
+        run too. Returns each job's output.
+        """
+        outputs: list[Output] = []
+        for _ in range(self.MAX_ROUNDS):
+            jobs = self.chain.take_thread_jobs()
+            if not jobs:
+                return outputs
+            for job in jobs:
+                if self.done or self.ended is not None:
+                    return outputs
+                job.run()
+                outputs.append(self._run("on_thread_done", job))
+                self._closed_check()
+        raise RuntimeError(f"run_threads: more than {self.MAX_ROUNDS} rounds of jobs")
+
+    def take_thread_jobs(self) -> list[ThreadJob]:
+        """Take the pending jobs to run them by hand (``job.run()``, then :meth:`thread_done`)."""
+        return self.chain.take_thread_jobs()
+
+    def thread_done(self, job: ThreadJob) -> Output:
+        """Hand back a job taken with :meth:`take_thread_jobs` after its ``run()``."""
+        out = self._run("on_thread_done", job)
+        self._closed_check()
+        return out
 
 
 def _b(data: bytes | str) -> bytes:
