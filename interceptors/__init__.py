@@ -13,6 +13,13 @@ BUILTINS: dict[str, str] = {
     "hexdump": "interceptors.hexdump:Hexdump",
     "replace": "interceptors.replace:Replace",
     "block": "interceptors.block:Block",
+    "latency": "interceptors.latency:Latency",
+    "bandwidth": "interceptors.bandwidth:Bandwidth",
+    "slicer": "interceptors.slicer:Slicer",
+    "limit": "interceptors.limit:Limit",
+    "reset": "interceptors.reset:Reset",
+    "blackhole": "interceptors.blackhole:Blackhole",
+    "slow-close": "interceptors.slow_close:SlowClose",
 }
 """Built-in name -> ``module:Class`` spec."""
 
