@@ -6,6 +6,8 @@ never reads a real clock, so timings are exact.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tproxy.flow import FlowInfo
@@ -89,8 +91,11 @@ def test_cancelled_timers_do_not_fire() -> None:
 def test_due_callbacks_run_in_deadline_then_creation_order() -> None:
     mid = Later(FLOW)
     d = Driver(mid)
+    def record(name: str) -> None:
+        mid.fired.append((name, mid.now()))
+
     for name, at in [("b", 2.0), ("a", 1.0), ("c", 2.0), ("d", 0.5)]:
-        mid.call_later(at, lambda name=name: mid.fired.append((name, mid.now())))
+        mid.call_later(at, functools.partial(record, name))
     d.advance(10)
     assert mid.fired == [("d", 0.5), ("a", 1.0), ("b", 2.0), ("c", 2.0)]
     assert d.time == 10
@@ -382,7 +387,12 @@ def test_a_job_taken_by_hand_runs_in_a_real_thread() -> None:
     import threading
 
     seen: list[str] = []
-    mid = Lookup(FLOW, lambda data: (seen.append(threading.current_thread().name), data)[1])
+
+    def note(data: bytes) -> bytes:
+        seen.append(threading.current_thread().name)
+        return data
+
+    mid = Lookup(FLOW, note)
     d = Driver(mid)
     d.client(b"x")
     (job,) = d.take_thread_jobs()
