@@ -216,12 +216,27 @@ def test_returning_non_bytes_is_an_interceptor_error() -> None:
         Chain([WrongType(FLOW)]).client_data(b"x")
 
 
-def test_none_means_nothing_to_forward() -> None:
+def test_a_data_hook_returning_none_is_an_error_naming_interceptor_and_hook() -> None:
+    """A data hook that forgot its ``return`` ends the flow, with a hint (issue 18 item 4)."""
+
     class ReturnsNone(Interceptor):
         def client_data(self, data: bytes) -> bytes:
+            data.upper()  # the return was forgotten
             return None  # type: ignore[return-value]
 
-    assert Chain([ReturnsNone(FLOW)]).client_data(b"x") == Output()
+    with pytest.raises(InterceptorError) as caught:
+        Chain([ReturnsNone(FLOW)]).client_data(b"x")
+    assert caught.value.hook == "client_data"
+    assert "ReturnsNone.client_data" in str(caught.value)
+    assert "did you forget to return?" in str(caught.value)
+
+
+def test_none_from_an_eof_hook_means_nothing_held() -> None:
+    class EofNone(Interceptor):
+        def client_eof(self) -> bytes:
+            return None  # type: ignore[return-value]
+
+    assert Chain([EofNone(FLOW)]).client_eof() == Output()
 
 
 def test_error_with_driver_and_end_errors() -> None:

@@ -117,8 +117,9 @@ def test_a_failed_connect_gives_the_slot_back_too(tmp_path: Path) -> None:
         ("127.0.0.1:80", [], True),
         ("[::1]:80", [], True),
         ("localhost:80", [], False),  # a name: resolved per connection, in a task
-        ("127.0.0.1:80", ["--no-splice"], False),
-        ("127.0.0.1:80", REPLACE, False),
+        # the hub relays copied and intercepted flows too
+        ("127.0.0.1:80", ["--no-splice"], True),
+        ("127.0.0.1:80", REPLACE, True),
     ],
 )
 def test_which_forward_listeners_the_hub_serves_without_a_task(

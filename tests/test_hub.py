@@ -238,7 +238,7 @@ def _pipe_fds() -> set[int]:
 
 
 def _pooled_pipe_fds() -> set[int]:
-    return {fd for pipes in tproxy.splice._pipes.idle.values() for pipe in pipes for fd in pipe}
+    return tproxy.splice.pipes.idle_fds()
 
 
 def _closed_port(host: str = "127.0.0.1") -> int:
@@ -672,7 +672,7 @@ def test_backpressure_a_server_that_never_reads_bounds_what_the_hub_takes(pipes,
     never block.
     """
     if not pipes:
-        monkeypatch.setattr(tproxy.splice._pipes, "take", _no_pipes)
+        monkeypatch.setattr(tproxy.splice.pipes, "take", _no_pipes)
     chunk = 65536
 
     async def main():
@@ -733,8 +733,7 @@ def test_idle_flows_hold_no_pipes_and_the_hub_sleeps():
             assert held == set(), f"{len(held) // 2} pipe(s) held by idle flows"
             assert len(_pipe_fds() - baseline) <= 2 * 4  # the pool keeps only what was needed
             for relayed in flows:
-                assert relayed.flow.up is not None and relayed.flow.up.pipe is None
-                assert relayed.flow.down is not None and relayed.flow.down.pipe is None
+                assert all(way.pipe is None for way in relayed.flow.ways)
             await _assert_hub_quiet()
             for relayed in flows:
                 await relayed.aclose()
@@ -1038,7 +1037,7 @@ def test_emfile_falls_back_to_copying_and_bytes_arrive_equal(seed, monkeypatch):
         refused.append(size)
         return _no_pipes(size)
 
-    monkeypatch.setattr(tproxy.splice._pipes, "take", no_pipes)
+    monkeypatch.setattr(tproxy.splice.pipes, "take", no_pipes)
     rng = random.Random(seed)
     up = rng.randbytes(rng.choice([1, 65537, 2_500_000]))
     down = rng.randbytes(rng.choice([17, 300_000, 2_500_000]))

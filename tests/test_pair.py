@@ -22,7 +22,7 @@ from trio.testing import (
 from tproxy import Interceptor
 from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.interceptor import Chain
-from tproxy.pair import FlowPair
+from tproxy.relay.streams import StreamRelay as FlowPair
 
 
 class Upper(Interceptor):

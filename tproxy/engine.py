@@ -4,9 +4,13 @@ Front doors (transparent, forward, SOCKS, HTTP) differ only in how they
 learn the destination. They all call the same two steps here:
 :meth:`Engine.connect` opens the outgoing flow (with the configured source
 policy, mark and timeout) and :meth:`Engine.relay` runs the pair through the
-interceptors, writes the flow records and closes both ends. Every flow's
-failure is caught inside that flow: one bad peer or interceptor never ends
-the server.
+interceptors, writes the flow records and closes both ends. A flow's
+interceptors are chosen and built in one place, :meth:`Engine.chain_for`.
+Every flow with a socket on both ends is relayed by the hub
+(:mod:`tproxy.hub`), intercepted or not; the trio-stream shell
+(:mod:`tproxy.relay.streams`) serves the others (TLS, memory streams).
+Every flow's failure is caught inside that flow: one bad peer or
+interceptor never ends the server.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import trio
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
 from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
-from .pair import DEFAULT_READ_SIZE, FlowPair, is_cancellation
+from .relay.core import FlowTap
+from .relay.streams import DEFAULT_READ_SIZE, StreamRelay, is_cancellation
 from .sockets import (
     ConnectError,
     SourcePolicy,
@@ -55,6 +60,8 @@ class EngineConfig:
     max_flows: int | None = None
     splice: bool = True
     """Relay directions that no interceptor watches with splice(2) (zero-copy)."""
+    hub: bool = True
+    """Relay flows with sockets from the hub (one task); off: the trio-stream shell (tests)."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.read_size <= MAX_READ_SIZE:
@@ -86,9 +93,9 @@ class Engine:
         self._idle = trio.Event()
         self._idle.set()
         self.hub: SpliceHub | None = None
-        """Relays the pairs nobody intercepts, all from one task (:mod:`tproxy.hub`);
+        """Relays every pair with sockets, all from one task (:mod:`tproxy.hub`);
         in use while its ``run`` runs (the server starts it)."""
-        if self.config.splice and not self.factories and splice_available():
+        if self.config.hub:
             self.hub = SpliceHub(
                 opened=self._open_connected,
                 rejected=self.reject,
@@ -96,7 +103,41 @@ class Engine:
                 chunk=self.config.read_size,
                 idle_timeout=self.config.idle_timeout,
                 connect_timeout=self.config.connect_timeout,
+                chain_for=self.chain_for,
+                tap_for=self.tap_for,
+                splice=self.config.splice and splice_available(),
             )
+
+    # -- a flow's interceptors --------------------------------------------------
+
+    def chain_for(self, info: FlowInfo) -> Chain | None:
+        """Build the interceptor chain of one flow: ``None`` when no interceptor selects
+        it (the flow is relayed as passthrough, spliced where possible).
+
+        Every factory is asked ``selects(info)`` (a factory without it selects
+        every flow). An interceptor whose constructor raises makes this raise;
+        the ones built before it are told ``end("error")`` first.
+        """
+        built: list[Interceptor] = []
+        try:
+            for factory in self.factories:
+                selects = getattr(factory, "selects", None)
+                if selects is None or selects(info):
+                    built.append(factory(info))
+        except Exception:
+            try:
+                Chain(built).end(str(EndReason.ERROR))
+            except InterceptorError as error:
+                log.error("flow %d: %s", info.id, error, exc_info=error.error)
+            raise
+        if not built:
+            return None
+        chain = Chain(built)
+        return chain
+
+    def tap_for(self, info: FlowInfo) -> FlowTap | None:
+        """The tap that watches one flow's bytes (recording), or ``None``: none by default."""
+        return None
 
     # -- flows --------------------------------------------------------------
 
@@ -157,33 +198,27 @@ class Engine:
             return await self._relay_in_hub(hub, incoming, outgoing, info, client_prefix, source)
         record = self._open_connected(info, source)
         try:
-            built: list[Interceptor] = []
             try:
-                for factory in self.factories:
-                    built.append(factory(info))
+                chain = self.chain_for(info)
+                tap = self.tap_for(info)
             except Exception as exc:
                 log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
                 record.end(EndReason.ERROR, f"interceptor init: {exc!r}", now=time.monotonic())
                 with trio.CancelScope(shield=True):
                     await reset_stream(incoming)
                     await reset_stream(outgoing)
-                try:
-                    Chain(built).end(str(EndReason.ERROR))
-                except InterceptorError as error:
-                    log.error("flow %d: %s", info.id, error, exc_info=error.error)
                 return record
-            chain = Chain(built)
-            pair = FlowPair(
+            relay = StreamRelay(
                 incoming,
                 outgoing,
                 record,
                 chain,
                 read_size=self.config.read_size,
                 idle_timeout=self.config.idle_timeout,
-                splice=self.config.splice,
+                tap=tap,
             )
             try:
-                await pair.run(client_prefix=client_prefix)
+                await relay.run(client_prefix=client_prefix)
             except Exception as exc:
                 log.error("flow %d: unexpected error", info.id, exc_info=exc)
             return record
@@ -199,30 +234,22 @@ class Engine:
         client_prefix: bytes,
         source: Address | None,
     ) -> FlowRecord:
-        """Hand a pair nobody intercepts to the hub; return once it has ended there."""
+        """Hand a pair to the hub; return once it has ended there."""
         record = self._open_connected(info, source)
-        failure: tuple[EndReason, str] | None = None
         try:
-            if client_prefix:
-                record.bytes_up += len(client_prefix)
-                await outgoing.send_all(client_prefix)
-            if not hub.running:  # it stopped (shutdown) while the prefix was sent
-                failure = (EndReason.SHUTDOWN, "cancelled")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            failure = (EndReason.RESET, repr(exc.__cause__ or exc))
-        except BaseException:
-            failure = (EndReason.SHUTDOWN, "cancelled")
-            raise
-        finally:
-            if failure is not None:
-                record.end(*failure, now=time.monotonic())
-                with trio.CancelScope(shield=True):
-                    await reset_stream(incoming)
-                    await reset_stream(outgoing)
-                self._close(record)
-        if failure is not None:
+            chain = self.chain_for(info)
+            tap = self.tap_for(info)
+        except Exception as exc:
+            log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
+            record.end(EndReason.ERROR, f"interceptor init: {exc!r}", now=time.monotonic())
+            with trio.CancelScope(shield=True):
+                await reset_stream(incoming)
+                await reset_stream(outgoing)
+            self._close(record)
             return record
-        flow = hub.adopt(_unwrap(incoming), _unwrap(outgoing), record)
+        flow = hub.adopt(
+            _unwrap(incoming), _unwrap(outgoing), record, chain, prefix=client_prefix, tap=tap
+        )
         try:
             assert flow.done is not None
             await flow.done.wait()
@@ -294,8 +321,8 @@ class Engine:
 
     @property
     def accept_fast(self) -> Callable[[socket.socket], None] | None:
-        """The synchronous front door for diverted connections, where the hub can serve
-        them whole (no interceptors, splice available); ``None`` otherwise."""
+        """The synchronous front door for diverted connections, where the hub serves them
+        whole (it connects, builds the chain and relays); ``None`` without a hub."""
         if self.hub is None:
             return None
         return self.transparent_in_hub

@@ -262,6 +262,9 @@ class Output:
         return bool(self.to_server or self.to_client)
 
 
+_DATA_HOOKS = frozenset({"client_data", "server_data"})
+
+
 class _Collect:
     """Accumulates chunks per direction during one chain call."""
 
@@ -341,6 +344,27 @@ class Chain:
         self._eof_from(SERVER, len(self.interceptors) - 1, out)
         return out.output()
 
+    # -- optional members a relay honours (timers and read holds come with issue 17) --------
+
+    @property
+    def holds_client_reading(self) -> bool:
+        """Whether the relay must not read from the client now (none of the interceptors
+        asks for it yet; a chain-like without this member holds nothing)."""
+        return False
+
+    @property
+    def holds_server_reading(self) -> bool:
+        """Whether the relay must not read from the server now."""
+        return False
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` wants to run next (``None``: no timer pending)."""
+        return None
+
+    def on_timer(self, now: float) -> Output:
+        """A deadline passed: what the timers send (nothing, until interceptors have timers)."""
+        return Output()
+
     def end(self, reason: str) -> None:
         """Tell every interceptor the flow ended; errors here are only logged by the caller."""
         if self._ended:
@@ -403,8 +427,12 @@ class Chain:
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
+        if result is None and hook in _DATA_HOOKS:
+            raise InterceptorError(
+                ic, hook, TypeError(f"{hook} returned None, not bytes: did you forget to return?")
+            )
         if result is None:
-            result = b""
+            result = b""  # the eof hooks: None is "nothing held"
         elif not isinstance(result, bytes | bytearray | memoryview):
             raise InterceptorError(
                 ic, hook, TypeError(f"{hook} returned {type(result).__name__}, not bytes")

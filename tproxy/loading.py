@@ -71,6 +71,14 @@ class InterceptorFactory:
         """Make the interceptor of one flow pair."""
         return self.cls(flow, self.options)
 
+    def selects(self, info: FlowInfo) -> bool:
+        """Whether this interceptor watches the flow ``info`` (every flow, by default).
+
+        The engine asks once per flow, when its chain is built; a flow that
+        no interceptor selects is relayed as passthrough (spliced).
+        """
+        return True
+
 
 def builtin_names() -> dict[str, str]:
     """Built-in interceptor names -> ``module:Class`` specs."""

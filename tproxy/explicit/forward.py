@@ -8,7 +8,7 @@ apply; the client allow list and the flow caps do. A connection that cannot
 be served (cap reached, target unreachable) is reset at once, as in
 transparent mode: a silent close would look like an empty answer.
 
-A target given as an IP address, with no interceptor loaded, is served by
+A target given as an IP address is served by
 :func:`forward_in_hub` without a task: the accept loop hands each socket to
 the splice hub, which connects and relays it (the same checks, records and
 resets; only the per-flow cost of a trio task and stream is gone).
@@ -62,7 +62,7 @@ def forward_in_hub(
 ) -> Callable[[socket.socket], None] | None:
     """The synchronous front door of a forward listener, where the hub can serve it whole.
 
-    ``None`` where it cannot: interceptors loaded or splice off (no hub), or
+    ``None`` where it cannot: no hub (``EngineConfig(hub=False)``), or
     a target name, which needs an asynchronous lookup per connection.
     """
     hub = engine.hub
