@@ -344,27 +344,6 @@ class Chain:
         self._eof_from(SERVER, len(self.interceptors) - 1, out)
         return out.output()
 
-    # -- optional members a relay honours (timers and read holds come with issue 17) --------
-
-    @property
-    def holds_client_reading(self) -> bool:
-        """Whether the relay must not read from the client now (none of the interceptors
-        asks for it yet; a chain-like without this member holds nothing)."""
-        return False
-
-    @property
-    def holds_server_reading(self) -> bool:
-        """Whether the relay must not read from the server now."""
-        return False
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`on_timer` wants to run next (``None``: no timer pending)."""
-        return None
-
-    def on_timer(self, now: float) -> Output:
-        """A deadline passed: what the timers send (nothing, until interceptors have timers)."""
-        return Output()
-
     def end(self, reason: str) -> None:
         """Tell every interceptor the flow ended; errors here are only logged by the caller."""
         if self._ended:
