@@ -1,6 +1,6 @@
 """The fault interceptors through a real ``tproxy run --mode forward:...`` on loopback.
 
-These need a relay that drives interceptor timers (``tproxy.engine.DRIVES_TIMERS``);
+These need a relay that drives interceptor timers (``tproxy.relay.core.DRIVES_TIMERS``);
 without one every test here is skipped with that reason. They check that a
 fault was applied (a delay, a rate, a reset, a timeout, many small reads),
 with the generous bounds the issue states; they are not benchmarks.
@@ -25,8 +25,8 @@ from tproxy.timers import relay_drives_timers
 
 pytestmark = pytest.mark.skipif(
     not relay_drives_timers(),
-    reason="the relay does not drive interceptor timers yet (tproxy.engine.DRIVES_TIMERS is "
-    "not set; it comes with the sans-io flow core)",
+    reason="the relay does not drive interceptor timers (tproxy.relay.core.DRIVES_TIMERS "
+    "is not set)",
 )
 
 

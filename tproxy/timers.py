@@ -37,9 +37,9 @@ object without them has no timers):
   Output``: run each job's :meth:`ThreadJob.run` in a worker thread
   (``trio.to_thread.run_sync(job.run)``), then hand it back on the loop.
 
-A relay that drives all of this sets ``DRIVES_TIMERS = True`` in
-:mod:`tproxy.engine`; :func:`relay_drives_timers` reads it (the end-to-end
-fault tests skip themselves without it).
+A relay that drives all of this sets ``DRIVES_TIMERS = True`` in its flow
+core (:mod:`tproxy.relay.core`); :func:`relay_drives_timers` reads it (the
+end-to-end fault tests skip themselves without it).
 """
 
 from __future__ import annotations
@@ -68,8 +68,11 @@ def sides(side: str) -> tuple[str, ...]:
 
 def relay_drives_timers() -> bool:
     """Whether this installation's relay honours the chain's timer members."""
-    engine = importlib.import_module("tproxy.engine")
-    return bool(getattr(engine, "DRIVES_TIMERS", False))
+    try:
+        core = importlib.import_module("tproxy.relay.core")
+    except ImportError:
+        return False
+    return bool(getattr(core, "DRIVES_TIMERS", False))
 
 
 class TimerHandle:

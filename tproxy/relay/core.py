@@ -30,7 +30,13 @@ and carries out the actions the core returns. The rules, written once here:
 - *Timers and read holds* of the chain (optional members, see
   :class:`~tproxy.interceptor.Chain`): the chain's ``next_deadline()`` is part
   of :meth:`FlowCore.next_wakeup`, ``on_timer(now)`` runs on :meth:`tick`, and
-  a direction the chain holds is not read.
+  a direction the chain holds is not read. The chain's clock
+  (``set_clock``) reads the time of the event being handled, so the core
+  still reads no clock. An end of stream the chain holds back
+  (``holds_client_eof``/``holds_server_eof``) is passed on once released; a
+  polite close the chain asks for (``closing``) stops reading and
+  half-closes both sides; thread jobs (``take_thread_jobs``) run inline
+  until the shells run them in worker threads. See tproxy/timers.py.
 
 Events return a list of actions, in order: :class:`Send`,
 :class:`ShutdownWrite`, :class:`Reset`, :class:`End` (always last, at most
@@ -45,6 +51,9 @@ from typing import Any, NamedTuple, Protocol
 
 from ..flow import EndReason, FlowInfo, FlowRecord, format_address
 from ..interceptor import AbortFlow, InterceptorError, Output
+
+DRIVES_TIMERS = True
+"""This relay honours the chain's timer members (:func:`tproxy.timers.relay_drives_timers`)."""
 
 log = logging.getLogger("tproxy.flow")
 
@@ -129,10 +138,13 @@ class FlowCore:
         "_chain_deadline",
         "_on_timer",
         "chain",
+        "clock_now",
+        "closed_by_chain",
         "connect_deadline",
         "connect_timeout",
         "delivered",
         "detail",
+        "eof_held",
         "eof_in",
         "half_close",
         "idle_timeout",
@@ -150,6 +162,7 @@ class FlowCore:
         "small",
         "splice",
         "tap",
+        "timed",
         "watching",
     )
 
@@ -174,6 +187,11 @@ class FlowCore:
         """The chain exists and some interceptor still wants to see data."""
         self._chain_deadline: Callable[[], float | None] | None = None
         self._on_timer: Callable[[float], Output] | None = None
+        self.clock_now = now
+        """The time of the event being handled: the chain's clock."""
+        self.timed = False
+        """The chain has the timer members beyond timers and read holds (eof holds, close)."""
+        self.closed_by_chain = False
         self._set_chain(chain)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -193,6 +211,8 @@ class FlowCore:
         """Bytes handed out in :class:`Send` and not yet reported written, per side."""
         self.eof_in = [False, False]
         """End of stream (or a reset) came from this side: it is read no more."""
+        self.eof_held = [False, False]
+        """This side's end of stream came and the chain holds it back (not passed on yet)."""
         self.shut_due = [False, False]
         """End of stream is owed to this side, once its queue is written."""
         self.shut = [False, False]
@@ -209,6 +229,13 @@ class FlowCore:
         self.watching = chain is not None and not chain.passthrough
         self._chain_deadline = getattr(chain, "next_deadline", None)
         self._on_timer = getattr(chain, "on_timer", None)
+        set_clock = getattr(chain, "set_clock", None)
+        self.timed = set_clock is not None
+        if set_clock is not None:
+            set_clock(self._clock)
+
+    def _clock(self) -> float:
+        return self.clock_now
 
     # -- questions the shell asks ---------------------------------------------------
 
@@ -357,11 +384,19 @@ class FlowCore:
             self._run(actions, now, chain.client_eof if side == CLIENT else chain.server_eof)
             if self.phase != OPEN:
                 return actions
+            held = chain.holds_client_eof if side == CLIENT else chain.holds_server_eof
+            if self.timed and held:
+                self.eof_held[side] = True
+                return actions
+        self._pass_eof(actions, side)
+        return actions
+
+    def _pass_eof(self, actions: list[Action], side: int) -> None:
+        """``side``'s end of stream went through the chain: the other side gets it."""
         other = 1 - side
         self.shut_due[other] = True
         if not self.queued[other]:
             self._shut(actions, other)
-        return actions
 
     def failed(self, side: int | None, detail: str, now: float) -> list[Action]:
         """A reset or error on ``side`` (``None``: the pair as a whole): reset both ends."""
@@ -449,6 +484,7 @@ class FlowCore:
         self, actions: list[Action], now: float, hook: Callable[..., Output], *args: Any
     ) -> None:
         """Call the chain; route its output; turn its abort or failure into the end."""
+        self.clock_now = now
         try:
             out = hook(*args)
         except AbortFlow as exc:
@@ -461,6 +497,33 @@ class FlowCore:
         self.watching = not self.chain.passthrough
         if out:
             self._emit(actions, out)
+        if self.timed:
+            self._after_timed(actions, now)
+
+    def _after_timed(self, actions: list[Action], now: float) -> None:
+        """What a call may have asked besides bytes: a released eof, a close, thread jobs."""
+        chain = self.chain
+        for side in (CLIENT, SERVER):
+            if self.eof_held[side] and self.phase == OPEN:
+                if not (chain.holds_client_eof if side == CLIENT else chain.holds_server_eof):
+                    self.eof_held[side] = False
+                    self._pass_eof(actions, side)
+        if not self.closed_by_chain and chain.closing is not None and self.phase == OPEN:
+            # A polite close: read no more, FIN each side once its queue is written.
+            self.closed_by_chain = True
+            self.eof_in[CLIENT] = self.eof_in[SERVER] = True
+            for side in (CLIENT, SERVER):
+                if not self.shut[side] and self.phase == OPEN:
+                    self.shut_due[side] = True
+                    if not self.queued[side]:
+                        self._shut(actions, side)
+        jobs = chain.take_thread_jobs()
+        for job in jobs:
+            # Inline until the shells hand jobs to worker threads: the results and
+            # their callbacks are right, but the loop waits while a job runs.
+            job.run()
+            if self.phase == OPEN:
+                self._run(actions, now, chain.on_thread_done, job)
 
     def _aborted(self, actions: list[Action], exc: AbortFlow, now: float) -> None:
         reply = exc.to_client
