@@ -524,6 +524,12 @@ class Chain:
         timers = self._flow_timers
         return None if timers is None else timers.closing
 
+    @property
+    def has_requests(self) -> bool:
+        """Whether :attr:`closing` is set or thread jobs wait: one cheap check per call."""
+        timers = self._flow_timers
+        return timers is not None and (timers.closing is not None or bool(timers.new_jobs))
+
     def take_thread_jobs(self) -> list[ThreadJob]:
         """Jobs asked for since the last call; run each's ``run()`` off the loop."""
         timers = self._flow_timers

@@ -36,6 +36,8 @@ object without them has no timers):
 - ``take_thread_jobs() -> list[ThreadJob]`` and ``on_thread_done(job) ->
   Output``: run each job's :meth:`ThreadJob.run` in a worker thread
   (``trio.to_thread.run_sync(job.run)``), then hand it back on the loop.
+- ``has_requests``: a cheap check, after every call, of whether ``closing``
+  or thread jobs need a look at all.
 
 A relay that drives all of this sets ``DRIVES_TIMERS = True`` in its flow
 core (:mod:`tproxy.relay.core`); :func:`relay_drives_timers` reads it (the
@@ -56,6 +58,7 @@ SERVER = "server"
 """The server's side: its bytes travel toward the client."""
 SIDES = (CLIENT, SERVER)
 _BOTH = {CLIENT: (CLIENT,), SERVER: (SERVER,), "both": SIDES}
+_NO_JOBS: list[ThreadJob] = []  # shared and never filled: see FlowTimers.take_jobs
 
 
 def sides(side: str) -> tuple[str, ...]:
@@ -268,6 +271,8 @@ class FlowTimers:
         return job
 
     def take_jobs(self) -> list[ThreadJob]:
+        if not self.new_jobs:
+            return _NO_JOBS  # asked after every chain call: no list made when there is none
         jobs, self.new_jobs = self.new_jobs, []
         return jobs
 

@@ -498,7 +498,9 @@ class FlowCore:
         if out:
             self._emit(actions, out)
         if self.timed:
-            self._after_timed(actions, now)
+            held = self.eof_held
+            if held[CLIENT] or held[SERVER] or self.chain.has_requests:
+                self._after_timed(actions, now)
 
     def _after_timed(self, actions: list[Action], now: float) -> None:
         """What a call may have asked besides bytes: a released eof, a close, thread jobs."""
