@@ -407,3 +407,26 @@ def test_a_job_taken_by_hand_runs_in_a_real_thread() -> None:
 
 def test_the_relay_capability_flag_is_readable() -> None:
     assert isinstance(relay_drives_timers(), bool)
+
+
+def test_a_chain_with_a_pending_timer_is_not_passthrough_until_it_fired() -> None:
+    class Once(Interceptor):
+        def start(self) -> None:
+            self.call_later(1, lambda: self.inject_to_client(b"late"))
+            self.passthrough()
+
+    d = Driver(Once(FLOW))
+    assert not d.passthrough  # the engine must keep driving the timer
+    d.advance(1)
+    assert d.to_client == b"late"
+    assert d.passthrough
+
+
+def test_a_pending_thread_job_or_held_eof_keeps_the_chain_watched() -> None:
+    mid = Lookup(FLOW, lambda data: data)
+    d = Driver(mid)
+    d.client(b"x")
+    mid.passthrough()
+    assert not d.passthrough
+    d.run_threads()
+    assert d.passthrough

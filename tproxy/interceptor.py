@@ -292,8 +292,12 @@ class Chain:
 
     @property
     def passthrough(self) -> bool:
-        """True when no interceptor wants to see data any more (or there are none)."""
-        return all(i.is_passthrough for i in self.interceptors)
+        """True when no interceptor wants to see data any more (or there are none).
+
+        A timer, a held end of stream or a thread job still pending keeps the
+        chain in the engine's hands until it is done.
+        """
+        return all(i.is_passthrough for i in self.interceptors) and not self._timers_busy()
 
     def start(self) -> Output:
         """Call every interceptor's :meth:`Interceptor.start`, in order.
@@ -465,6 +469,10 @@ class Chain:
         for k, ic in enumerate(self.interceptors):
             ic._tproxy_timers = timers
             ic._tproxy_index = k
+
+    def _timers_busy(self) -> bool:
+        timers = self._flow_timers
+        return timers is not None and not self._ended and timers.busy()
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_timer` is next wanted (on the chain's clock); None for never."""

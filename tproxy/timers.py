@@ -173,6 +173,8 @@ class FlowTimers:
         self.eof_at: dict[str, int | None] = {CLIENT: None, SERVER: None}
         """Where each side's end of stream stopped in the chain, while it is held there."""
         self.new_jobs: list[ThreadJob] = []
+        self._outstanding = 0
+        """Thread jobs made and not handed back yet."""
         self.closing: str | None = None
 
     # -- timers ---------------------------------------------------------------
@@ -217,6 +219,18 @@ class FlowTimers:
     @property
     def last_seq(self) -> int:
         return self._seq
+
+    def busy(self) -> bool:
+        """Whether a timer, a held end of stream or a thread job is still pending."""
+        if self.closing is not None:
+            return False
+        return (
+            self.next_deadline() is not None
+            or self.eof_at[CLIENT] is not None
+            or self.eof_at[SERVER] is not None
+            or bool(self.new_jobs)
+            or self._outstanding > 0
+        )
 
     # -- holds -------------------------------------------------------------------
 
@@ -267,6 +281,7 @@ class FlowTimers:
         job = ThreadJob(owner, fn, then, held)
         for s in held:
             self._job_holds[s] += 1
+        self._outstanding += 1
         self.new_jobs.append(job)
         return job
 
@@ -281,6 +296,7 @@ class FlowTimers:
         if job.returned:
             return False
         job.returned = True
+        self._outstanding -= 1
         for s in job.hold:
             self._job_holds[s] -= 1
         return True
