@@ -452,3 +452,14 @@ def test_faults_are_built_ins(name: str, cls: Any) -> None:
 def test_option_error_type() -> None:
     with pytest.raises(OptionError):
         Latency.parse_options({"ms": "1", "direction": "nowhere"})
+
+
+def test_a_bad_fault_option_stops_tproxy_run_before_it_listens() -> None:
+    from explicit_harness import run_tproxy
+
+    result = run_tproxy(
+        "run", "--mode", "forward:127.0.0.1:9@127.0.0.1:9", "-i", "bandwidth", "-o", "rate=fast"
+    )
+    assert result.returncode == 2
+    lines = str(result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "bandwidth" in lines[0] and "rate" in lines[0], lines

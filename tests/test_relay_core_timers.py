@@ -85,7 +85,10 @@ def test_limit_closes_politely_after_its_bytes() -> None:
     actions = core.received(SERVER, b"abcdef", 0.0)
     assert actions == [Send(CLIENT, b"abcd"), ShutdownWrite(SERVER)]
     assert not core.may_read(CLIENT) and not core.may_read(SERVER)
-    assert core.sent(CLIENT, 4, 0.1) == [ShutdownWrite(CLIENT), End(EndReason.EOF, "", CLEAN)]
+    assert core.sent(CLIENT, 4, 0.1) == [
+        ShutdownWrite(CLIENT),
+        End(EndReason.EOF, "limit: 4 bytes from the server", CLEAN),
+    ]
 
 
 def test_a_blackhole_timeout_closes_both_sides() -> None:
@@ -94,7 +97,7 @@ def test_a_blackhole_timeout_closes_both_sides() -> None:
     assert core.tick(1.0) == [
         ShutdownWrite(CLIENT),
         ShutdownWrite(SERVER),
-        End(EndReason.EOF, "", CLEAN),
+        End(EndReason.EOF, "blackhole: closed after 1000 ms", CLEAN),
     ]
 
 

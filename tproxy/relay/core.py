@@ -191,7 +191,8 @@ class FlowCore:
         """The time of the event being handled: the chain's clock."""
         self.timed = False
         """The chain has the timer members beyond timers and read holds (eof holds, close)."""
-        self.closed_by_chain = False
+        self.closed_by_chain = ""
+        """Why the chain closed the flow politely ("" while it did not): the end's detail."""
         self._set_chain(chain)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -510,9 +511,10 @@ class FlowCore:
                 if not (chain.holds_client_eof if side == CLIENT else chain.holds_server_eof):
                     self.eof_held[side] = False
                     self._pass_eof(actions, side)
-        if not self.closed_by_chain and chain.closing is not None and self.phase == OPEN:
+        closing = chain.closing
+        if not self.closed_by_chain and closing is not None and self.phase == OPEN:
             # A polite close: read no more, FIN each side once its queue is written.
-            self.closed_by_chain = True
+            self.closed_by_chain = closing or "closed by interceptor"
             self.eof_in[CLIENT] = self.eof_in[SERVER] = True
             for side in (CLIENT, SERVER):
                 if not self.shut[side] and self.phase == OPEN:
@@ -555,7 +557,7 @@ class FlowCore:
         self.shut[side] = True
         actions.append(ShutdownWrite(side))
         if self.shut[1 - side]:
-            actions.append(self._finish(EndReason.EOF, "", _NEITHER))
+            actions.append(self._finish(EndReason.EOF, self.closed_by_chain, _NEITHER))
 
     def _finish(self, reason: EndReason, detail: str, reset: tuple[bool, bool]) -> End:
         if self.phase == LINGERING and self.reason is not None:
