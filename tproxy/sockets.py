@@ -1,7 +1,7 @@
 """Socket options and socket set-up that the standard library does not name.
 
 Python 3.11's ``socket`` module lacks ``IPV6_TRANSPARENT``,
-``IP_BIND_ADDRESS_NO_PORT`` and friends (DESIGN.md), so their Linux values
+``IP_BIND_ADDRESS_NO_PORT`` and friends, so their Linux values
 live here, with the few functions that set sockets up for transparent
 proxying: a listener that accepts diverted connections and an outgoing
 socket that leaves from someone else's address.
