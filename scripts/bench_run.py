@@ -25,6 +25,11 @@ tproxy-w2       transparent  ``tproxy run --workers 2`` (when available)
 haproxy-t       transparent  HAProxy, one thread, ``bind ... transparent``,
                              ``source 0.0.0.0 usesrc client``
 tproxy-fwd      forward      ``tproxy run --mode forward:...`` (when available)
+tproxy-fwd-i    forward      the same with ``-i scripts/bench_interceptors.py:Unchanged``:
+                             every chunk both ways through an interceptor that returns it
+                             unchanged (the copy path through the flow core)
+tproxy-fwd-blk  forward      the same with ``-i block -o cidr=192.0.2.0/24``, which no flow
+                             matches (block goes passthrough in ``start``: spliced)
 haproxy-f       forward      HAProxy, one thread, ``mode tcp``
 socat-f         forward      ``socat TCP-LISTEN:...,fork TCP:...``
 pproxy-f        forward      ``pproxy -l tunnel{...}://...`` (uvloop)
@@ -93,6 +98,8 @@ PROXY_PORT = 9091
 IPERF_T, IPERF_D = 5201, 5202  # diverted, direct
 HTTP_T, HTTP_D = 80, 8080
 FWD_IPERF, FWD_HTTP = 15201, 18080
+UNCHANGED = str(ROOT / "scripts" / "bench_interceptors.py") + ":Unchanged"
+"""An interceptor that returns every chunk unchanged, both ways (loaded as FILE.py:NAME)."""
 INSTANCE = "tpxbench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -436,12 +443,13 @@ class Bench:
     def tproxy_transparent(self, *extra: str, tree: Path = ROOT) -> Callable[[Bench], list[Any]]:
         return self.tproxy("--mode", f"transparent@127.0.0.1:{PROXY_PORT}", *extra, tree=tree)
 
-    def tproxy_forward(self) -> Callable[[Bench], list[Any]]:
+    def tproxy_forward(self, *extra: str) -> Callable[[Bench], list[Any]]:
         srv, gw = self.topo.server_ip4, self.topo.gw_in_ip4
         return self.tproxy(
             "--mode", f"forward:{srv}:{IPERF_D}@{gw}:{FWD_IPERF}",
             "--mode", f"forward:{srv}:{HTTP_D}@{gw}:{FWD_HTTP}",
             "--allow-client", self.topo.client_net4,
+            *extra,
         )  # fmt: skip
 
     def haproxy(self, transparent: bool) -> Callable[[Bench], list[Any]]:
@@ -798,6 +806,22 @@ def configs(b: Bench) -> list[Config]:
     found.append(Config("haproxy-t", "transparent", b.haproxy(True), "1 thread"))
     if "forward:" in help_text:
         found.append(Config("tproxy-fwd", "forward", b.tproxy_forward(), "passthrough"))
+        found.append(
+            Config(
+                "tproxy-fwd-i",
+                "forward",
+                b.tproxy_forward("-i", UNCHANGED),
+                "every chunk both ways through an interceptor that returns it unchanged",
+            )
+        )
+        found.append(
+            Config(
+                "tproxy-fwd-blk",
+                "forward",
+                b.tproxy_forward("-i", "block", "-o", "cidr=192.0.2.0/24"),
+                "-i block -o cidr=192.0.2.0/24, matching no flow",
+            )
+        )
     found += [
         Config("haproxy-f", "forward", b.haproxy(False), "1 thread"),
         Config("socat-f", "forward", b.socat, "fork per connection"),
@@ -951,6 +975,15 @@ TARGETS: list[tuple[str, str, str, str, float, bool]] = [
     ("new conn/s, 1 worker >= 0.5x HAProxy-t (goal)", "{t}", "haproxy-t", "cps", 0.5, False),
     ("new conn/s, 2 workers >= 1.6x 1 worker", "{t}-w2", "{t}", "cps", 1.6, False),
     ("forward mode new conn/s >= 1.0x pproxy", "tproxy-fwd", "pproxy-f", "cps", 1.0, False),
+    # issue 11: "-i" is tproxy-fwd-i (an interceptor returning every chunk unchanged);
+    # intercepted flows at the cost of passthrough ones
+    ("-i, keep-alive >= 0.8x passthrough", "tproxy-fwd-i", "tproxy-fwd", "rps", 0.8, False),
+    ("-i, keep-alive >= 1.0x pproxy", "tproxy-fwd-i", "pproxy-f", "rps", 1.0, False),
+    ("-i, new conn/s >= 0.7x passthrough", "tproxy-fwd-i", "tproxy-fwd", "cps", 0.7, False),
+    ("-i, new conn/s >= 1.5x pproxy", "tproxy-fwd-i", "pproxy-f", "cps", 1.5, False),
+    ("-i, 1 stream up >= 0.9x label", "tproxy-fwd-i", "tproxy-label", "t1_up", 0.9, False),
+    ("-i, 1 stream down >= 0.9x label", "tproxy-fwd-i", "tproxy-label", "t1_down", 0.9, False),
+    ("block, no match, conn/s >= 0.9x fwd", "tproxy-fwd-blk", "tproxy-fwd", "cps", 0.9, False),
     ("keep-alive req/s >= 1.0x pproxy", "{t}", "pproxy-f", "rps", 1.0, False),
     ("keep-alive req/s >= 1.0x HAProxy-t (goal)", "{t}", "haproxy-t", "rps", 1.0, False),
     ("RSS per idle flow <= 3x HAProxy-t", "{t}", "haproxy-t", "mem_flow", 3.0, True),

@@ -247,6 +247,7 @@ def test_abort_with_a_reply_resets_the_server_and_closes_the_client_after_the_re
     assert core.received(CLIENT, b"GET /", 5.0) == [Reset(SERVER), Send(CLIENT, b"403")]
     assert not core.may_read(CLIENT) and not core.may_read(SERVER)
     assert core.next_wakeup() == 5.0 + LINGER
+    assert core.failed(SERVER, "closed", 5.05) == []  # the server was reset: moot
     assert core.sent(CLIENT, 3, 5.1) == [
         End(EndReason.INTERCEPTOR_ABORT, "forbidden", (False, True))
     ]

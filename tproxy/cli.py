@@ -13,9 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-
-class UsageError(Exception):
-    """A bad argument found after parsing (e.g. an interceptor that does not load)."""
+from .errors import UsageError as UsageError  # its home is tproxy.errors; kept importable here
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .cli import UsageError
+from .errors import UsageError
 from .flow import FlowInfo
 from .interceptor import Interceptor, OptionError
 

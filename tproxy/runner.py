@@ -18,8 +18,8 @@ from typing import Any
 import trio
 
 from . import explicit, loading, routing, workers
-from .cli import UsageError
 from .engine import Engine, EngineConfig
+from .errors import UsageError
 from .modes import ModeError, ModeSpec, parse_mode
 from .server import Door, Handler, Server
 from .sockets import SourcePolicy

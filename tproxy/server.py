@@ -1,6 +1,6 @@
 """Listeners, accept loops and an orderly shutdown around the engine.
 
-The order of events matters on a gateway (DESIGN.md): diverted connections
+The order of events matters on a gateway (docs/architecture.md, routing): diverted connections
 to a port nobody listens on hang, so listeners come up before routing is
 installed and stay up until it is removed. On SIGINT/SIGTERM the server:
 

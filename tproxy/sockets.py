@@ -1,7 +1,7 @@
 """Socket options and socket set-up that the standard library does not name.
 
 Python 3.11's ``socket`` module lacks ``IPV6_TRANSPARENT``,
-``IP_BIND_ADDRESS_NO_PORT`` and friends (DESIGN.md), so their Linux values
+``IP_BIND_ADDRESS_NO_PORT`` and friends, so their Linux values
 live here, with the few functions that set sockets up for transparent
 proxying: a listener that accepts diverted connections and an outgoing
 socket that leaves from someone else's address.
@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import trio
 
+from .errors import ConnectError, ConnectFailure, connect_error_from, most_telling
 from .flow import Address
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -118,41 +119,6 @@ def flow_addresses(sock: trio.socket.SocketType | socket.socket) -> tuple[Addres
     return (peer[0], peer[1]), (local[0], local[1])
 
 
-class ConnectError(OSError):
-    """The outgoing flow could not be opened; ``kind`` says why, for protocol replies.
-
-    Kinds: ``refused``, ``network-unreachable``, ``host-unreachable``,
-    ``timeout``, ``dns``, ``not-allowed``, ``error``.
-    """
-
-    def __init__(self, kind: str, message: str, errno_: int | None = None) -> None:
-        super().__init__(errno_ or 0, message)
-        self.kind = kind
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.strerror}"
-
-
-_KIND_BY_ERRNO = {
-    errno.ECONNREFUSED: "refused",
-    errno.ENETUNREACH: "network-unreachable",
-    errno.EHOSTUNREACH: "host-unreachable",
-    errno.ETIMEDOUT: "timeout",
-    errno.EACCES: "not-allowed",
-    errno.EPERM: "not-allowed",
-}
-
-
-def connect_error_from(exc: OSError) -> ConnectError:
-    """Translate a connect failure into a :class:`ConnectError`, once, here."""
-    if isinstance(exc, ConnectError):
-        return exc
-    if isinstance(exc, socket.gaierror):
-        return ConnectError("dns", f"name resolution failed: {exc}", None)
-    kind = _KIND_BY_ERRNO.get(exc.errno or 0, "error")
-    return ConnectError(kind, exc.strerror or str(exc), exc.errno)
-
-
 async def connect_outgoing(
     destination: Address,
     *,
@@ -185,18 +151,14 @@ async def connect_outgoing(
             except OSError as exc:
                 errors.append(connect_error_from(exc))
         if not errors:
-            raise ConnectError("dns", f"no address for {host}")
-        raise errors[0] if len(errors) == 1 else _most_telling(errors)
+            raise ConnectError(ConnectFailure.NAME_NOT_FOUND, f"no address for {host}")
+        raise most_telling(errors)
     assert deadline.cancelled_caught
     raise ConnectError(
-        "timeout", f"connect to {host}:{port} timed out after {timeout:g}s", errno.ETIMEDOUT
+        ConnectFailure.TIMEOUT,
+        f"connect to {host}:{port} timed out after {timeout:g}s",
+        errno.ETIMEDOUT,
     )
-
-
-def _most_telling(errors: list[ConnectError]) -> ConnectError:
-    """Of several failed addresses, report a refusal before unreachability."""
-    order = ["refused", "host-unreachable", "network-unreachable", "timeout", "not-allowed"]
-    return min(errors, key=lambda e: order.index(e.kind) if e.kind in order else len(order))
 
 
 def outgoing_socket(
@@ -219,7 +181,8 @@ def outgoing_socket(
         if source is not None and policy is not SourcePolicy.GATEWAY:
             if family_of(source[0]) != family:
                 raise ConnectError(
-                    "error", f"client {source[0]} and destination {destination[0]} differ in family"
+                    ConnectFailure.OTHER,
+                    f"client {source[0]} and destination {destination[0]} differ in family",
                 )
             set_transparent(raw)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -286,3 +249,16 @@ async def reset_stream(stream: trio.abc.AsyncResource) -> None:
             break
         inner = getattr(inner, "transport_stream", None)
     await trio.aclose_forcefully(stream)
+
+
+__all__ = [
+    "ConnectError",  # from tproxy.errors, where the connect-failure vocabulary lives
+    "SourcePolicy",
+    "connect_error_from",
+    "connect_outgoing",
+    "flow_addresses",
+    "listening_socket",
+    "outgoing_socket",
+    "reset_socket",
+    "reset_stream",
+]

@@ -24,8 +24,8 @@ import argparse
 
 import trio
 
-from ..cli import UsageError
 from ..engine import Engine
+from ..errors import UsageError
 from ..modes import ModeSpec
 from ..server import FastHandler, Handler
 from .accepted import Accepted, serve_accepted

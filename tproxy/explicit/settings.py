@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..cli import UsageError
+from ..errors import UsageError
 from ..modes import ModeSpec
 from ..protocols import Policy, PolicyError
 from .limits import ClientSlots

@@ -18,11 +18,9 @@ import socket
 import trio
 
 from ..engine import Engine
+from ..errors import ConnectError, most_telling
 from ..flow import Address
 from ..protocols import Policy
-from ..sockets import ConnectError
-
-_PREFERENCE = ["refused", "host-unreachable", "network-unreachable", "timeout", "not-allowed"]
 
 
 class DestinationDenied(Exception):
@@ -84,10 +82,7 @@ async def open_upstream(
                     return await engine.connect((ip, port))
                 except ConnectError as exc:
                     errors.append(exc)
-            raise min(
-                errors,
-                key=lambda e: _PREFERENCE.index(e.kind) if e.kind in _PREFERENCE else 99,
-            )
+            raise most_telling(errors)
     except trio.TooSlowError:
         raise ConnectError(
             "timeout", f"connect to {host}:{port} timed out after {timeout:g}s", errno.ETIMEDOUT
@@ -95,13 +90,6 @@ async def open_upstream(
 
 
 def failure_cause(error: ConnectError) -> BaseException | int:
-    """What to give a handshake's ``reply_failure`` so it picks the right code.
-
-    The protocols classify by exception type and errno; a :class:`ConnectError`
-    of kind ``dns`` or ``timeout`` does not always carry the errno that says so.
-    """
-    if error.kind == "dns":
-        return socket.gaierror(socket.EAI_NONAME, str(error))
-    if error.kind == "timeout":
-        return errno.ETIMEDOUT
+    """What to give a handshake's ``reply_failure``: the error itself, whose ``kind``
+    :func:`~tproxy.errors.classify_error` reads (one vocabulary, no translation)."""
     return error

@@ -25,11 +25,13 @@ handshake completed is appended there too.
 
 from __future__ import annotations
 
-import errno
-import socket
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
+
+# The connect-failure vocabulary lives in tproxy.errors, one for the engine and the
+# protocols; the protocols keep importing it from here.
+from ..errors import ConnectFailure as ConnectFailure
+from ..errors import classify_error as classify_error
 
 
 class ProtocolError(Exception):
@@ -109,76 +111,3 @@ class RequestHandshake(Generic[RequestT]):
         data = bytes(self._leftover)
         self._leftover.clear()
         return data
-
-
-class ConnectFailure(StrEnum):
-    """Why connecting to a destination failed, as the protocols can say it.
-
-    Front doors do not pick reply codes themselves: they hand the exception
-    they caught to :func:`classify_error` (SOCKS5 and HTTP map the result
-    to their own codes), so every protocol derives its answer from the real
-    error in the same way.
-    """
-
-    REFUSED = "refused"
-    NETWORK_UNREACHABLE = "network-unreachable"
-    HOST_UNREACHABLE = "host-unreachable"
-    NAME_NOT_FOUND = "name-not-found"
-    TIMEOUT = "timeout"
-    NOT_ALLOWED = "not-allowed"
-    ADDRESS_FAMILY = "address-family"
-    OTHER = "other"
-
-
-_ERRNO_FAILURES: dict[int, ConnectFailure] = {
-    errno.ECONNREFUSED: ConnectFailure.REFUSED,
-    errno.ENETUNREACH: ConnectFailure.NETWORK_UNREACHABLE,
-    errno.ENETDOWN: ConnectFailure.NETWORK_UNREACHABLE,
-    errno.EHOSTUNREACH: ConnectFailure.HOST_UNREACHABLE,
-    errno.EHOSTDOWN: ConnectFailure.HOST_UNREACHABLE,
-    errno.ETIMEDOUT: ConnectFailure.TIMEOUT,
-    errno.EACCES: ConnectFailure.NOT_ALLOWED,
-    errno.EPERM: ConnectFailure.NOT_ALLOWED,
-    errno.EAFNOSUPPORT: ConnectFailure.ADDRESS_FAMILY,
-}
-
-
-def classify_error(error: BaseException | int | None) -> ConnectFailure:
-    """Say why a connect failed, from the exception (or errno) the front door caught.
-
-    - ``socket.gaierror`` (DNS failure): ``NAME_NOT_FOUND``;
-    - ``TimeoutError``, errno ``ETIMEDOUT``, or ``trio.TooSlowError`` (from
-      ``trio.fail_after``; recognised by its name so this module needs no
-      trio): ``TIMEOUT``;
-    - an ``OSError`` (or a bare errno ``int``): by errno, see the table above
-      (ECONNREFUSED, ENETUNREACH/ENETDOWN, EHOSTUNREACH/EHOSTDOWN, ETIMEDOUT,
-      EACCES/EPERM, EAFNOSUPPORT);
-    - an ``OSError`` without errno (``trio.open_tcp_stream`` raises
-      ``OSError("all attempts to connect ... failed")`` with the individual
-      errors in an exception group as its ``__cause__``): the first of
-      those inner errors that says more than ``OTHER``;
-    - anything else: ``OTHER``.
-    """
-    if error is None:
-        return ConnectFailure.OTHER
-    if isinstance(error, int):
-        return _ERRNO_FAILURES.get(error, ConnectFailure.OTHER)
-    if isinstance(error, socket.gaierror):
-        return ConnectFailure.NAME_NOT_FOUND
-    if isinstance(error, TimeoutError) or type(error).__name__ == "TooSlowError":
-        return ConnectFailure.TIMEOUT
-    if isinstance(error, ConnectionRefusedError):
-        return ConnectFailure.REFUSED
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = classify_error(inner)
-            if found is not ConnectFailure.OTHER:
-                return found
-        return ConnectFailure.OTHER
-    if isinstance(error, OSError):
-        if error.errno is not None:
-            return _ERRNO_FAILURES.get(error.errno, ConnectFailure.OTHER)
-        cause = error.__cause__
-        if cause is not None and cause is not error:
-            return classify_error(cause)
-    return ConnectFailure.OTHER

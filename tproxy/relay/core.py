@@ -410,6 +410,8 @@ class FlowCore:
                 )
             ]
         if self.phase == LINGERING:
+            if side == SERVER:
+                return _NONE  # reset by the abort already: what it says now is moot
             return [self._finish(self.reason or EndReason.INTERCEPTOR_ABORT, self.detail, _BOTH)]
         return [self._finish(EndReason.RESET, detail, _BOTH)]
 

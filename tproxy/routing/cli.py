@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import UsageError
+from ..errors import UsageError
 from . import installer, state
 from .commands import describe, setup_commands, teardown_commands
 from .plan import (

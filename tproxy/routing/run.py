@@ -58,7 +58,7 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
     wildcard address means the family's default (127.0.0.1 / ::1; a wildcard
     listener accepts what TPROXY hands to those).
     """
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     in_interface, out_interface = args.setup
     listening = {4: proxy_address_v4, 6: proxy_address_v6}
