@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import socket
 import struct
 import time
@@ -339,4 +340,30 @@ async def test_shutdown_grace_lets_intercepted_flows_finish_then_resets_the_rest
             while await lingering.receive_some(10):
                 pass
         for stream in (finishing, finishing_backend, lingering, lingering_backend):
+            await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.trio
+async def test_an_interceptor_that_fails_to_start_ends_only_its_flow_in_the_hub(caplog) -> None:
+    """The hub builds the chain when its connect completes; a constructor that raises ends
+    that flow as ``error`` (``interceptor init``), resets the client, and nothing else."""
+
+    class Broken(Interceptor):
+        def __init__(self, flow: FlowInfo, options: object = None) -> None:
+            raise ValueError("no config")
+
+    caplog.set_level(logging.INFO, logger="tproxy.flow")
+    engine = Engine(EngineConfig(), [_factory(Watch), _factory(Broken)])
+    async with _forward_server(engine) as (_, port, target):
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        backend = await _accept(target)
+        with pytest.raises(trio.BrokenResourceError), trio.fail_after(20):
+            while await client.receive_some(10):
+                pass
+        with trio.fail_after(20):
+            await engine.wait_idle()
+        assert engine.total == 1 and engine.hub is not None and len(engine.hub) == 0
+        [end] = [r.getMessage() for r in caplog.records if " end reason=" in r.getMessage()]
+        assert "reason=error" in end and "interceptor init: ValueError('no config')" in end
+        for stream in (client, backend):
             await trio.aclose_forcefully(stream)

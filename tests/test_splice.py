@@ -255,3 +255,48 @@ def test_injection_from_the_hook_that_turns_passthrough_on_is_not_starved():
                 await trio.aclose_forcefully(stream)
 
     trio.run(main)
+
+
+class _Tap:
+    def __init__(self) -> None:
+        self.read = [b"", b""]
+        self.delivered = [b"", b""]
+        self.ended: list[str] = []
+
+    def on_read(self, side: int, data: bytes) -> None:
+        self.read[side] += data
+
+    def on_deliver(self, side: int, data: bytes) -> None:
+        self.delivered[side] += data
+
+    def on_end(self, reason: str) -> None:
+        self.ended.append(reason)
+
+
+def test_a_tap_sees_every_byte_and_keeps_the_flow_off_splice(monkeypatch):
+    def no_take(size: int) -> tuple[int, int]:
+        raise AssertionError("a tapped flow must not be spliced")
+
+    monkeypatch.setattr(tproxy.splice.pipes, "take", no_take)
+
+    async def main():
+        async with _hub() as hub:
+            client_end, incoming = await _tcp_pair()
+            server_end, outgoing = await _tcp_pair()
+            tap = _Tap()
+            flow = hub.adopt(incoming, outgoing, _record(), tap=tap)
+            up, down = os.urandom(300_000), os.urandom(200_000)
+            async with trio.open_nursery() as n:
+                n.start_soon(_send_and_eof, client_end, up)
+                n.start_soon(_send_and_eof, server_end, down)
+                assert await _read_all(server_end) == up
+                assert await _read_all(client_end) == down
+            assert flow.done is not None
+            await flow.done.wait()
+            assert tap.read == [up, down]
+            assert tap.delivered == [down, up]  # to the client, to the server
+            assert tap.ended == ["eof"]
+            for stream in (client_end, server_end):
+                await trio.aclose_forcefully(stream)
+
+    trio.run(main)

@@ -573,7 +573,8 @@ class SpliceHub:
         for _ in range(CHUNKS_PER_WAKE):
             if not flow.live or way.held or not core.may_read(side):
                 return
-            if core.may_splice(side):
+            # core.may_splice(side), without asking may_read twice (this is per chunk)
+            if core.splice and not core.watching and core.tap is None:
                 if not self._splice_chunk(flow, way):
                     return
             elif not self._copy_chunk(flow, way):

@@ -50,7 +50,8 @@ class Interceptor:
 
     - :meth:`start`: the outgoing flow is connected; inject a banner here.
     - :meth:`client_data` / :meth:`server_data`: return what to forward
-      (``b""`` forwards nothing, e.g. while buffering).
+      (``b""`` forwards nothing, e.g. while buffering; ``None`` is an error
+      that ends the flow: a forgotten ``return``).
     - :meth:`client_eof` / :meth:`server_eof`: that side finished sending;
       return whatever you still hold for the other side. After this the
       engine half-closes the other side.
