@@ -201,3 +201,27 @@ def test_records_of_deleted_namespaces_are_collected(state_root: Path) -> None:
     (alive / "default.json").write_text(json.dumps({"netns_inode": here}))
     assert state.collect_stale() == [gone]
     assert not gone.exists() and alive.exists()
+
+
+@pytest.mark.parametrize(("first", "second"), [("80", "80,443"), ("80,443", "80"),
+                                               ("80", "81")])
+def test_any_different_plan_is_refused_wider_or_narrower(first: str, second: str) -> None:
+    kernel = MemoryKernel()
+    installer.install(make(first), backends=[kernel])
+    before = list(kernel.items)
+    assert installer.conflict(make(second), backends=[kernel]) is not None
+    with pytest.raises(installer.ConflictError, match=r"different plan.*--replace"):
+        installer.install(make(second), backends=[kernel])
+    assert kernel.items == before and state.load("default") == (make(first).request,
+                                                                "installed")
+    assert installer.conflict(make(first), backends=[kernel]) is None
+    assert installer.install(make(second), replace=True, backends=[kernel]) == "replaced"
+    assert kernel.items == list(make(second).items)
+
+
+def test_a_subset_without_a_record_is_a_conflict_too() -> None:
+    kernel = MemoryKernel()
+    installer.install(make("80"), backends=[kernel])
+    state.forget("default")
+    with pytest.raises(installer.ConflictError):
+        installer.install(make("80,443"), backends=[kernel])

@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 from test_routing_installer import MemoryKernel
 
-from tproxy.cli import UsageError, build_parser
+from tproxy import runner
+from tproxy.cli import UsageError, build_parser, main
 from tproxy.routing import installer, state
 from tproxy.routing.run import installed_for_run, plan_for_run
+
+REAL_CHECK_HOST = installer.check_host
 
 
 @pytest.fixture
@@ -96,3 +99,41 @@ def test_udp_port_and_block_quic_pass_through() -> None:
     udp_only = plan_for_run(run_args("--setup", "in0", "out0", "--udp-port", "53"), 9091,
                             "127.0.0.1", None).request
     assert udp_only.ports == () and udp_only.families == (4,)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--setup", "nosuch0", "lo", "--port", "80"], "no such interface 'nosuch0'"),
+        (["--setup", "lo", "lo", "--port", "65536"], "port 65536 is out of range"),
+        (["--setup", "lo", "lo", "--port", "80,abc"], "port 'abc' is not a number"),
+        (["--setup", "lo", "lo"], "no ports to divert"),
+        (["--setup", "lo", "lo", "--udp-port", "443", "--block-quic"], "block-quic"),
+    ],
+)
+def test_bad_setup_arguments_fail_before_anything_listens(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, kernel: MemoryKernel,
+) -> None:
+    def must_not_listen(*args: object, **kw: object) -> None:
+        raise AssertionError("a listener was opened before the routing arguments were checked")
+
+    monkeypatch.setattr(runner, "open_doors", must_not_listen)
+    monkeypatch.setattr(installer, "check_host", REAL_CHECK_HOST)  # the fixture's stub is out
+    monkeypatch.setattr(installer, "has_net_admin", lambda: True)
+    assert main(["run", "--mode", "transparent@127.0.0.1:19091", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("tproxy run: error:"), err
+
+
+def test_a_different_installed_plan_fails_run_before_it_listens(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, kernel: MemoryKernel,
+) -> None:
+    installer.install(plan_for_run(run_args("--setup", "lo", "lo", "-p", "80"), 19091,
+                                   "127.0.0.1", None))
+    monkeypatch.setattr(runner, "open_doors", lambda *a, **k: pytest.fail("listened"))
+    assert main(["run", "--mode", "transparent@127.0.0.1:19091", "--setup", "lo", "lo",
+                 "-p", "80,443"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different plan" in err and "tproxy teardown" in err, err
+    assert kernel.items  # the installed plan is left alone

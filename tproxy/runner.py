@@ -209,14 +209,15 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
     v6 = next((s for s in transparent if ":" in s.host), None)
     if len({s.port for s in transparent}) != 1:
         raise UsageError("--setup needs all transparent listeners on one port")
+    if getattr(args, "worker_index", None) is not None:
+        return None  # a --workers worker: its supervisor checked and owns the routing
+    addresses = {"proxy_address_v4": v4.host if v4 else None,
+                 "proxy_address_v6": v6.host if v6 else None}
+    # Every routing argument is checked now, before any listener opens.
+    plan = routing.check_for_run(args, transparent[0].port, **addresses)
 
     def enter() -> Any:
-        return routing.installed_for_run(
-            args,
-            proxy_port=transparent[0].port,
-            proxy_address_v4=v4.host if v4 else None,
-            proxy_address_v6=v6.host if v6 else None,
-        )
+        return routing.installed_for_run(args, transparent[0].port, plan=plan, **addresses)
 
     return enter
 

@@ -20,6 +20,7 @@ __all__ = [
     "PlanRequest",
     "add_run_arguments",
     "build_request",
+    "check_for_run",
     "installed_for_run",
     "make_plan",
 ]
@@ -27,7 +28,7 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # run.py imports tproxy.cli, which imports this package: load it lazily.
-    if name in ("add_run_arguments", "installed_for_run"):
+    if name in ("add_run_arguments", "check_for_run", "installed_for_run"):
         from . import run
 
         return getattr(run, name)

@@ -3,8 +3,8 @@
 * :func:`install` applies a plan item by item; if a step fails it removes
   what this call added (newest first) and raises :class:`SetupError` naming
   the step and the kernel's error. The same plan installed twice is a no-op;
-  a different plan of the same instance is refused (:class:`ConflictError`)
-  unless ``replace=True``.
+  a different plan of the same instance, wider or narrower, is refused
+  (:class:`ConflictError`) unless ``replace=True``.
 * :func:`teardown` removes everything of one instance: its recorded plan's
   items and whatever the kernel shows tagged for it. Nothing there: no-op.
 * :func:`inspect` reports, per instance, what is installed and how it
@@ -253,16 +253,13 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
         current = inspect(request.instance, opened)[request.instance]
         outcome = "installed"
         if current.live:
-            live, wanted = set(current.live), set(plan.items)
-            if live == wanted:
+            if set(current.live) == set(plan.items):
                 state.save(request, "installed", state.owner(request.instance) or owner)
                 return "unchanged"
-            same_plan = current.recorded == request or live <= wanted
+            same_plan = current.recorded == request
             if not replace and not same_plan:
-                raise ConflictError(
-                    f"instance {request.instance!r} is installed with a different plan "
-                    f"(see tproxy status); use --replace, or tproxy teardown first"
-                )
+                raise ConflictError(_conflict_text(request.instance)
+                                    + "; use --replace, or tproxy teardown first")
             _, errors = _remove_all(current.live, opened)
             if errors:
                 raise TeardownError("could not remove the old installation: " + "; ".join(errors))
@@ -292,6 +289,26 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
             raise
         state.save(request, "installed", owner)
         return outcome
+
+
+def _conflict_text(instance: str) -> str:
+    return f"instance {instance!r} is installed with a different plan (see tproxy status)"
+
+
+def conflict(plan: Plan, backends: list[Backend] | None = None) -> str | None:
+    """Why ``install(plan)`` would raise :class:`ConflictError`, or None if it would not.
+
+    Any difference counts, a wider plan as much as a narrower one: only the
+    same plan (installed completely, or partly under its own record, which
+    ``install`` completes) is not a conflict. Changes nothing.
+    """
+    with state.locked(), _backends(backends) as opened:
+        current = inspect(plan.instance, opened)[plan.instance]
+    if not current.live or set(current.live) == set(plan.items):
+        return None
+    if current.recorded == plan.request:
+        return None
+    return _conflict_text(plan.instance)
 
 
 def teardown(instance: str, backends: list[Backend] | None = None) -> list[Found]:

@@ -32,7 +32,8 @@ from .cli import add_plan_arguments, request_from_args
 from .installer import RoutingError
 from .plan import DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
 
-__all__ = ["RoutingError", "add_run_arguments", "installed_for_run", "wants_setup"]
+__all__ = ["RoutingError", "add_run_arguments", "check_for_run", "installed_for_run",
+           "wants_setup"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,10 +77,36 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
     return make_plan(request)
 
 
+def check_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: str | None,
+                  proxy_address_v6: str | None) -> Plan:
+    """Every check ``run --setup`` can make before anything listens; returns the plan.
+
+    Bad options (ports, mark, ...), a missing interface, no privileges, or a
+    different plan installed for the instance raise ``tproxy.cli.UsageError``
+    (one line, exit 2), so ``run`` fails before it opens a socket.
+    """
+    from ..cli import UsageError
+
+    plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
+    try:
+        installer.check_host(plan.request)
+        clash = installer.conflict(plan)
+    except installer.InputError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # a backend's StepError (python-iptables cannot load, ...)
+        raise UsageError(f"cannot read the installed routing: {exc}") from None
+    if clash:
+        raise UsageError(clash + "; tproxy teardown"
+                         + ("" if plan.instance == "default" else f" --instance {plan.instance}")
+                         + " first")
+    return plan
+
+
 @contextlib.contextmanager
 def installed_for_run(args: argparse.Namespace, proxy_port: int,
                       proxy_address_v4: str | None = DEFAULT_PROXY_V4,
                       proxy_address_v6: str | None = DEFAULT_PROXY_V6,
+                      plan: Plan | None = None,
                       ) -> Iterator[Plan | None]:
     """Install ``run``'s plan for the block's duration; yields the plan (None without --setup).
 
@@ -89,12 +116,14 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
     install, having rolled back. The same plan already installed by an
     earlier ``run`` (killed with -9) is adopted and removed on exit like a
     fresh one; the same plan installed by ``tproxy setup`` is used and left
-    in place (it belongs to whoever ran setup).
+    in place (it belongs to whoever ran setup). ``plan`` is the one
+    :func:`check_for_run` returned before the listeners opened (recomputed if None).
     """
     if not wants_setup(args):
         yield None
         return
-    plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
+    if plan is None:
+        plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
     installer.check_host(plan.request)
     outcome = installer.install(plan, replace=False, owner="run")
     if outcome == "unchanged" and state.owner(plan.instance) == "setup":
