@@ -23,6 +23,7 @@ import pytest
 from nsharness import Namespace, Topology, echo_server, parse_peer_line
 
 IN, OUT = "in0", "out0"
+HANG = "diverted connections hang: start `tproxy run` or `tproxy teardown`"
 
 
 def tproxy(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
@@ -123,8 +124,9 @@ def test_setup_installs_exactly_the_plan(gw: Namespace) -> None:
         assert (route["type"], route["dst"], route["dev"], route["table"], route["protocol"]) == (
             "local", "default", "lo", "100", "116")
     assert json.loads(after["route4"]) and added(before, after, "route4")[0]["scope"] == "host"
-    status = tproxy(gw, "status")
-    assert status.returncode == 0 and "complete" in status.stdout, status.stdout
+    status = tproxy(gw, "status")  # complete, but nobody listens: diverted connections hang
+    assert status.returncode == 1 and "complete" in status.stdout, status.stdout
+    assert HANG in status.stdout and "owner: tproxy setup" in status.stdout
 
 
 def plant_foreign(ns: Namespace) -> None:
@@ -253,10 +255,19 @@ def test_teardown_without_the_record_finds_ours_by_tags(gw: Namespace) -> None:
 def test_status_exit_codes(gw: Namespace) -> None:
     assert tproxy(gw, "status").returncode == 3
     assert tproxy(gw, "setup", IN, OUT, "-p", "80", "--ipv4").returncode == 0
-    assert tproxy(gw, "status").returncode == 0
-    gw.run("iptables-legacy", "-t", "mangle", "-D", "TPROXY_DIVERT", "-m", "comment",
-           "--comment", "tproxy:default", "-j", "ACCEPT")
-    partial = tproxy(gw, "status")
+    idle = tproxy(gw, "status")
+    assert idle.returncode == 1, idle.stdout
+    assert "listener tcp 127.0.0.1:9091: NOTHING LISTENS" in idle.stdout and HANG in idle.stdout
+    with gw.socket() as listener:
+        listener.bind(("127.0.0.1", 9091))
+        listener.listen()
+        served = tproxy(gw, "status")
+        assert served.returncode == 0, served.stdout
+        assert "listener tcp 127.0.0.1:9091: listening" in served.stdout
+        assert HANG not in served.stdout
+        gw.run("iptables-legacy", "-t", "mangle", "-D", "TPROXY_DIVERT", "-m", "comment",
+               "--comment", "tproxy:default", "-j", "ACCEPT")
+        partial = tproxy(gw, "status")
     assert partial.returncode == 1
     assert "partial" in partial.stdout and "missing: iptables-legacy" in partial.stdout
     assert tproxy(gw, "teardown").returncode == 0
@@ -287,7 +298,7 @@ def test_instances_are_independent(gw: Namespace) -> None:
            "--priority", "101", "--proxy-port", "9092"]
     assert tproxy(gw, *lab).returncode == 0
     assert "TPROXY_PRE_lab" in snapshot(gw)["iptables"]
-    assert tproxy(gw, "status").returncode == 0
+    assert tproxy(gw, "status").returncode == 1  # complete, but nothing listens
     assert tproxy(gw, "teardown", "--instance", "lab").returncode == 0
     assert snapshot(gw) == one
     assert tproxy(gw, "teardown").returncode == 0
@@ -317,6 +328,10 @@ def test_run_setup_removes_routing_on_stop_and_teardown_after_kill(
         assert snapshot(gw) == before, gw.read_log(proc)  # the engine removed it on its way out
     else:
         assert snapshot(gw) == installed  # nothing could run: the rules stayed
+        status = tproxy(gw, "status")
+        assert status.returncode == 1 and HANG in status.stdout, status.stdout
+        assert f"owner: tproxy run, pid {proc.pid}, not running" in status.stdout
+        assert "listener tcp 127.0.0.1:9091: NOTHING LISTENS" in status.stdout
         result = tproxy(gw, "teardown")
         assert result.returncode == 0 and "removed" in result.stdout
         assert snapshot(gw) == before
@@ -399,4 +414,53 @@ def test_teardown_all_removes_every_instance_and_orphans(gw: Namespace) -> None:
     assert status.returncode == 1 and "unattributed" in status.stdout, status.stdout
     result = tproxy(gw, "teardown", "--all")
     assert result.returncode == 0, result.stderr
+    assert snapshot(gw) == before
+
+
+@pytest.mark.parametrize("second", ["80,443", "443"])
+def test_a_wider_or_narrower_plan_is_refused_without_replace(gw: Namespace, second: str) -> None:
+    first = "80,443" if second == "443" else "80"
+    assert tproxy(gw, "setup", IN, OUT, "-p", first).returncode == 0
+    installed = snapshot(gw)
+    refused = tproxy(gw, "setup", IN, OUT, "-p", second)
+    assert refused.returncode == 1 and "different plan" in refused.stderr, refused.stderr
+    assert snapshot(gw) == installed
+    assert tproxy(gw, "setup", IN, OUT, "-p", second, "--replace").returncode == 0
+    assert tproxy(gw, "teardown").returncode == 0
+
+
+def test_ipv6_disabled_setup_error_suggests_ipv4(gw: Namespace) -> None:
+    gw.sysctl({"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
+               "net.ipv6.conf.lo.disable_ipv6": 1})
+    before = snapshot(gw)
+    result = tproxy(gw, "setup", IN, OUT, "-p", "80")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "use --ipv4" in result.stderr, result.stderr
+    assert snapshot(gw) == before
+    assert tproxy(gw, "setup", IN, OUT, "-p", "80", "--ipv4").returncode == 0
+    assert tproxy(gw, "teardown").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        (["--port", "80"], "no such interface 'nosuch0'"),
+        (["--port", "65536"], "out of range"),
+        (["--port", "80,abc"], "not a number"),
+        ([], "no ports to divert"),
+    ],
+)
+def test_run_setup_with_bad_arguments_exits_2_before_listening(
+    gw: Namespace, ports: list[str], message: str
+) -> None:
+    """The process ends with one line and exit 2; it never listened or installed anything."""
+    before = snapshot(gw)
+    in_if = "nosuch0" if message.startswith("no such") else IN
+    proc = gw.popen(sys.executable, "-m", "tproxy", "run", "-v", "--setup", in_if, OUT, *ports,
+                    log_name="tproxy-run")
+    assert proc.wait(timeout=60) == 2
+    log = gw.read_log(proc)
+    assert message in log and "listening" not in log and "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tproxy run: error: "), log
     assert snapshot(gw) == before

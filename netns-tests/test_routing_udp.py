@@ -56,8 +56,9 @@ def test_udp_ports_and_block_quic_appear_and_disappear(gwf: Namespace) -> None:
     assert [line for line in v6 if "-p udp" in line and "TPROXY_PRE" in line] == [
         line.replace("127.0.0.1", "::1") for line in UDP_LINES_V4]
     assert v6[0] == REJECT_V4.replace("icmp-", "icmp6-")
-    status = tproxy(gwf, "status")
-    assert status.returncode == 0 and "udp 53,5000-5100" in status.stdout, status.stdout
+    status = tproxy(gwf, "status")  # nothing listens: exit 1, one line per listener
+    assert status.returncode == 1 and "udp 53,5000-5100" in status.stdout, status.stdout
+    assert "listener udp [::1]:9091: NOTHING LISTENS" in status.stdout
     assert "QUIC (udp/443) rejected" in status.stdout
     assert tproxy(gwf, "teardown").returncode == 0
     assert snapshot(gwf) == before

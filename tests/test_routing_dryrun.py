@@ -145,9 +145,9 @@ def test_setup_dry_run_udp_and_block_quic(capsys: pytest.CaptureFixture[str]) ->
     plan = make_plan(build_request("eth0", "eth1", None, udp_ports="53", block_quic=True,
                                    ipv6=True))
     undo = teardown_commands(plan)
-    assert undo[1] == ("ip6tables-legacy -t filter -D FORWARD -i eth0 -p udp -m udp --dport 443"
+    assert undo[0] == ("ip6tables-legacy -t filter -D FORWARD -i eth0 -p udp -m udp --dport 443"
                        " -m comment --comment tproxy:default -j REJECT --reject-with "
-                       "icmp6-port-unreachable")
+                       "icmp6-port-unreachable")  # the switches first
 
 
 def test_tcp_and_udp_ports_together(capsys: pytest.CaptureFixture[str]) -> None:

@@ -225,3 +225,21 @@ def test_a_subset_without_a_record_is_a_conflict_too() -> None:
     state.forget("default")
     with pytest.raises(installer.ConflictError):
         installer.install(make("80,443"), backends=[kernel])
+
+
+def test_ipv6_refused_with_eacces_suggests_ipv4() -> None:
+    kernel = MemoryKernel()
+    plan = make()
+    failing = next(i for i in plan.items if i.family == 6)
+
+    def refuse(item: Item) -> None:
+        if item == failing:
+            raise StepError(describe(item), "Permission denied (errno EACCES)")
+        kernel.items.append(item)
+
+    kernel.add = refuse  # type: ignore[method-assign]
+    with pytest.raises(installer.SetupError, match="use --ipv4") as caught:
+        installer.install(plan, backends=[kernel])
+    assert str(caught.value).count("\n") == 0 and "rolled back" in str(caught.value)
+    assert kernel.items == []
+    assert installer.ipv6_hint("ip -4 route add local 0.0.0.0/0", "EACCES") == ""

@@ -7,8 +7,10 @@ Exit codes:
   2 bad input (nothing installed).
 * ``teardown``: 0 removed, or nothing was there; 1 something could not be
   removed; 2 bad input.
-* ``status``: 0 installed and complete; 1 partial (something missing, extra,
-  or no record to compare with); 3 nothing installed; 2 bad input.
+* ``status``: 0 installed, complete and served; 1 partial (something
+  missing, extra, or no record to compare with) or nothing listening on the
+  TPROXY address and port (diverted connections hang); 3 nothing installed;
+  2 bad input.
 * ``doctor``: 0 no failed check (warnings allowed); 1 some check failed.
 """
 
@@ -206,6 +208,42 @@ def _line(item: object) -> str:
     return describe(item)  # type: ignore[arg-type]
 
 
+HANG = "diverted connections hang: start `tproxy run` or `tproxy teardown`"
+
+
+def _serving(inst: installer.InstanceState) -> tuple[list[str], bool]:
+    """Lines saying who serves an installed instance, and whether its traffic hangs.
+
+    The TPROXY targets come from what is installed (the kernel is the truth,
+    record or not); the owner from the record.
+    """
+    from .liveness import bound_sockets, process_alive, serves
+    from .plan import MangleRule, Tproxy
+
+    targets = sorted({(r.family, r.protocol or "tcp", r.target.on_ip, r.target.on_port)
+                      for r in inst.live
+                      if isinstance(r, MangleRule) and isinstance(r.target, Tproxy)})
+    lines, hang = [], False
+    sockets = {proto: bound_sockets(proto) for proto in {t[1] for t in targets}}
+    for family, proto, address, port in targets:
+        ok = serves(sockets[proto], family, address, port)
+        where = f"[{address}]:{port}" if family == 6 else f"{address}:{port}"
+        lines.append(f"  listener {proto} {where}: {'listening' if ok else 'NOTHING LISTENS'}")
+        hang |= not ok
+    owner = state.owner_process(inst.instance) if inst.recorded is not None else None
+    if owner is not None:
+        who, pid, started = owner
+        if who == "run":
+            alive = isinstance(pid, int) and process_alive(pid, started)
+            lines.append(f"  owner: tproxy run, pid {pid}, "
+                         + ("running" if alive else "not running (killed?)"))
+        else:
+            lines.append("  owner: tproxy setup (stays until tproxy teardown)")
+    if hang:
+        lines.append(f"  {HANG}")
+    return lines, hang
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     _need_root()
     name = _check_instance(args.instance) if args.instance else None
@@ -242,8 +280,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.verbose and inst.recorded is not None:
             for item in inst.live:
                 print(f"  installed: {_line(item)}")
-        codes.append({"complete": EXIT_COMPLETE, "partial": EXIT_PARTIAL,
-                      "absent": EXIT_ABSENT}[status])
+        hang = False
+        if inst.live:
+            lines, hang = _serving(inst)
+            print("\n".join(lines))
+        codes.append(EXIT_PARTIAL if hang else {"complete": EXIT_COMPLETE,
+                                                "partial": EXIT_PARTIAL,
+                                                "absent": EXIT_ABSENT}[status])
     if EXIT_PARTIAL in codes:
         return EXIT_PARTIAL
     if EXIT_COMPLETE in codes:
@@ -308,8 +351,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     status = sub.add_parser(
         "status", help="show what is installed",
-        description="Show what is installed and compare it with the recorded plan. "
-                    "Exit 0 installed and complete, 1 partial, 3 nothing installed.")
+        description="Show what is installed, compare it with the recorded plan, and say "
+                    "whether something listens where it diverts to and whether its owner "
+                    "runs. Exit 0 installed, complete and served; 1 partial or nothing "
+                    "listening; 3 nothing installed.")
     status.add_argument("--instance", default=None, metavar="NAME",
                         help="only this instance (default: all)")
     status.add_argument("-v", "--verbose", action="store_true", help="list every installed item")

@@ -66,12 +66,37 @@ class SetupError(RoutingError):
 
     def __init__(self, step: str, cause: str, rolled_back: int, leftovers: list[str]) -> None:
         text = f"step failed: {step}: {cause}; rolled back {rolled_back} step(s)"
+        hint = ipv6_hint(step, cause)
+        if hint:
+            text += f"; {hint}"
         if leftovers:
             text += f"; could NOT roll back: {'; '.join(leftovers)} (run tproxy teardown)"
         super().__init__(text)
         self.step = step
         self.cause = cause
         self.leftovers = leftovers
+
+
+def ipv6_disabled() -> bool:
+    """Whether IPv6 is switched off in this namespace (``disable_ipv6`` on all or lo)."""
+    for name in ("all", "lo"):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as handle:
+                if handle.read().strip() == "1":
+                    return True
+        except OSError:
+            return True  # no IPv6 in this kernel at all
+    return False
+
+
+def ipv6_hint(step: str, cause: str) -> str:
+    """A suggestion when an IPv6 step failed because IPv6 is off (the kernel says EACCES)."""
+    if not ("ip -6 " in step or "ip6tables" in step):
+        return ""
+    if "EACCES" in cause or ipv6_disabled():
+        return ("IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1): "
+                "use --ipv4, or enable IPv6")
+    return ""
 
 
 class TeardownError(RoutingError):
@@ -254,7 +279,13 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
         outcome = "installed"
         if current.live:
             if set(current.live) == set(plan.items):
-                state.save(request, "installed", state.owner(request.instance) or owner)
+                # The recorded owner stays; a run adopting a killed run's plan
+                # becomes its owner process.
+                recorded = state.owner_process(request.instance)
+                if recorded is None or (owner == "run" and recorded[0] == "run"):
+                    state.save(request, "installed", recorded[0] if recorded else owner)
+                else:
+                    state.save(request, "installed", recorded[0], process=recorded[1:])
                 return "unchanged"
             same_plan = current.recorded == request
             if not replace and not same_plan:

@@ -61,8 +61,13 @@ DEFAULT_MARK = 1
 DEFAULT_MASK = 0xFFFFFFFF
 DEFAULT_TABLE = 100
 DEFAULT_PRIORITY = 100
+#: SO_MARK of the proxy's outgoing sockets under ``--local`` ("tp"); see ``run --mark``.
+DEFAULT_PROXY_MARK = 0x7470
+BACKENDS = ("iptables", "nft")
 CHAIN_PREFIX_PRE = "TPROXY_PRE"
 CHAIN_PREFIX_DIVERT = "TPROXY_DIVERT"
+CHAIN_PREFIX_OUT = "TPROXY_OUT"
+NFT_TABLE_PREFIX = "tproxy_"
 COMMENT_PREFIX = "tproxy:"
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,13}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
@@ -97,6 +102,11 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Return:
+    """``-j RETURN``: leave our chain (``--local`` skips loopback, the proxy, excluded users)."""
+
+
+@dataclass(frozen=True)
 class Reject:
     """``-j REJECT --reject-with icmp-port-unreachable`` (``icmp6-`` for IPv6).
 
@@ -115,7 +125,7 @@ class Tproxy:
     mask: int
 
 
-Target = Jump | SetMark | Accept | Tproxy | Reject
+Target = Jump | SetMark | Accept | Tproxy | Reject | Return
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,15 @@ class MangleRule:
     socket_transparent: bool = False
     first: bool = False
     table: str = "mangle"
+    #: ``-d NET``: destination network (``--local``'s loopback exemption).
+    dst: str | None = None
+    #: ``-m mark --mark MATCH_MARK/MATCH_MASK``.
+    match_mark: int | None = None
+    match_mask: int = 0xFFFFFFFF
+    #: ``-m owner --uid-owner UID``.
+    uid_owner: int | None = None
+    #: ``-m cgroup --path PATH`` (cgroup v2, relative to the cgroup root).
+    cgroup: str | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +193,29 @@ class LocalRoute:
         return "0.0.0.0/0" if self.family == 4 else "::/0"
 
 
-Item = Chain | MangleRule | IpRule | LocalRoute
+@dataclass(frozen=True)
+class NftTable:
+    """The nftables backend's whole share of a plan: one ``inet`` table, applied atomically.
+
+    ``digest`` identifies the rendered batch, ``rules`` counts its rules; both
+    are also written into the comment of the table's first rule, so what is
+    installed can be compared with a plan without parsing rules back.
+    ``mark``/``mask``/``route_table`` let ip rules be attributed without a
+    record. ``script`` (the JSON batch) is not part of equality: a table read
+    back from the kernel has none.
+    """
+
+    name: str
+    instance: str
+    digest: str
+    rules: int
+    mark: int
+    mask: int
+    route_table: int
+    script: str = field(default="", compare=False, hash=False, repr=False)
+
+
+Item = Chain | MangleRule | IpRule | LocalRoute | NftTable
 
 
 @dataclass(frozen=True)
@@ -225,6 +266,14 @@ class PlanRequest:
     udp_ports: tuple[PortRange, ...] = ()
     #: Reject UDP/443 from IN (``--block-quic``), so browsers fall back to TCP.
     block_quic: bool = False
+    #: ``iptables`` (python-iptables, legacy x_tables) or ``nft`` (one inet table).
+    backend: str = "iptables"
+    #: Also divert the gateway's own connections (``--local``).
+    local: bool = False
+    exclude_uids: tuple[int, ...] = ()
+    exclude_cgroups: tuple[str, ...] = ()
+    #: The SO_MARK of the proxy's own outgoing sockets, never captured by ``--local``.
+    proxy_mark: int = DEFAULT_PROXY_MARK
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (ports as ``[first, last]`` pairs)."""
@@ -242,6 +291,9 @@ class PlanRequest:
             if key in data:
                 data[key] = tuple(PortRange(a, b) for a, b in data[key])
         data["families"] = tuple(data["families"])
+        for key in ("exclude_uids", "exclude_cgroups"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -267,9 +319,14 @@ def chain_names(instance: str) -> tuple[str, str]:
     return CHAIN_PREFIX_PRE + suffix, CHAIN_PREFIX_DIVERT + suffix
 
 
+def out_chain_name(instance: str) -> str:
+    """Our OUTPUT chain (``--local``) for an instance."""
+    return CHAIN_PREFIX_OUT + ("" if instance == DEFAULT_INSTANCE else f"_{instance}")
+
+
 def instance_of_chain(name: str) -> str | None:
     """The instance owning a chain called ``name``, or None if it is not ours."""
-    for prefix in (CHAIN_PREFIX_DIVERT, CHAIN_PREFIX_PRE):
+    for prefix in (CHAIN_PREFIX_DIVERT, CHAIN_PREFIX_PRE, CHAIN_PREFIX_OUT):
         if name == prefix:
             return DEFAULT_INSTANCE
         if name.startswith(prefix + "_"):
@@ -316,17 +373,61 @@ def make_plan(request: PlanRequest) -> Plan:
                            sport=ports, socket_transparent=True)
             )
         tproxy = Tproxy(on_ip, request.proxy_port, request.mark, request.mask)
-        for ports in request.ports:
-            items.append(MangleRule(family, pre, tproxy, comment, request.in_interface, "tcp",
-                                    dport=ports))
-        for ports in request.udp_ports:
-            items.append(MangleRule(family, pre, tproxy, comment, request.in_interface, "udp",
-                                    dport=ports))
+        by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
+        for protocol, port_ranges in by_protocol:
+            for ports in port_ranges:
+                items.append(MangleRule(family, pre, tproxy, comment, request.in_interface,
+                                        protocol, dport=ports))
+        if request.local:
+            items += _local_items(request, family, tproxy, comment)
         items.append(MangleRule(family, "PREROUTING", Jump(pre), comment, first=True))
+        if request.local:
+            out = out_chain_name(request.instance)
+            items.append(MangleRule(family, "OUTPUT", Jump(out), comment, first=True))
         if request.block_quic:
             items.append(MangleRule(family, "FORWARD", Reject(), comment, request.in_interface,
                                     "udp", dport=QUIC_PORT, first=True, table="filter"))
+    if request.backend == "nft":
+        from .nft import table_item  # the renderer; pure like this module
+
+        per_item = [i for i in items if isinstance(i, IpRule | LocalRoute)]
+        rules = [i for i in items if isinstance(i, Chain | MangleRule)]
+        items = [*per_item, table_item(request, rules)]
     return Plan(request, tuple(items))
+
+
+def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy,
+                 comment: str) -> list[Item]:
+    """``--local``: the OUTPUT chain marking the gateway's own flows, and TPROXY on ``lo``.
+
+    Marked in a route-type OUTPUT hook, the packets are routed again: the
+    fwmark rule sends them to the local table, so they loop back through
+    ``lo``, where PREROUTING hands them to the proxy. The proxy's own sockets
+    (``proxy_mark``), loopback destinations and excluded users or cgroups
+    return early and are never captured.
+    """
+    pre, _ = chain_names(request.instance)
+    out = out_chain_name(request.instance)
+    loopback = "127.0.0.0/8" if family == 4 else "::1/128"
+    items: list[Item] = [
+        Chain(family, out),
+        MangleRule(family, out, Return(), comment, dst=loopback),
+        MangleRule(family, out, Return(), comment, match_mark=request.proxy_mark),
+    ]
+    items += [MangleRule(family, out, Return(), comment, uid_owner=uid)
+              for uid in request.exclude_uids]
+    items += [MangleRule(family, out, Return(), comment, cgroup=path)
+              for path in request.exclude_cgroups]
+    by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
+    for protocol, port_ranges in by_protocol:
+        for ports in port_ranges:
+            items.append(MangleRule(family, out, SetMark(request.mark, request.mask), comment,
+                                    protocol=protocol, dport=ports))
+    for protocol, port_ranges in by_protocol:
+        for ports in port_ranges:
+            items.append(MangleRule(family, pre, tproxy, comment, "lo", protocol, dport=ports,
+                                    match_mark=request.mark, match_mask=request.mask))
+    return items
 
 
 # ---------------------------------------------------------------- parsing
@@ -368,6 +469,21 @@ def validate_request(request: PlanRequest) -> None:
         raise PlanError(f"route table {request.table} is reserved or out of range")
     if not 0 < request.priority < 32766:
         raise PlanError(f"rule priority {request.priority} must be 1-32765 (before 'main')")
+    if request.backend not in BACKENDS:
+        raise PlanError(f"bad backend {request.backend!r}: iptables or nft")
+    if not 0 < request.proxy_mark <= 0xFFFFFFFF:
+        raise PlanError(f"proxy mark {request.proxy_mark:#x} must be 1-0xffffffff")
+    if request.local and request.proxy_mark & request.mask == request.mark:
+        raise PlanError(f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
+                        f"(mark {request.mark:#x}/{request.mask:#x}): pick another")
+    if (request.exclude_uids or request.exclude_cgroups) and not request.local:
+        raise PlanError("--exclude-uid and --exclude-cgroup need --local")
+    for uid in request.exclude_uids:
+        if not 0 <= uid <= 0xFFFFFFFE:
+            raise PlanError(f"bad uid {uid}")
+    for path in request.exclude_cgroups:
+        if not path or len(path) > 100 or any(c in path for c in "\"\n\0"):
+            raise PlanError(f"bad cgroup path {path!r}")
 
 
 def check_address(text: str, family: Family) -> str:
@@ -404,6 +520,11 @@ def build_request(
     *,
     udp_ports: str | list[str] | None = None,
     block_quic: bool = False,
+    backend: str = "iptables",
+    local: bool = False,
+    exclude_uids: list[str] | None = None,
+    exclude_cgroups: list[str] | None = None,
+    proxy_mark: str | int = DEFAULT_PROXY_MARK,
     proxy_port: int | str = DEFAULT_PROXY_PORT,
     proxy_addresses: list[str] | None = None,
     mark: str = str(DEFAULT_MARK),
@@ -457,17 +578,42 @@ def build_request(
         instance=instance,
         udp_ports=udp_ranges,
         block_quic=block_quic,
+        backend=backend,
+        local=local,
+        exclude_uids=tuple(_uid(text) for text in exclude_uids or ()),
+        exclude_cgroups=tuple(_cgroup(text) for text in exclude_cgroups or ()),
+        proxy_mark=parse_number(str(proxy_mark), "proxy mark"),
     )
     validate_request(request)
     return request
+
+
+def _uid(text: str) -> int:
+    """A uid as a number, or a user name looked up in the password database."""
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise PlanError(f"no such user {text!r}") from None
+
+
+def _cgroup(text: str) -> str:
+    """A cgroup v2 path relative to the cgroup root (``/sys/fs/cgroup/`` prefix and slashes cut)."""
+    path = text.strip()
+    if path.startswith("/sys/fs/cgroup"):
+        path = path[len("/sys/fs/cgroup"):]
+    return path.strip("/")
 
 
 # ---------------------------------------------------------------- JSON codec
 
 _CODEC_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Jump, SetMark, Accept, Tproxy, Reject, Chain, MangleRule, IpRule, LocalRoute,
-                UnknownRule, PortRange)
+    for cls in (Jump, SetMark, Accept, Tproxy, Reject, Return, NftTable, Chain, MangleRule,
+                IpRule, LocalRoute, UnknownRule, PortRange)
 }
 
 
