@@ -19,7 +19,7 @@ REAL_CHECK_HOST = installer.check_host
 def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MemoryKernel:
     memory = MemoryKernel()
     monkeypatch.setattr(state, "ROOT", tmp_path / "run-tproxy")
-    monkeypatch.setattr(installer, "open_backends", lambda: [memory])
+    monkeypatch.setattr(installer, "open_backends", lambda kind="all": [memory])
     monkeypatch.setattr(installer, "check_host", lambda request: None)
     return memory
 

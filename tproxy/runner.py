@@ -111,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
         raise UsageError(str(exc)) from None
+    prepare_routing_args(args)  # --setup --local: the proxy's sockets get a mark
     try:
         config = EngineConfig(
             read_size=args.read_size,
@@ -196,6 +197,11 @@ def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Hand
     if spec.kind == "transparent":
         return engine.handle_transparent
     return explicit.front_door(spec, engine, args)
+
+
+def prepare_routing_args(args: argparse.Namespace) -> None:
+    """Routing options that change the engine's own (``--setup --local`` sets ``--mark``)."""
+    routing.prepare_run_args(args)
 
 
 def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[], Any] | None:

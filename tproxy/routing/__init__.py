@@ -23,12 +23,13 @@ __all__ = [
     "check_for_run",
     "installed_for_run",
     "make_plan",
+    "prepare_run_args",
 ]
 
 
 def __getattr__(name: str) -> object:
     # run.py imports tproxy.cli, which imports this package: load it lazily.
-    if name in ("add_run_arguments", "check_for_run", "installed_for_run"):
+    if name in ("add_run_arguments", "check_for_run", "installed_for_run", "prepare_run_args"):
         from . import run
 
         return getattr(run, name)

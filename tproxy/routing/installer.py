@@ -33,6 +33,7 @@ from .plan import (
     IpRule,
     LocalRoute,
     MangleRule,
+    NftTable,
     Plan,
     PlanRequest,
     SetMark,
@@ -127,20 +128,84 @@ class InstanceState:
 # ------------------------------------------------------------- backends
 
 
-def open_backends() -> list[Backend]:
-    """The default backends: python-iptables for mangle, pyroute2 for rules and routes."""
-    from .iproute import IPRouteBackend
-    from .iptables import IptablesBackend
+def open_backends(kind: str = "all") -> list[Backend]:
+    """Backends for ``kind``: ``iptables``, ``nft``, or ``all`` that work here.
 
-    return [IptablesBackend(), IPRouteBackend()]
+    pyroute2 always handles ip rules and routes. ``all`` (for reading and
+    removing: status, teardown) has python-iptables where the legacy tables
+    work and nftables where it is available, so an instance is found
+    whichever backend installed it.
+    """
+    from .iproute import IPRouteBackend
+
+    opened: list[Backend] = []
+    if kind in ("iptables", "all") and (kind == "iptables" or legacy_problem() is None):
+        from .iptables import IptablesBackend
+
+        opened.append(IptablesBackend())
+    if kind in ("nft", "all"):
+        from . import nft
+
+        if kind == "nft" or nft.available() is None:
+            opened.append(nft.NftBackend())
+    opened.append(IPRouteBackend())
+    return opened
+
+
+#: Set by ``--backend`` for commands that read and remove (status, teardown).
+SELECTED = "all"
+
+
+def legacy_problem() -> str | None:
+    """None if python-iptables can work here (legacy x_tables), else why not.
+
+    Checked without loading libxtables (the engine process must not): the
+    kernel's legacy ``ip_tables``, the python-iptables package and the xtables
+    plugins it needs.
+    """
+    import importlib.util
+
+    if not os.path.exists("/proc/net/ip_tables_names"):
+        return "the kernel has no legacy x_tables (no /proc/net/ip_tables_names)"
+    if importlib.util.find_spec("iptc") is None:
+        return "python-iptables is not installed"
+    from .doctor import check_plugins
+
+    plugins = check_plugins()
+    if plugins.level != "ok":
+        return plugins.detail
+    return None
+
+
+def choose_backend(wanted: str, instance: str | None = None) -> tuple[str, str]:
+    """Resolve ``--backend`` (``auto`` included) to ``iptables`` or ``nft``, with the reason.
+
+    ``auto`` keeps an instance's recorded backend, else takes python-iptables
+    where the legacy tables work and nftables where they do not. Raises
+    :class:`InputError` if neither works.
+    """
+    if wanted != "auto":
+        return wanted, f"--backend {wanted}"
+    record = state.load(instance) if instance else None
+    if record is not None:
+        return record[0].backend, f"instance {instance!r} is installed with it"
+    problem = legacy_problem()
+    if problem is None:
+        return "iptables", "the legacy x_tables work here (python-iptables)"
+    from . import nft
+
+    nft_problem = nft.available()
+    if nft_problem is None:
+        return "nft", f"legacy tables unusable ({problem}); nftables works"
+    raise InputError(f"no routing backend works here: {problem}; nft: {nft_problem}")
 
 
 @contextmanager
-def _backends(given: list[Backend] | None) -> Iterator[list[Backend]]:
+def _backends(given: list[Backend] | None, kind: str | None = None) -> Iterator[list[Backend]]:
     if given is not None:
         yield given
         return
-    opened = open_backends()
+    opened = open_backends(kind or SELECTED)
     try:
         yield opened
     finally:
@@ -187,6 +252,8 @@ def check_host(request: PlanRequest) -> None:
 
 
 def _instance_of(item: Found) -> str | None:
+    if isinstance(item, NftTable):
+        return item.instance
     if isinstance(item, Chain):
         return instance_of_chain(item.name)
     if isinstance(item, UnknownRule):
@@ -223,6 +290,7 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
         planned: list[Found] = list(make_plan(recorded).items) if recorded else []
         marks = {(t.mark, t.mask) for r in mine if isinstance(r, MangleRule)
                  for t in [r.target] if isinstance(t, SetMark | Tproxy)}
+        marks |= {(t.mark, t.mask) for t in mine if isinstance(t, NftTable)}
         rules = [i for i in ip_items if i in planned or (
             isinstance(i, IpRule) and (i.fwmark, i.fwmask) in marks)]
         tables = {r.table for r in rules if isinstance(r, IpRule)}
@@ -273,7 +341,8 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
     (everything this call added removed again) if a step fails.
     """
     request = plan.request
-    with state.locked(), _backends(backends) as opened:
+    atomic = any(isinstance(i, NftTable) for i in plan.items)
+    with state.locked(), _backends(backends, request.backend) as opened:
         state.collect_stale()
         current = inspect(request.instance, opened)[request.instance]
         outcome = "installed"
@@ -291,14 +360,22 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
             if not replace and not same_plan:
                 raise ConflictError(_conflict_text(request.instance)
                                     + "; use --replace, or tproxy teardown first")
-            _, errors = _remove_all(current.live, opened)
-            if errors:
-                raise TeardownError("could not remove the old installation: " + "; ".join(errors))
+            if not atomic:
+                _, errors = _remove_all(current.live, opened)
+                if errors:
+                    raise TeardownError("could not remove the old installation: "
+                                        + "; ".join(errors))
             outcome = "replaced" if not same_plan else "installed"
+        # nft: the table replaces its predecessor in one transaction, so the old
+        # installation stays until the new one is in (and stays if it fails).
+        keep = set(current.live) if atomic else set()
+        old_record = state.read_raw(request.instance)
         state.save(request, "installing", owner)
         applied: list[Found] = []
         try:
             for item in plan.items:
+                if item in keep and not isinstance(item, NftTable):
+                    continue
                 applied.append(item)
                 _backend_for(opened, item).add(item)  # type: ignore[arg-type]
         except BaseException as exc:  # a kernel refusal, or Ctrl-C half-way: roll back
@@ -313,11 +390,22 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                     leftovers.append(str(undo))
             if leftovers:
                 state.save(request, "failed", owner)
+            elif keep and old_record is not None:
+                state.write_raw(request.instance, old_record)  # the old one is still in place
             else:
                 state.forget(request.instance)
             if isinstance(exc, StepError):
                 raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
             raise
+        if keep:
+            stale = [i for i in current.live if i not in set(plan.items) and not (
+                isinstance(i, NftTable) and any(isinstance(n, NftTable) and n.name == i.name
+                                                for n in plan.items))]
+            _, errors = _remove_all(stale, opened)
+            if errors:
+                state.save(request, "installed", owner)
+                raise TeardownError("installed, but could not remove parts of the old "
+                                    "installation: " + "; ".join(errors))
         state.save(request, "installed", owner)
         return outcome
 

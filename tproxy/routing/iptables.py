@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import json
 import os
 import shlex
@@ -48,6 +49,7 @@ from .plan import (
     Jump,
     MangleRule,
     Reject,
+    Return,
     SetMark,
     Target,
     Tproxy,
@@ -149,8 +151,19 @@ class FamilyTables:
                 match.dport = rule.dport.iptables
             if rule.not_syn:
                 match.tcp_flags = list(_NOT_SYN)
+        if rule.dst is not None:
+            built.dst = rule.dst
         if rule.socket_transparent:
             built.create_match("socket").transparent = ""
+        if rule.match_mark is not None:
+            mark = f"{rule.match_mark:#x}"
+            if rule.match_mask != 0xFFFFFFFF:
+                mark += f"/{rule.match_mask:#x}"
+            built.create_match("mark").mark = mark
+        if rule.uid_owner is not None:
+            built.create_match("owner").uid_owner = str(rule.uid_owner)
+        if rule.cgroup is not None:
+            built.create_match("cgroup").path = rule.cgroup
         built.create_match("comment").comment = rule.comment
         target = rule.target
         if isinstance(target, Jump):
@@ -266,12 +279,15 @@ class FamilyTables:
         text = _rule_text(live, matches, target_name, target_params)
         unknown = UnknownRule(family, chain, text, comment, which)
         any_addr = _ANY4 if family == 4 else _ANY6
-        if (live.src not in (any_addr, None) or live.dst not in (any_addr, None)
-                or live.out_interface or comment is None):
+        if live.src not in (any_addr, None) or live.out_interface or comment is None:
+            return unknown
+        dst = None if live.dst in (any_addr, None) else _prefix(live.dst)
+        if dst is False:
             return unknown
         protocol = live.protocol if live.protocol not in (None, "ip", "all", "0") else None
         dport = sport = None
         transparent = not_syn = False
+        extra: dict[str, Any] = {}
         for name, params in matches:
             if name == protocol and set(params) <= {"dport", "sport", "tcp-flags"}:
                 if "dport" in params:
@@ -284,6 +300,18 @@ class FamilyTables:
                     not_syn = True
             elif name == "socket" and params == {"transparent": []}:
                 transparent = True
+            elif name == "mark" and set(params) == {"mark"}:
+                mark = _mark(params["mark"])
+                if mark is None:
+                    return unknown
+                extra["match_mark"], extra["match_mask"] = mark
+            elif name == "owner" and set(params) == {"uid-owner"}:
+                try:
+                    extra["uid_owner"] = int(params["uid-owner"][0])
+                except (ValueError, IndexError):
+                    return unknown
+            elif name == "cgroup" and set(params) == {"path"} and len(params["path"]) == 1:
+                extra["cgroup"] = params["path"][0]
             elif name != "comment":
                 return unknown
         target = _parse_target(family, target_name, target_params)
@@ -293,9 +321,22 @@ class FamilyTables:
             family, chain, target, comment, live.in_interface or None, protocol,
             dport=dport or None, sport=sport or None, not_syn=not_syn,
             socket_transparent=transparent,
-            first=chain in ("PREROUTING", "FORWARD"),
-            table=which,
+            first=chain in ("PREROUTING", "FORWARD", "OUTPUT"),
+            table=which, dst=dst or None, **extra,
         )
+
+
+def _prefix(text: str) -> str | bool:
+    """``127.0.0.0/255.0.0.0`` (as libiptc gives it) as ``127.0.0.0/8``; False if odd."""
+    address, _, mask = text.partition("/")
+    try:
+        if ":" in mask or "." in mask:
+            bits = bin(int(ipaddress.ip_address(mask))).count("1")
+        else:
+            bits = int(mask) if mask else (32 if ":" not in address else 128)
+        return str(ipaddress.ip_network(f"{address}/{bits}"))
+    except ValueError:
+        return False
 
 
 def _port_range(values: list[str]) -> PortRange | bool:
@@ -334,6 +375,8 @@ def _parse_target(family: Family, name: str, params: dict[str, list[str]]) -> Ta
         except (ValueError, IndexError):
             return None
         return Tproxy(params["on-ip"][0], port, *mark) if mark else None
+    if name == "RETURN" and not params:
+        return Return()
     if instance_of_chain(name) is not None and not params:
         return Jump(name)
     return None

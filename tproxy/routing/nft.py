@@ -51,6 +51,7 @@ from .plan import (
     Return,
     SetMark,
     Tproxy,
+    cgroup2_root,
 )
 
 FAMILY = "inet"
@@ -131,8 +132,11 @@ def rule_exprs(rule: MangleRule) -> list[dict[str, Any]]:
     if rule.uid_owner is not None:
         exprs.append(_match(_meta("skuid"), rule.uid_owner))
     if rule.cgroup is not None:
+        # nft resolves the path under /sys/fs/cgroup; the level counts from the v2 root.
+        prefix = cgroup2_root().removeprefix("/sys/fs/cgroup").strip("/")
+        path = f"{prefix}/{rule.cgroup}" if prefix else rule.cgroup
         level = rule.cgroup.count("/") + 1
-        exprs.append(_match({"socket": {"key": "cgroupv2", "level": level}}, rule.cgroup))
+        exprs.append(_match({"socket": {"key": "cgroupv2", "level": level}}, path))
     if isinstance(target, Jump):
         exprs.append({"jump": {"target": chain_name(rule.family, target.chain)}})
     elif isinstance(target, Accept):
@@ -183,7 +187,8 @@ def table_item(request: PlanRequest, items: list[Item]) -> NftTable:
                             f"m={request.mark:#x}/{request.mask:#x} t={request.table}")
     table = {"table": {"family": FAMILY, "name": name}}
     batch = [{"add": table}, {"delete": table}, {"add": table}, *body]
-    script = json.dumps({"nftables": batch}, indent=1)
+    # One command per line: readable in --dry-run, still one JSON document.
+    script = '{"nftables": [\n' + ",\n".join(json.dumps(c) for c in batch) + "\n]}"
     return NftTable(name, request.instance, digest, len(rules), request.mark, request.mask,
                     request.table, script)
 

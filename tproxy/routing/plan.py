@@ -600,11 +600,25 @@ def _uid(text: str) -> int:
         raise PlanError(f"no such user {text!r}") from None
 
 
+def cgroup2_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup/unified`` on hybrid hosts)."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    return "/sys/fs/cgroup"
+
+
 def _cgroup(text: str) -> str:
-    """A cgroup v2 path relative to the cgroup root (``/sys/fs/cgroup/`` prefix and slashes cut)."""
+    """A cgroup v2 path relative to the v2 root (an absolute path under the mount is cut)."""
     path = text.strip()
-    if path.startswith("/sys/fs/cgroup"):
-        path = path[len("/sys/fs/cgroup"):]
+    root = cgroup2_root()
+    if path.startswith(root + "/"):
+        path = path[len(root):]
     return path.strip("/")
 
 

@@ -13,7 +13,8 @@ return, an exception, a cancelled task, KeyboardInterrupt. After ``kill -9``
 nothing can run, so the rules stay; ``tproxy teardown`` removes them (the
 record under ``/run/tproxy`` says what they are).
 
-Option names in ``run``: ``--setup IN OUT``, ``-p/--port PORTS``,
+Option names in ``run``: ``--setup IN OUT``, ``-p/--port PORTS``, ``--udp-port``,
+``--block-quic``, ``--backend``, ``--local``, ``--exclude-uid``, ``--exclude-cgroup``,
 ``--route-mark MARK[/MASK]``, ``--route-table TABLE``,
 ``--route-priority PRIO``, ``--route-instance NAME``, ``--ipv4``, ``--ipv6``
 (``--mark`` is ``run``'s own SO_MARK option). The proxy port and address
@@ -24,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 
 from . import installer, state
 from .cli import add_plan_arguments, request_from_args
 from .installer import RoutingError
-from .plan import DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
+from .plan import DEFAULT_PROXY_MARK, DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
+
+log = logging.getLogger("tproxy")
 
 __all__ = ["RoutingError", "add_run_arguments", "check_for_run", "installed_for_run",
-           "wants_setup"]
+           "prepare_run_args", "wants_setup"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="install the TPROXY routing for IN -> OUT while running "
                              "(needs --port); removed when the engine stops")
     add_plan_arguments(parser, prefix="route-")
+
+
+def prepare_run_args(args: argparse.Namespace) -> None:
+    """Before ``run`` builds its engine: ``--setup --local`` gives the proxy's sockets a mark.
+
+    The OUTPUT rules of ``--local`` skip that mark, so the proxy's own
+    upstream connections are never captured again. ``--mark`` given by the
+    user is kept (and skipped instead).
+    """
+    if wants_setup(args) and args.route_local and getattr(args, "mark", None) is None:
+        args.mark = DEFAULT_PROXY_MARK
 
 
 def wants_setup(args: argparse.Namespace) -> bool:
@@ -73,6 +88,9 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
         args.route_ipv4 = listening[4] is not None and listening[6] is None
         args.route_ipv6 = listening[6] is not None and listening[4] is None
     addresses = [a for a in listening.values() if a and a not in ("0.0.0.0", "::")]
+    if args.route_local:
+        args = argparse.Namespace(**vars(args))
+        args.route_proxy_mark = args.mark if args.mark is not None else DEFAULT_PROXY_MARK
     request = request_from_args(args, in_interface, out_interface, proxy_port, addresses)
     return make_plan(request)
 
@@ -126,6 +144,13 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
         plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
     installer.check_host(plan.request)
     outcome = installer.install(plan, replace=False, owner="run")
+    request = plan.request
+    log.info("routing installed (%s backend, instance %s)", request.backend, request.instance)
+    if request.local:
+        log.info("--local: this host's own connections to the diverted ports are intercepted; "
+                 "their outgoing source is this host's own address (there is no other client "
+                 "address to keep, whatever --source says); the proxy's sockets carry mark "
+                 "%#x and are never captured again", request.proxy_mark)
     if outcome == "unchanged" and state.owner(plan.instance) == "setup":
         print(f"tproxy run: routing instance {plan.instance!r} was installed by tproxy setup; "
               "using it and leaving it in place", file=sys.stderr)

@@ -121,6 +121,22 @@ def owner_process(instance: str) -> tuple[str, int | None, str | None] | None:
         return None
 
 
+def read_raw(instance: str) -> str | None:
+    """An instance's record as stored (to put it back with :func:`write_raw`), or None."""
+    try:
+        return _path(instance).read_text()
+    except OSError:
+        return None
+
+
+def write_raw(instance: str, text: str) -> None:
+    """Put back a record read with :func:`read_raw` (atomically)."""
+    path = _path(instance)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def forget(instance: str) -> None:
     """Delete an instance's record; remove the namespace directory when it is empty."""
     with contextlib.suppress(FileNotFoundError):
