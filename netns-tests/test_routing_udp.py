@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import pytest
 from nsharness import Namespace, Topology
-from test_routing import IN, OUT, gw, snapshot, state_dir_of, tproxy  # noqa: F401
+from test_routing import (  # noqa: F401
+    IN,
+    OUT,
+    assert_only_backend_changed,
+    gw,
+    snapshot,
+    state_dir_of,
+    tproxy,
+)
 
 UDP_LINES_V4 = [
     '-A TPROXY_PRE -i out0 -p udp -m udp --sport 53 -m socket --transparent '
@@ -26,6 +34,15 @@ UDP_LINES_V4 = [
     '-j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff',
     '-A TPROXY_PRE -i in0 -p udp -m udp --dport 5000:5100 -m comment --comment '
     '"tproxy:default" -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff',
+]
+NFT_UDP_LINES = [
+    'iifname "out0" udp sport 5000-5100 socket transparent 1 jump tproxy_divert6',
+    'meta nfproto ipv4 iifname "in0" udp dport 53 tproxy ip to 127.0.0.1:9091 '
+    'meta mark set 0x00000001 accept',
+    'meta nfproto ipv6 iifname "in0" udp dport 5000-5100 tproxy ip6 to [::1]:9091',
+    "type filter hook forward priority filter; policy accept;",
+    'meta nfproto ipv4 iifname "in0" udp dport 443 reject',
+    'meta nfproto ipv6 iifname "in0" udp dport 443 reject with icmpv6 port-unreachable',
 ]
 REJECT_V4 = ('-A FORWARD -i in0 -p udp -m udp --dport 443 -m comment --comment '
              '"tproxy:default" -j REJECT --reject-with icmp-port-unreachable')
@@ -49,6 +66,14 @@ def test_udp_ports_and_block_quic_appear_and_disappear(gwf: Namespace) -> None:
                     "--block-quic")
     assert result.returncode == 0, result.stderr
     after = snapshot(gwf)
+    assert_only_backend_changed(gwf, before, after)
+    if gwf.backend == "nft":  # type: ignore[attr-defined]
+        table = after["nft"]
+        for line in NFT_UDP_LINES:
+            assert line in table, (line, table)
+        assert tproxy(gwf, "teardown").returncode == 0
+        assert snapshot(gwf) == before
+        return
     v4 = rules(after["iptables"])
     assert [line for line in v4 if "-p udp" in line and "TPROXY_PRE" in line] == UDP_LINES_V4
     assert v4[0] == REJECT_V4  # filter comes before mangle in iptables-save
@@ -74,7 +99,8 @@ def test_udp_only_and_dry_run_pasted_gives_the_same_ruleset(
     pristine = snapshot(gwf)
     assert tproxy(gwf, *args).returncode == 0
     real = snapshot(gwf)
-    assert "-p tcp" not in real["iptables"] and "--dport 53" in real["iptables"]
+    ruleset = real["iptables"] if gwf.backend == "iptables" else real["nft"]  # type: ignore[attr-defined]
+    assert "tcp" not in ruleset and "dport 53" in ruleset
     paste = netns("paste")
     paste.run("ip", "link", "add", IN, "type", "veth", "peer", "name", OUT)
     for tool in ("iptables-legacy", "ip6tables-legacy"):
@@ -114,8 +140,10 @@ for level, kind, raw in anc:
 """
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nft"])
 @pytest.mark.parametrize("family", [4, 6])
-def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int) -> None:
+def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int,
+                                           backend: str) -> None:
     topo = topology
     gateway = topo.gateway
     server_ip = topo.server_ip4 if family == 4 else topo.server_ip6
@@ -124,7 +152,7 @@ def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int) -> N
     try:
         gateway.wait_log(receiver, "ready")
         result = tproxy(gateway, "setup", topo.gw_in, topo.gw_out, "--udp-port", "5353",
-                        "--block-quic", f"--ipv{family}")
+                        "--block-quic", f"--ipv{family}", "--backend", backend)
         assert result.returncode == 0, result.stderr
         with topo.client.socket(af, socket.SOCK_DGRAM) as sock:
             sock.settimeout(10)

@@ -1,0 +1,59 @@
+"""The nftables backend's own promises: atomic replacement, ownership, doctor.
+
+The common setup/teardown/status/interception tests run for both backends in
+``test_routing.py``; here what only the nft backend promises: a batch the
+kernel refuses leaves the previous table (and everything else) exactly as it
+was, a foreign table in our name space is never taken, and ``doctor`` says
+which backend ``auto`` picks.
+"""
+
+from __future__ import annotations
+
+import pytest
+from nsharness import Namespace
+from test_routing import IN, OUT, gw1, snapshot, tproxy  # noqa: F401
+
+
+def test_a_failing_batch_leaves_the_previous_table(gw1: Namespace) -> None:  # noqa: F811
+    gw = gw1
+    assert tproxy(gw, "setup", IN, OUT, "--port", "80", "--backend", "nft").returncode == 0
+    installed = snapshot(gw)
+    # The kernel refuses the new batch (the cgroup does not exist): nothing may change.
+    failed = tproxy(gw, "setup", IN, OUT, "--port", "80,443", "--local", "--exclude-cgroup",
+                    "no/such/cgroup", "--backend", "nft", "--replace")
+    assert failed.returncode == 1, failed.stderr
+    assert "step failed: nft -j -f - (table inet tproxy_default" in failed.stderr
+    assert "cgroup" in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr
+    assert snapshot(gw) == installed
+    status = tproxy(gw, "status")  # the record is the old one again
+    assert "ports tcp 80 -> " in status.stdout and "complete" in status.stdout, status.stdout
+    # a good replacement swaps the table in one transaction
+    replaced = tproxy(gw, "setup", IN, OUT, "--port", "80,443", "--backend", "nft",
+                      "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "dport 443" in snapshot(gw)["nft"]
+    assert tproxy(gw, "teardown").returncode == 0
+
+
+def test_a_foreign_table_with_our_name_is_not_taken(gw1: Namespace) -> None:  # noqa: F811
+    gw = gw1
+    gw.run("nft", "add", "table", "inet", "tproxy_default")
+    gw.run("nft", "add", "chain", "inet", "tproxy_default", "mine")
+    before = snapshot(gw)
+    doctor = tproxy(gw, "doctor", "--backend", "nft")
+    assert "[fail] nft table tproxy_default: exists and is not ours" in doctor.stdout
+    assert tproxy(gw, "status").returncode == 3  # not ours: nothing of ours installed
+    assert tproxy(gw, "teardown").returncode == 0
+    assert snapshot(gw) == before
+
+
+@pytest.mark.parametrize("backend", ["auto", "iptables", "nft"])
+def test_doctor_says_which_backend_and_why(gw1: Namespace, backend: str) -> None:  # noqa: F811
+    result = tproxy(gw1, "doctor", "--backend", backend, "--local")
+    out = result.stdout
+    chosen = "iptables" if backend == "auto" else backend
+    assert f"[ok  ] backend: would use {chosen}: " in out, out
+    assert "[ok  ] nftables: libnftables answers" in out
+    assert "[ok  ] nft table tproxy_default: name is free" in out
+    assert "[ok  ] local: proxy mark: 0x7470" in out
+    assert ("xtables plugins" in out) == (backend != "nft")
