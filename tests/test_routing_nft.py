@@ -18,6 +18,7 @@ from tproxy.routing.plan import (
     SetMark,
     Tproxy,
     build_request,
+    cgroup2_root,
     make_plan,
 )
 from tproxy.routing.ports import PortRange
@@ -85,8 +86,9 @@ def test_rule_rendering() -> None:
 
 def test_local_plan_items_for_both_backends() -> None:
     request = build_request("in0", "out0", "80", udp_ports="53", local=True, ipv4=True,
-                            exclude_uids=["1000"], exclude_cgroups=["/sys/fs/cgroup/a/b/"])
-    assert request.exclude_cgroups == ("a/b",) or request.exclude_cgroups[0].endswith("a/b")
+                            exclude_uids=["1000"],
+                            exclude_cgroups=[cgroup2_root() + "/a/b/", "c"])
+    assert request.exclude_cgroups == ("a/b", "c")
     items = make_plan(request).items
     out = [i for i in items if isinstance(i, MangleRule) and i.chain == "TPROXY_OUT"]
     assert [(i.dst, i.match_mark, i.uid_owner, i.cgroup, type(i.target).__name__,
@@ -94,7 +96,8 @@ def test_local_plan_items_for_both_backends() -> None:
         ("127.0.0.0/8", None, None, None, "Return", None),
         (None, 0x7470, None, None, "Return", None),
         (None, None, 1000, None, "Return", None),
-        (None, None, None, request.exclude_cgroups[0], "Return", None),
+        (None, None, None, "a/b", "Return", None),
+        (None, None, None, "c", "Return", None),
         (None, None, None, None, "SetMark", "tcp"),
         (None, None, None, None, "SetMark", "udp"),
     ]
@@ -117,6 +120,7 @@ def test_local_plan_items_for_both_backends() -> None:
     ({"local": True, "proxy_mark": "1"}, "would be routed as diverted"),
     ({"local": True, "exclude_uids": ["no-such-user-xyz"]}, "no such user"),
     ({"backend": "pf"}, "bad backend"),
+    ({"backend": "nft", "local": True, "exclude_cgroups": ["a"]}, "needs --backend iptables"),
 ])
 def test_bad_local_and_backend_arguments(kw: dict, message: str) -> None:
     with pytest.raises(PlanError, match=message):

@@ -170,6 +170,8 @@ class FamilyTables:
             built.create_target(target.chain)
         elif isinstance(target, Accept):
             built.create_target("ACCEPT")
+        elif isinstance(target, Return):
+            built.create_target("RETURN")
         elif isinstance(target, SetMark):
             built.create_target("MARK").set_xmark = f"{target.mark:#x}/{target.mask:#x}"
         elif isinstance(target, Reject):

@@ -51,7 +51,6 @@ from .plan import (
     Return,
     SetMark,
     Tproxy,
-    cgroup2_root,
 )
 
 FAMILY = "inet"
@@ -131,12 +130,8 @@ def rule_exprs(rule: MangleRule) -> list[dict[str, Any]]:
         exprs.append(_match(left, rule.match_mark))
     if rule.uid_owner is not None:
         exprs.append(_match(_meta("skuid"), rule.uid_owner))
-    if rule.cgroup is not None:
-        # nft resolves the path under /sys/fs/cgroup; the level counts from the v2 root.
-        prefix = cgroup2_root().removeprefix("/sys/fs/cgroup").strip("/")
-        path = f"{prefix}/{rule.cgroup}" if prefix else rule.cgroup
-        level = rule.cgroup.count("/") + 1
-        exprs.append(_match({"socket": {"key": "cgroupv2", "level": level}}, path))
+    if rule.cgroup is not None:  # refused by validate_request (no JSON for it here)
+        raise ValueError("the nft backend cannot match a cgroup")
     if isinstance(target, Jump):
         exprs.append({"jump": {"target": chain_name(rule.family, target.chain)}})
     elif isinstance(target, Accept):

@@ -476,6 +476,9 @@ def validate_request(request: PlanRequest) -> None:
     if request.local and request.proxy_mark & request.mask == request.mark:
         raise PlanError(f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
                         f"(mark {request.mark:#x}/{request.mask:#x}): pick another")
+    if request.exclude_cgroups and request.backend == "nft":
+        raise PlanError("--exclude-cgroup needs --backend iptables: nftables' JSON interface "
+                        "(1.0.6) has no cgroupv2 match")
     if (request.exclude_uids or request.exclude_cgroups) and not request.local:
         raise PlanError("--exclude-uid and --exclude-cgroup need --local")
     for uid in request.exclude_uids:
