@@ -41,8 +41,8 @@ NFT_UDP_LINES = [
     'meta mark set 0x00000001 accept',
     'meta nfproto ipv6 iifname "in0" udp dport 5000-5100 tproxy ip6 to [::1]:9091',
     "type filter hook forward priority filter; policy accept;",
-    'meta nfproto ipv4 iifname "in0" udp dport 443 reject',
-    'meta nfproto ipv6 iifname "in0" udp dport 443 reject with icmpv6 port-unreachable',
+    'iifname "in0" udp dport 443 reject with icmp port-unreachable',
+    'iifname "in0" udp dport 443 reject with icmpv6 port-unreachable',
 ]
 REJECT_V4 = ('-A FORWARD -i in0 -p udp -m udp --dport 443 -m comment --comment '
              '"tproxy:default" -j REJECT --reject-with icmp-port-unreachable')
