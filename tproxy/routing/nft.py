@@ -29,6 +29,7 @@ without a record.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import re
@@ -52,6 +53,7 @@ from .plan import (
     SetMark,
     Tproxy,
 )
+from .ports import PortRange
 
 FAMILY = "inet"
 #: Where iptables' tables hook: (nft chain, type, hook, priority).
@@ -86,8 +88,13 @@ def _meta(key: str) -> dict[str, Any]:
     return {"meta": {"key": key}}
 
 
-def _ports(ports: Any) -> Any:
+def _port(ports: PortRange) -> Any:
     return ports.first if ports.first == ports.last else {"range": [ports.first, ports.last]}
+
+
+def _ports(ranges: list[PortRange]) -> Any:
+    """One range as itself, several as an anonymous set: one rule matches them all."""
+    return _port(ranges[0]) if len(ranges) == 1 else {"set": [_port(r) for r in ranges]}
 
 
 def _set_mark(mark: int, mask: int) -> dict[str, Any]:
@@ -97,8 +104,12 @@ def _set_mark(mark: int, mask: int) -> dict[str, Any]:
     return {"mangle": {"key": _meta("mark"), "value": value}}
 
 
-def rule_exprs(rule: MangleRule) -> list[dict[str, Any]]:
-    """The nft expressions of one plan rule (matches in iptables' order, then the verdict)."""
+def rule_exprs(rule: MangleRule, ports: list[PortRange] | None = None) -> list[dict[str, Any]]:
+    """The nft expressions of one plan rule (matches in iptables' order, then the verdict).
+
+    ``ports`` replaces the rule's one ``dport`` or ``sport`` range with several
+    (the rules of a plan that differ only in their ports become one rule).
+    """
     exprs: list[dict[str, Any]] = []
     target = rule.target
     base = rule.chain in BASE_CHAINS
@@ -113,10 +124,10 @@ def rule_exprs(rule: MangleRule) -> list[dict[str, Any]]:
                             {"prefix": {"addr": address, "len": int(length)}}))
     if rule.protocol is not None:
         exprs.append(_match(_meta("l4proto"), rule.protocol))
-    for field, ports in (("sport", rule.sport), ("dport", rule.dport)):
-        if ports is not None:
+    for field, one in (("sport", rule.sport), ("dport", rule.dport)):
+        if one is not None:
             exprs.append(_match({"payload": {"protocol": rule.protocol or "tcp",
-                                             "field": field}}, _ports(ports)))
+                                             "field": field}}, _ports(ports or [one])))
     if rule.not_syn:
         flags = {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
                        ["fin", "syn", "rst", "ack"]]}
@@ -158,12 +169,23 @@ def table_item(request: PlanRequest, items: list[Item]) -> NftTable:
     chains: list[dict[str, Any]] = []
     rules: list[dict[str, Any]] = []
     bases: dict[str, dict[str, Any]] = {}
+    # Rules that differ only in their port range become one rule with a set of
+    # ranges, in the place of the first (all of one kind come before the next
+    # kind in a plan, so the order of kinds is kept).
+    merged: dict[tuple[MangleRule, bool], tuple[MangleRule, list[PortRange]]] = {}
     for item in items:
         if isinstance(item, Chain):
             chains.append({"add": {"chain": {**where,
                                              "name": chain_name(item.family, item.name)}}})
             continue
         assert isinstance(item, MangleRule)
+        one = item.dport or item.sport
+        if one is None:
+            merged[(item, False)] = (item, [])
+            continue
+        key = (dataclasses.replace(item, dport=None, sport=None), True)
+        merged.setdefault(key, (item, []))[1].append(one)
+    for item, ports in merged.values():
         if item.chain in BASE_CHAINS:
             nft_name, kind, hook, prio = BASE_CHAINS[item.chain]
             bases.setdefault(nft_name, {"add": {"chain": {
@@ -173,7 +195,7 @@ def table_item(request: PlanRequest, items: list[Item]) -> NftTable:
         else:
             chain = chain_name(item.family, item.chain)
         rules.append({"add": {"rule": {**where, "chain": chain, "comment": item.comment,
-                                       "expr": rule_exprs(item)}}})
+                                       "expr": rule_exprs(item, ports or None)}}})
     body = list(bases.values()) + chains + rules
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     if rules:
