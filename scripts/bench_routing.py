@@ -52,6 +52,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranges", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backend", action="append", choices=("iptables", "nft"),
+                        help="only this backend (repeatable; default both)")
     parser.add_argument("--inner", choices=("iptables", "nft"))
     args = parser.parse_args()
     if args.inner:
@@ -60,7 +62,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_routing: needs root (network namespaces)", file=sys.stderr)
         return 2
-    for backend in ("iptables", "nft"):
+    for backend in args.backend or ("iptables", "nft"):
         name = f"tpx-bench-routing-{os.getpid()}"
         subprocess.run(["ip", "netns", "add", name], check=True)
         try:

@@ -13,7 +13,7 @@ import pytest
 from tproxy.routing import installer, state
 from tproxy.routing.backend import StepError
 from tproxy.routing.commands import describe
-from tproxy.routing.plan import Found, Item, MangleRule, Plan, build_request, make_plan
+from tproxy.routing.plan import Chain, Found, Item, MangleRule, Plan, build_request, make_plan
 
 
 class MemoryKernel:
@@ -43,6 +43,9 @@ class MemoryKernel:
             return False
         self.items.remove(item)
         self.log.append(f"del {describe(item)}")
+        if isinstance(item, Chain):  # a chain is flushed, then deleted, as the kernel does
+            self.items = [i for i in self.items if not (
+                isinstance(i, MangleRule) and (i.family, i.chain) == (item.family, item.name))]
         return True
 
     def installed(self) -> list[Found]:

@@ -318,12 +318,25 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
 
 
 def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[Found], list[str]]:
+    """Remove ``items`` in removal order; return (removed, errors).
+
+    Rules inside one of our chains that is removed too go with it (the chain
+    is flushed, then deleted): removing them one by one first would cost one
+    table transaction each.
+    """
+    items = list(items)
+    chains = {(i.family, i.name) for i in items if isinstance(i, Chain)}
+    inside = [i for i in items if isinstance(i, MangleRule | UnknownRule)
+              and i.table == "mangle" and (i.family, i.chain) in chains]
     removed: list[Found] = []
     errors: list[str] = []
-    for item in removal_order(list(items)):
+    for item in removal_order([i for i in items if i not in inside]):
         try:
             if _backend_for(backends, item).remove(item):  # type: ignore[arg-type]
                 removed.append(item)
+                if isinstance(item, Chain):
+                    removed += [i for i in inside if (i.family, i.chain) == (item.family,
+                                                                             item.name)]
         except StepError as exc:
             errors.append(str(exc))
     return removed, errors
