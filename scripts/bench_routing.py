@@ -9,7 +9,8 @@ and tear it down again; prints the median and best of RUNS installs in ms.
 The time is the installer's own (python start-up and argument parsing are
 not counted): the ip rules and routes through pyroute2, then either one
 python-iptables transaction per chain and rule or one nftables transaction
-for the whole table. A measurement, not a test: nothing asserts on it.
+for the whole table (timed alone too). A measurement, not a test: nothing
+asserts on it.
 """
 
 from __future__ import annotations
@@ -44,8 +45,18 @@ def inner(backend: str, ranges: int, runs: int) -> None:
             start = time.perf_counter()
             installer.teardown(plan.instance, backends=opened)
             teardowns.append((time.perf_counter() - start) * 1000)
-    print(json.dumps({"backend": backend, "items": len(plan.items),
-                      "install_ms": installs, "teardown_ms": teardowns}))
+        transactions = []
+        if backend == "nft":  # the table's one transaction alone (no rules, routes, records)
+            from tproxy.routing.nft import NftBackend
+
+            table = next(b for b in opened if isinstance(b, NftBackend))
+            for _ in range(runs):
+                start = time.perf_counter()
+                table.add(plan.items[-1])
+                transactions.append((time.perf_counter() - start) * 1000)
+            table.remove(plan.items[-1])
+    print(json.dumps({"backend": backend, "items": len(plan.items), "install_ms": installs,
+                      "teardown_ms": teardowns, "transaction_ms": transactions}))
 
 
 def main() -> int:
@@ -82,6 +93,9 @@ def main() -> int:
               f"median {statistics.median(install):8.1f} ms, best {min(install):8.1f} ms; "
               f"teardown median {statistics.median(teardown):8.1f} ms "
               f"({result['items']} plan items, {args.runs} runs)")
+        if result["transaction_ms"]:
+            print(f"  of which the nft table's one transaction: median "
+                  f"{statistics.median(result['transaction_ms']):.1f} ms")
     return 0
 
 
