@@ -12,6 +12,8 @@ Public API (details in each module):
 
 from __future__ import annotations
 
+from typing import Any
+
 from .plan import Plan, PlanError, PlanRequest, build_request, make_plan
 
 __all__ = [
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # run.py imports tproxy.cli, which imports this package: load it lazily.
     if name in ("add_run_arguments", "check_for_run", "installed_for_run", "prepare_run_args"):
         from . import run

@@ -35,6 +35,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from .backend import StepError
@@ -162,7 +163,7 @@ def rule_exprs(rule: MangleRule, ports: list[PortRange] | None = None) -> list[d
     return exprs
 
 
-def table_item(request: PlanRequest, items: list[Item]) -> NftTable:
+def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     """Render the chains and rules of a plan into the :class:`NftTable` that installs them."""
     name = table_name(request.instance)
     where = {"family": FAMILY, "table": name}
