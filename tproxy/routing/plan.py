@@ -3,8 +3,10 @@
 A :class:`Plan` is pure data computed from the arguments by :func:`make_plan`,
 with no I/O, so it can be printed (``--dry-run``), compared with what is
 installed (``status``, refusing a different plan), stored (``/run/tproxy``)
-and handed to any backend (python-iptables and pyroute2 today, nftables
-later). The items are in installation order; removal is the reverse order.
+and handed to a backend (python-iptables or nftables, with pyroute2 for ip
+rules and routes; ``request.backend = "nft"`` renders the chains and rules as
+one :class:`NftTable`, see :mod:`.nft`). The items are in installation order;
+removal is the reverse order.
 
 Per family the plan is the classic TPROXY recipe, made recognisable as ours::
 
