@@ -9,9 +9,12 @@ which backend ``auto`` picks.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+
 import pytest
 from nsharness import Namespace
-from test_routing import IN, OUT, gw1, snapshot, tproxy  # noqa: F401
+from test_routing import IN, OUT, gw1, snapshot, state_dir_of, tproxy  # noqa: F401
 
 # Replaces the installed plan with a wider one whose batch the kernel refuses
 # (its last rule jumps to a chain that does not exist), through the installer.
@@ -71,3 +74,21 @@ def test_doctor_says_which_backend_and_why(gw1: Namespace, backend: str) -> None
     assert "[ok  ] nft table tproxy_default: name is free" in out
     assert "[ok  ] local: proxy mark: 0x7470" in out
     assert ("xtables plugins" in out) == (backend != "nft")
+
+
+def test_with_nft_the_legacy_tables_stay_empty(netns: Callable[..., Namespace]) -> None:
+    """A namespace that never used legacy iptables: nft setup, status, teardown leave none."""
+    ns = netns("fresh")
+    ns.run("ip", "link", "add", IN, "type", "veth", "peer", "name", OUT)
+    try:
+        assert tproxy(ns, "setup", IN, OUT, "-p", "80", "--backend", "nft").returncode == 0
+        assert "table inet tproxy_default" in ns.run("nft", "list", "ruleset").stdout
+        assert tproxy(ns, "status").returncode == 1  # complete; nothing listens
+        for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            assert ns.run(tool).stdout == ""
+        assert tproxy(ns, "teardown").returncode == 0
+        assert ns.run("nft", "list", "ruleset").stdout == ""
+        for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            assert ns.run(tool).stdout == ""
+    finally:
+        shutil.rmtree(state_dir_of(ns), ignore_errors=True)

@@ -215,7 +215,7 @@ class FamilyTables:
     def remove(self, item: Item | UnknownRule) -> bool:
         step = describe(item) if not isinstance(item, UnknownRule) else item.text
         which = "mangle" if isinstance(item, Chain) else item.table
-        if which != "mangle" and which not in instantiated_tables(item.family):
+        if which not in instantiated_tables(item.family):
             return False  # never instantiate a table just to look for our rule in it
         try:
             with self._table(item.family, write=True, which=which) as table:
@@ -241,7 +241,9 @@ class FamilyTables:
     def installed(self) -> list[Item | UnknownRule]:
         found: list[Item | UnknownRule] = []
         family = self.family
-        tables = ["mangle"] + [t for t in OTHER_TABLES if t in instantiated_tables(family)]
+        # Only tables that exist: opening one would create it (status must change nothing).
+        live = instantiated_tables(family)
+        tables = [t for t in ("mangle", *OTHER_TABLES) if t in live]
         for which in tables:
             try:
                 with self._table(family, write=False, which=which) as table:
@@ -262,6 +264,8 @@ class FamilyTables:
         return found
 
     def close(self) -> None:
+        if "mangle" not in instantiated_tables(self.family):
+            return  # never opened (opening it now would create it)
         table_cls, _ = self._classes(self.family)
         with contextlib.suppress(Exception):
             table_cls(table_cls.MANGLE).close()
