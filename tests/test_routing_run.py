@@ -137,3 +137,22 @@ def test_a_different_installed_plan_fails_run_before_it_listens(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different plan" in err and "tproxy teardown" in err, err
     assert kernel.items  # the installed plan is left alone
+
+
+def test_local_gives_the_proxy_its_mark_and_skips_it() -> None:
+    from tproxy.routing.run import prepare_run_args
+
+    args = run_args("--setup", "in0", "out0", "-p", "80", "--local", "--backend", "iptables")
+    assert args.mark is None
+    prepare_run_args(args)
+    assert args.mark == 0x7470
+    request = plan_for_run(args, 9091, "127.0.0.1", "::1").request
+    assert request.local and request.proxy_mark == 0x7470
+    own = run_args("--setup", "in0", "out0", "-p", "80", "--local", "--mark", "0x20",
+                   "--backend", "nft")
+    prepare_run_args(own)
+    assert own.mark == 0x20
+    assert plan_for_run(own, 9091, "127.0.0.1", "::1").request.proxy_mark == 0x20
+    plain = run_args("--setup", "in0", "out0", "-p", "80")
+    prepare_run_args(plain)
+    assert plain.mark is None  # without --local the proxy's sockets stay unmarked
