@@ -1,15 +1,19 @@
 """``tproxy setup/teardown/status`` in fresh namespaces, checked with independent tools.
 
 What is installed is read with ``iptables-legacy-save``, ``ip6tables-legacy-save``,
-``ip -j rule`` and ``ip -j route show table all``, never with tproxy's own code.
-Each test gets a namespace (the harness's ``netns`` fixture, lo up) with a veth
-pair ``in0``/``out0`` (left down: no packets, so counters stay put) and the
-mangle tables instantiated, as on any gateway; its ``/run/tproxy`` record
-directory is removed afterwards even when the test fails.
+``nft list ruleset``, ``nft -j list ruleset``, ``ip -j rule`` and ``ip -j route
+show table all``, never with tproxy's own code. Each test gets a namespace (the
+harness's ``netns`` fixture, lo up) with a veth pair ``in0``/``out0`` (left down:
+no packets, so counters stay put) and the mangle tables instantiated, as on any
+gateway; its ``/run/tproxy`` record directory is removed afterwards even when
+the test fails. Tests taking the ``gw`` fixture run once per backend
+(``--backend iptables`` and ``--backend nft``): every other ruleset must stay
+exactly as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -23,11 +27,22 @@ import pytest
 from nsharness import Namespace, Topology, echo_server, parse_peer_line
 
 IN, OUT = "in0", "out0"
+HANG = "diverted connections hang: start `tproxy run` or `tproxy teardown`"
+
+
+def backend_args(ns: Namespace) -> list[str]:
+    """``--backend X`` for the backend the namespace's test runs with (none: the default)."""
+    backend = getattr(ns, "backend", None)
+    return ["--backend", backend] if backend else []
 
 
 def tproxy(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m tproxy ARGS`` in ``ns``; never raises on a non-zero exit."""
-    return ns.run(sys.executable, "-m", "tproxy", *args, check=False, timeout=120)
+    """``python -m tproxy ARGS`` in ``ns``; never raises on a non-zero exit.
+
+    ``setup`` gets the namespace's ``--backend`` (see :func:`backend_args`).
+    """
+    extra = backend_args(ns) if args and args[0] == "setup" else []
+    return ns.run(sys.executable, "-m", "tproxy", *args, *extra, check=False, timeout=120)
 
 
 def snapshot(ns: Namespace) -> dict[str, str]:
@@ -44,6 +59,8 @@ def snapshot(ns: Namespace) -> dict[str, str]:
     return {
         "iptables": save("iptables-legacy-save"),
         "ip6tables": save("ip6tables-legacy-save"),
+        "nft": ns.run("nft", "list", "ruleset").stdout,
+        "nftjson": ns.run("nft", "-j", "list", "ruleset").stdout,
         "rule4": ns.run("ip", "-4", "-j", "-d", "rule").stdout,
         "rule6": ns.run("ip", "-6", "-j", "-d", "rule").stdout,
         "route4": ns.run("ip", "-4", "-j", "-d", "route", "show", "table", "all").stdout,
@@ -71,16 +88,46 @@ def prepare(ns: Namespace) -> None:
         ns.run(tool, "-t", "mangle", "-S")  # instantiate mangle, as on any gateway
 
 
-@pytest.fixture
-def gw(netns: Callable[..., Namespace]) -> Iterator[Namespace]:
-    """A namespace with ``in0``/``out0`` and mangle tables; its tproxy record removed after."""
+@contextlib.contextmanager
+def routing_namespace(netns: Callable[..., Namespace], backend: str | None) -> Iterator[Namespace]:
     ns = netns("routing")
+    ns.backend = backend  # type: ignore[attr-defined]
     prepare(ns)
     records = state_dir_of(ns)
     try:
         yield ns
     finally:
         shutil.rmtree(records, ignore_errors=True)
+
+
+@pytest.fixture(params=["iptables", "nft"])
+def gw(netns: Callable[..., Namespace], request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """A namespace with ``in0``/``out0`` and mangle tables, once per backend; record removed."""
+    with routing_namespace(netns, request.param) as ns:
+        yield ns
+
+
+@pytest.fixture
+def gw1(netns: Callable[..., Namespace]) -> Iterator[Namespace]:
+    """Like ``gw``, for tests that do not depend on the backend (the default, auto)."""
+    with routing_namespace(netns, None) as ns:
+        yield ns
+
+
+def nft_table(ns: Namespace, instance: str = "default") -> str:
+    """Our table as ``nft list table`` prints it ("" if it is not there)."""
+    out = ns.run("nft", "list", "table", "inet", f"tproxy_{instance}", check=False)
+    return out.stdout if out.returncode == 0 else ""
+
+
+def assert_only_backend_changed(ns: Namespace, before: dict[str, str],
+                                after: dict[str, str]) -> None:
+    """The other backend's rulesets are exactly as they were."""
+    if ns.backend == "nft":  # type: ignore[attr-defined]
+        assert (after["iptables"], after["ip6tables"]) == (before["iptables"],
+                                                           before["ip6tables"])
+    else:
+        assert after["nftjson"] == before["nftjson"]
 
 
 EXPECTED_MANGLE_V4 = """\
@@ -105,13 +152,36 @@ COMMIT
 """  # noqa: E501
 
 
+EXPECTED_NFT_LINES = [
+    "type filter hook prerouting priority mangle; policy accept;",
+    'meta nfproto ipv4 jump tproxy_pre4 comment "tproxy:default"',
+    'meta nfproto ipv6 jump tproxy_pre6 comment "tproxy:default"',
+    # one rule per kind, the port ranges in a set
+    'iifname "in0" tcp dport { 80, 8000-8100 } tcp flags != syn / fin,syn,rst,ack '
+    'socket transparent 1 jump tproxy_divert4 comment "tproxy:default"',
+    'iifname "out0" tcp sport { 80, 8000-8100 } socket transparent 1 jump tproxy_divert6 '
+    'comment "tproxy:default"',
+    'meta nfproto ipv4 iifname "in0" tcp dport { 80, 8000-8100 } tproxy ip to 127.0.0.1:9091 '
+    'meta mark set 0x00000001 accept comment "tproxy:default"',
+    'meta nfproto ipv6 iifname "in0" tcp dport { 80, 8000-8100 } tproxy ip6 to [::1]:9091 '
+    'meta mark set 0x00000001 accept comment "tproxy:default"',
+]
+
+
 def test_setup_installs_exactly_the_plan(gw: Namespace) -> None:
     before = snapshot(gw)
     result = tproxy(gw, "setup", IN, OUT, "--port", "80,8000-8100")
     assert result.returncode == 0, result.stderr
     after = snapshot(gw)
-    assert after["iptables"] == EXPECTED_MANGLE_V4
-    assert after["ip6tables"] == EXPECTED_MANGLE_V4.replace("127.0.0.1", "::1")
+    assert_only_backend_changed(gw, before, after)
+    if gw.backend == "iptables":  # type: ignore[attr-defined]
+        assert after["iptables"] == EXPECTED_MANGLE_V4
+        assert after["ip6tables"] == EXPECTED_MANGLE_V4.replace("127.0.0.1", "::1")
+    else:
+        table = nft_table(gw)
+        assert after["nft"] == table  # our table is the whole ruleset
+        for line in EXPECTED_NFT_LINES:
+            assert line in table, (line, table)
     for family in ("4", "6"):
         rules = added(before, after, "rule" + family)
         assert len(rules) == 1, rules
@@ -123,8 +193,9 @@ def test_setup_installs_exactly_the_plan(gw: Namespace) -> None:
         assert (route["type"], route["dst"], route["dev"], route["table"], route["protocol"]) == (
             "local", "default", "lo", "100", "116")
     assert json.loads(after["route4"]) and added(before, after, "route4")[0]["scope"] == "host"
-    status = tproxy(gw, "status")
-    assert status.returncode == 0 and "complete" in status.stdout, status.stdout
+    status = tproxy(gw, "status")  # complete, but nobody listens: diverted connections hang
+    assert status.returncode == 1 and "complete" in status.stdout, status.stdout
+    assert HANG in status.stdout and "owner: tproxy setup" in status.stdout
 
 
 def plant_foreign(ns: Namespace) -> None:
@@ -143,6 +214,27 @@ ip -6 rule add fwmark 1 lookup 100 priority 100
 ip -4 rule add fwmark 7 lookup 107
 ip -4 route add 198.51.100.0/24 dev lo table 100
 ip -6 route add 2001:db8:5::/64 dev lo table 100
+nft -f - <<'EOF'
+table inet foreign {
+  chain pre {
+    type filter hook prerouting priority mangle; policy accept;
+    iifname "in0" tcp dport 80 counter meta mark set 0x7
+  }
+  chain out {
+    type route hook output priority mangle; policy accept;
+    tcp dport 443 counter
+  }
+  chain forward_q {
+    type filter hook forward priority filter; policy accept;
+    udp dport 443 counter
+  }
+}
+table ip tproxy_other {
+  chain c {
+    counter
+  }
+}
+EOF
 """
     ns.run("sh", "-c", script)
 
@@ -152,13 +244,19 @@ def test_foreign_rules_survive_and_teardown_restores_byte_identical(gw: Namespac
     before = snapshot(gw)
     assert tproxy(gw, "setup", IN, OUT, "--port", "80,443").returncode == 0
     during = snapshot(gw)
-    for family, key in (("4", "iptables"), ("6", "ip6tables")):
+    assert_only_backend_changed(gw, before, during)
+    if gw.backend == "nft":  # type: ignore[attr-defined]
+        # the foreign tables (same hooks and priorities as ours) are untouched
+        ours = nft_table(gw)
+        assert ours and during["nft"].replace(ours, "") == before["nft"]
+    for key in ("iptables", "ip6tables") if gw.backend == "iptables" else ():  # type: ignore[attr-defined]
         # the foreign lines are all still there, in their order; ours go on top of PREROUTING
         foreign = [line for line in before[key].splitlines() if line.startswith("-A")]
         ours_first = [line for line in during[key].splitlines() if line.startswith("-A")]
         assert [line for line in ours_first if "tproxy:" not in line] == foreign
         prerouting = [line for line in ours_first if line.startswith("-A PREROUTING")]
         assert prerouting[0].endswith("-j TPROXY_PRE")
+    for family in ("4", "6"):
         assert json_set(before["rule" + family]) <= json_set(during["rule" + family])
         assert json_set(before["route" + family]) <= json_set(during["route" + family])
     result = tproxy(gw, "teardown")
@@ -182,7 +280,9 @@ def test_failure_halfway_leaves_nothing(gw: Namespace, breakage: str) -> None:
     result = tproxy(gw, "setup", IN, OUT, "--port", "80")
     assert result.returncode == 1
     assert "ip -6 route add local ::/0 dev lo table 100 proto 116" in result.stderr
-    assert cause in result.stderr and "rolled back 10 step(s)" in result.stderr, result.stderr
+    steps = 10 if gw.backend == "iptables" else 2  # type: ignore[attr-defined]
+    assert cause in result.stderr and f"rolled back {steps} step(s)" in result.stderr, (
+        result.stderr)
     assert snapshot(gw) == before
     assert tproxy(gw, "status").returncode == 3
 
@@ -204,8 +304,8 @@ def test_different_plan_refused_unless_replace(gw: Namespace) -> None:
     assert snapshot(gw) == installed
     replaced = tproxy(gw, "setup", IN, OUT, "-p", "443", "--replace")
     assert replaced.returncode == 0, replaced.stderr
-    now = snapshot(gw)["iptables"]
-    assert "--dport 443" in now and "--dport 80 " not in now
+    now = snapshot(gw)["iptables" if gw.backend == "iptables" else "nft"]  # type: ignore[attr-defined]
+    assert "dport 443" in now and "dport 80 " not in now
     assert tproxy(gw, "teardown").returncode == 0
     assert snapshot(gw) == before
 
@@ -253,12 +353,26 @@ def test_teardown_without_the_record_finds_ours_by_tags(gw: Namespace) -> None:
 def test_status_exit_codes(gw: Namespace) -> None:
     assert tproxy(gw, "status").returncode == 3
     assert tproxy(gw, "setup", IN, OUT, "-p", "80", "--ipv4").returncode == 0
-    assert tproxy(gw, "status").returncode == 0
-    gw.run("iptables-legacy", "-t", "mangle", "-D", "TPROXY_DIVERT", "-m", "comment",
-           "--comment", "tproxy:default", "-j", "ACCEPT")
-    partial = tproxy(gw, "status")
+    idle = tproxy(gw, "status")
+    assert idle.returncode == 1, idle.stdout
+    assert "listener tcp 127.0.0.1:9091: NOTHING LISTENS" in idle.stdout and HANG in idle.stdout
+    with gw.socket() as listener:
+        listener.bind(("127.0.0.1", 9091))
+        listener.listen()
+        served = tproxy(gw, "status")
+        assert served.returncode == 0, served.stdout
+        assert "listener tcp 127.0.0.1:9091: listening" in served.stdout
+        assert HANG not in served.stdout
+        if gw.backend == "iptables":  # type: ignore[attr-defined]
+            gw.run("iptables-legacy", "-t", "mangle", "-D", "TPROXY_DIVERT", "-m", "comment",
+                   "--comment", "tproxy:default", "-j", "ACCEPT")
+            missing = "missing: iptables-legacy"
+        else:  # someone deletes rules of our table
+            gw.run("nft", "flush", "chain", "inet", "tproxy_default", "tproxy_divert4")
+            missing = "missing: nft table inet tproxy_default"
+        partial = tproxy(gw, "status")
     assert partial.returncode == 1
-    assert "partial" in partial.stdout and "missing: iptables-legacy" in partial.stdout
+    assert "partial" in partial.stdout and missing in partial.stdout, partial.stdout
     assert tproxy(gw, "teardown").returncode == 0
     assert tproxy(gw, "status").returncode == 3
 
@@ -271,7 +385,8 @@ def test_status_exit_codes(gw: Namespace) -> None:
         ([IN, OUT, "-p", "80", "--proxy-address", "::1::2"], "bad proxy address"),
     ],
 )
-def test_bad_input_installs_nothing(gw: Namespace, args: list[str], message: str) -> None:
+def test_bad_input_installs_nothing(gw1: Namespace, args: list[str], message: str) -> None:
+    gw = gw1
     before = snapshot(gw)
     result = tproxy(gw, "setup", *args)
     assert result.returncode == 2
@@ -286,8 +401,9 @@ def test_instances_are_independent(gw: Namespace) -> None:
     lab = ["setup", OUT, IN, "-p", "443", "--instance", "lab", "--mark", "2", "--table", "101",
            "--priority", "101", "--proxy-port", "9092"]
     assert tproxy(gw, *lab).returncode == 0
-    assert "TPROXY_PRE_lab" in snapshot(gw)["iptables"]
-    assert tproxy(gw, "status").returncode == 0
+    now = snapshot(gw)
+    assert "TPROXY_PRE_lab" in now["iptables"] or "table inet tproxy_lab" in now["nft"]
+    assert tproxy(gw, "status").returncode == 1  # complete, but nothing listens
     assert tproxy(gw, "teardown", "--instance", "lab").returncode == 0
     assert snapshot(gw) == one
     assert tproxy(gw, "teardown").returncode == 0
@@ -307,23 +423,33 @@ def test_run_setup_removes_routing_on_stop_and_teardown_after_kill(
 ) -> None:
     before = snapshot(gw)
     proc = gw.popen(sys.executable, "-m", "tproxy", "run", "--setup", IN, OUT, "--port", "80",
-                    log_name="tproxy-run")
+                    *backend_args(gw), log_name="tproxy-run")
     wait_status(gw, 0, proc)
     installed = snapshot(gw)
-    assert "TPROXY_PRE" in installed["iptables"] and "TPROXY_PRE" in installed["ip6tables"]
+    assert_only_backend_changed(gw, before, installed)
+    if gw.backend == "iptables":  # type: ignore[attr-defined]
+        assert "TPROXY_PRE" in installed["iptables"] and "TPROXY_PRE" in installed["ip6tables"]
+    else:
+        assert "tproxy ip to 127.0.0.1:9091" in installed["nft"]
+        assert "tproxy ip6 to [::1]:9091" in installed["nft"]
     proc.send_signal(getattr(signal, how))
     proc.wait(timeout=60)
     if how == "SIGTERM":
         assert snapshot(gw) == before, gw.read_log(proc)  # the engine removed it on its way out
     else:
         assert snapshot(gw) == installed  # nothing could run: the rules stayed
+        status = tproxy(gw, "status")
+        assert status.returncode == 1 and HANG in status.stdout, status.stdout
+        assert f"owner: tproxy run, pid {proc.pid}, not running" in status.stdout
+        assert "listener tcp 127.0.0.1:9091: NOTHING LISTENS" in status.stdout
         result = tproxy(gw, "teardown")
         assert result.returncode == 0 and "removed" in result.stdout
         assert snapshot(gw) == before
 
 
+@pytest.mark.parametrize("backend", ["iptables", "nft"])
 def test_traffic_is_intercepted_after_setup_and_direct_after_teardown(
-    topology: Topology,
+    topology: Topology, backend: str
 ) -> None:
     """With ``--source gateway`` the server sees the gateway when (and only when) diverted."""
     topo = topology
@@ -350,7 +476,8 @@ def test_traffic_is_intercepted_after_setup_and_direct_after_teardown(
         gateway.wait_port(9091, "127.0.0.1", proc=proc)
         gateway.wait_port(9091, "::1", proc=proc)
         assert seen_by_server(topo.server_ip4) == topo.client_ip4
-        result = tproxy(gateway, "setup", topo.gw_in, topo.gw_out, "--port", "7000")
+        result = tproxy(gateway, "setup", topo.gw_in, topo.gw_out, "--port", "7000",
+                        "--backend", backend)
         assert result.returncode == 0, result.stderr
         try:
             assert seen_by_server(topo.server_ip4) == topo.gw_out_ip4
@@ -364,7 +491,8 @@ def test_traffic_is_intercepted_after_setup_and_direct_after_teardown(
         shutil.rmtree(state_dir_of(gateway), ignore_errors=True)
 
 
-def test_doctor_reports_and_names_fixes(gw: Namespace) -> None:
+def test_doctor_reports_and_names_fixes(gw1: Namespace) -> None:
+    gw = gw1
     gw.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
     gw.run("ip", "-4", "rule", "add", "fwmark", "1", "lookup", "100", "priority", "100")
     gw.run("ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
@@ -399,4 +527,54 @@ def test_teardown_all_removes_every_instance_and_orphans(gw: Namespace) -> None:
     assert status.returncode == 1 and "unattributed" in status.stdout, status.stdout
     result = tproxy(gw, "teardown", "--all")
     assert result.returncode == 0, result.stderr
+    assert snapshot(gw) == before
+
+
+@pytest.mark.parametrize("second", ["80,443", "443"])
+def test_a_wider_or_narrower_plan_is_refused_without_replace(gw: Namespace, second: str) -> None:
+    first = "80,443" if second == "443" else "80"
+    assert tproxy(gw, "setup", IN, OUT, "-p", first).returncode == 0
+    installed = snapshot(gw)
+    refused = tproxy(gw, "setup", IN, OUT, "-p", second)
+    assert refused.returncode == 1 and "different plan" in refused.stderr, refused.stderr
+    assert snapshot(gw) == installed
+    assert tproxy(gw, "setup", IN, OUT, "-p", second, "--replace").returncode == 0
+    assert tproxy(gw, "teardown").returncode == 0
+
+
+def test_ipv6_disabled_setup_error_suggests_ipv4(gw: Namespace) -> None:
+    gw.sysctl({"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
+               "net.ipv6.conf.lo.disable_ipv6": 1})
+    before = snapshot(gw)
+    result = tproxy(gw, "setup", IN, OUT, "-p", "80")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "use --ipv4" in result.stderr, result.stderr
+    assert snapshot(gw) == before
+    assert tproxy(gw, "setup", IN, OUT, "-p", "80", "--ipv4").returncode == 0
+    assert tproxy(gw, "teardown").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        (["--port", "80"], "no such interface 'nosuch0'"),
+        (["--port", "65536"], "out of range"),
+        (["--port", "80,abc"], "not a number"),
+        ([], "no ports to divert"),
+    ],
+)
+def test_run_setup_with_bad_arguments_exits_2_before_listening(
+    gw1: Namespace, ports: list[str], message: str
+) -> None:
+    """The process ends with one line and exit 2; it never listened or installed anything."""
+    gw = gw1
+    before = snapshot(gw)
+    in_if = "nosuch0" if message.startswith("no such") else IN
+    proc = gw.popen(sys.executable, "-m", "tproxy", "run", "-v", "--setup", in_if, OUT, *ports,
+                    log_name="tproxy-run")
+    assert proc.wait(timeout=60) == 2
+    log = gw.read_log(proc)
+    assert message in log and "listening" not in log and "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tproxy run: error: "), log
     assert snapshot(gw) == before

@@ -13,7 +13,7 @@ import pytest
 from tproxy.routing import installer, state
 from tproxy.routing.backend import StepError
 from tproxy.routing.commands import describe
-from tproxy.routing.plan import Found, Item, MangleRule, Plan, build_request, make_plan
+from tproxy.routing.plan import Chain, Found, Item, MangleRule, Plan, build_request, make_plan
 
 
 class MemoryKernel:
@@ -43,6 +43,9 @@ class MemoryKernel:
             return False
         self.items.remove(item)
         self.log.append(f"del {describe(item)}")
+        if isinstance(item, Chain):  # a chain is flushed, then deleted, as the kernel does
+            self.items = [i for i in self.items if not (
+                isinstance(i, MangleRule) and (i.family, i.chain) == (item.family, item.name))]
         return True
 
     def installed(self) -> list[Found]:
@@ -201,3 +204,45 @@ def test_records_of_deleted_namespaces_are_collected(state_root: Path) -> None:
     (alive / "default.json").write_text(json.dumps({"netns_inode": here}))
     assert state.collect_stale() == [gone]
     assert not gone.exists() and alive.exists()
+
+
+@pytest.mark.parametrize(("first", "second"), [("80", "80,443"), ("80,443", "80"),
+                                               ("80", "81")])
+def test_any_different_plan_is_refused_wider_or_narrower(first: str, second: str) -> None:
+    kernel = MemoryKernel()
+    installer.install(make(first), backends=[kernel])
+    before = list(kernel.items)
+    assert installer.conflict(make(second), backends=[kernel]) is not None
+    with pytest.raises(installer.ConflictError, match=r"different plan.*--replace"):
+        installer.install(make(second), backends=[kernel])
+    assert kernel.items == before and state.load("default") == (make(first).request,
+                                                                "installed")
+    assert installer.conflict(make(first), backends=[kernel]) is None
+    assert installer.install(make(second), replace=True, backends=[kernel]) == "replaced"
+    assert kernel.items == list(make(second).items)
+
+
+def test_a_subset_without_a_record_is_a_conflict_too() -> None:
+    kernel = MemoryKernel()
+    installer.install(make("80"), backends=[kernel])
+    state.forget("default")
+    with pytest.raises(installer.ConflictError):
+        installer.install(make("80,443"), backends=[kernel])
+
+
+def test_ipv6_refused_with_eacces_suggests_ipv4() -> None:
+    kernel = MemoryKernel()
+    plan = make()
+    failing = next(i for i in plan.items if i.family == 6)
+
+    def refuse(item: Item) -> None:
+        if item == failing:
+            raise StepError(describe(item), "Permission denied (errno EACCES)")
+        kernel.items.append(item)
+
+    kernel.add = refuse  # type: ignore[method-assign]
+    with pytest.raises(installer.SetupError, match="use --ipv4") as caught:
+        installer.install(plan, backends=[kernel])
+    assert str(caught.value).count("\n") == 0 and "rolled back" in str(caught.value)
+    assert kernel.items == []
+    assert installer.ipv6_hint("ip -4 route add local 0.0.0.0/0", "EACCES") == ""

@@ -111,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
         raise UsageError(str(exc)) from None
+    prepare_routing_args(args)  # --setup --local: the proxy's sockets get a mark
     try:
         config = EngineConfig(
             read_size=args.read_size,
@@ -198,6 +199,11 @@ def front_door(spec: ModeSpec, engine: Engine, args: argparse.Namespace) -> Hand
     return explicit.front_door(spec, engine, args)
 
 
+def prepare_routing_args(args: argparse.Namespace) -> None:
+    """Routing options that change the engine's own (``--setup --local`` sets ``--mark``)."""
+    routing.prepare_run_args(args)
+
+
 def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[], Any] | None:
     """The routing context for ``--setup``, bound to the transparent listeners."""
     if getattr(args, "setup", None) is None:
@@ -209,14 +215,15 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
     v6 = next((s for s in transparent if ":" in s.host), None)
     if len({s.port for s in transparent}) != 1:
         raise UsageError("--setup needs all transparent listeners on one port")
+    if getattr(args, "worker_index", None) is not None:
+        return None  # a --workers worker: its supervisor checked and owns the routing
+    addresses = {"proxy_address_v4": v4.host if v4 else None,
+                 "proxy_address_v6": v6.host if v6 else None}
+    # Every routing argument is checked now, before any listener opens.
+    plan = routing.check_for_run(args, transparent[0].port, **addresses)
 
     def enter() -> Any:
-        return routing.installed_for_run(
-            args,
-            proxy_port=transparent[0].port,
-            proxy_address_v4=v4.host if v4 else None,
-            proxy_address_v6=v6.host if v6 else None,
-        )
+        return routing.installed_for_run(args, transparent[0].port, plan=plan, **addresses)
 
     return enter
 

@@ -12,6 +12,8 @@ Public API (details in each module):
 
 from __future__ import annotations
 
+from typing import Any
+
 from .plan import Plan, PlanError, PlanRequest, build_request, make_plan
 
 __all__ = [
@@ -20,14 +22,16 @@ __all__ = [
     "PlanRequest",
     "add_run_arguments",
     "build_request",
+    "check_for_run",
     "installed_for_run",
     "make_plan",
+    "prepare_run_args",
 ]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # run.py imports tproxy.cli, which imports this package: load it lazily.
-    if name in ("add_run_arguments", "installed_for_run"):
+    if name in ("add_run_arguments", "check_for_run", "installed_for_run", "prepare_run_args"):
         from . import run
 
         return getattr(run, name)

@@ -7,8 +7,10 @@ Exit codes:
   2 bad input (nothing installed).
 * ``teardown``: 0 removed, or nothing was there; 1 something could not be
   removed; 2 bad input.
-* ``status``: 0 installed and complete; 1 partial (something missing, extra,
-  or no record to compare with); 3 nothing installed; 2 bad input.
+* ``status``: 0 installed, complete and served; 1 partial (something
+  missing, extra, or no record to compare with) or nothing listening on the
+  TPROXY address and port (diverted connections hang); 3 nothing installed;
+  2 bad input.
 * ``doctor``: 0 no failed check (warnings allowed); 1 some check failed.
 """
 
@@ -24,6 +26,7 @@ from .plan import (
     DEFAULT_INSTANCE,
     DEFAULT_MARK,
     DEFAULT_PRIORITY,
+    DEFAULT_PROXY_MARK,
     DEFAULT_PROXY_PORT,
     DEFAULT_TABLE,
     PlanError,
@@ -46,7 +49,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     """
     group = parser.add_argument_group("routing plan")
     group.add_argument("-p", "--port", dest="route_ports", action="append", metavar="PORTS",
-                       help="destination ports to divert: 80,443,8000-8100 (repeatable)")
+                       help="TCP destination ports to divert: 80,443,8000-8100 (repeatable)")
+    group.add_argument("--udp-port", dest="route_udp_ports", action="append", metavar="PORTS",
+                       help="UDP destination ports to divert to the same proxy port "
+                            "(alongside or instead of --port; repeatable)")
+    group.add_argument("--block-quic", dest="route_block_quic", action="store_true",
+                       help="reject UDP/443 from IN so browsers fall back to TCP")
     group.add_argument(f"--{prefix}instance", dest="route_instance", default=DEFAULT_INSTANCE,
                        metavar="NAME",
                        help="name of this installation; several may coexist (default: default)")
@@ -61,6 +69,29 @@ def add_plan_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
                        help="IPv4 only (default: both families)")
     group.add_argument("--ipv6", dest="route_ipv6", action="store_true",
                        help="IPv6 only (default: both families)")
+    add_backend_argument(group)
+    group.add_argument("--local", dest="route_local", action="store_true",
+                       help="also divert this host's own connections to the ports "
+                            "(the proxy's sockets, marked --proxy-mark, are skipped)")
+    group.add_argument("--exclude-uid", dest="route_exclude_uids", action="append",
+                       metavar="UID", help="with --local: never divert this user's "
+                                           "connections (uid or name; repeatable)")
+    group.add_argument("--exclude-cgroup", dest="route_exclude_cgroups", action="append",
+                       metavar="PATH", help="with --local: never divert this cgroup (v2) "
+                                            "and its children (repeatable)")
+    if not prefix:  # run: the proxy's mark is its own --mark (set for you with --local)
+        group.add_argument("--proxy-mark", dest="route_proxy_mark",
+                           default=str(DEFAULT_PROXY_MARK), metavar="MARK",
+                           help="with --local: the SO_MARK of the proxy's outgoing sockets "
+                                "(tproxy run --mark), never diverted (default 0x7470)")
+
+
+def add_backend_argument(parser: argparse._ActionsContainer) -> None:
+    """``--backend iptables|nft|auto`` (setup, teardown, status, doctor, run --setup)."""
+    parser.add_argument("--backend", dest="route_backend", default="auto",
+                        choices=("auto", "iptables", "nft"),
+                        help="python-iptables (legacy x_tables) or one nftables table; auto: "
+                             "iptables where the legacy tables work, else nft")
 
 
 def request_from_args(args: argparse.Namespace, in_interface: str, out_interface: str,
@@ -69,11 +100,22 @@ def request_from_args(args: argparse.Namespace, in_interface: str, out_interface
     """Build the request from parsed plan options; :class:`UsageError` if bad."""
     from .plan import build_request
 
-    if not args.route_ports:
-        raise UsageError("no ports to divert: give --port PORTS")
+    if not args.route_ports and not args.route_udp_ports:
+        raise UsageError("no ports to divert: give --port PORTS and/or --udp-port PORTS")
+    try:
+        backend, _ = installer.choose_backend(args.route_backend, args.route_instance)
+    except installer.InputError as exc:
+        raise UsageError(str(exc)) from None
     try:
         return build_request(
             in_interface, out_interface, args.route_ports,
+            udp_ports=args.route_udp_ports,
+            block_quic=args.route_block_quic,
+            backend=backend,
+            local=args.route_local,
+            exclude_uids=args.route_exclude_uids,
+            exclude_cgroups=args.route_exclude_cgroups,
+            proxy_mark=getattr(args, "route_proxy_mark", DEFAULT_PROXY_MARK),
             proxy_port=proxy_port,
             proxy_addresses=proxy_addresses,
             mark=args.route_mark,
@@ -122,7 +164,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     what = {"installed": "installed", "unchanged": "already installed, unchanged",
             "replaced": "replaced the previous installation"}[outcome]
     print(f"tproxy setup: instance {request.instance!r} {what} "
-          f"({len(plan.items)} items; tproxy teardown"
+          f"({request.backend}, {len(plan.items)} items; tproxy teardown"
           f"{'' if request.instance == DEFAULT_INSTANCE else ' --instance ' + request.instance}"
           " removes them)")
     return 0
@@ -131,9 +173,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- teardown
 
 
+def _select_backends(args: argparse.Namespace) -> None:
+    """status/teardown read (and remove) through ``--backend``'s backends; auto: all."""
+    wanted = args.route_backend
+    installer.SELECTED = "all" if wanted == "auto" else wanted
+
+
 def cmd_teardown(args: argparse.Namespace) -> int:
     _check_instance(args.instance)
     _need_root()
+    _select_backends(args)
     if args.all:
         names = sorted(n for n in installer.inspect() if n)
     else:
@@ -174,8 +223,20 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 
 def _describe_request(request: PlanRequest) -> str:
-    ports = ",".join(str(p) for p in request.ports)
+    parts = []
+    if request.ports:
+        parts.append("tcp " + ",".join(str(p) for p in request.ports))
+    if request.udp_ports:
+        parts.append("udp " + ",".join(str(p) for p in request.udp_ports))
+    ports = " + ".join(parts)
     fams = "+".join(f"IPv{f}" for f in request.families)
+    if request.block_quic:
+        fams += ", QUIC (udp/443) rejected"
+    if request.local:
+        fams += f", local (proxy mark {request.proxy_mark:#x}"
+        fams += "".join(f", not uid {u}" for u in request.exclude_uids)
+        fams += "".join(f", not cgroup {c}" for c in request.exclude_cgroups) + ")"
+    fams += f", backend {request.backend}"
     addresses = "/".join(request.proxy_v4 if f == 4 else request.proxy_v6
                          for f in request.families)
     return (f"{request.in_interface} -> {request.out_interface}, ports {ports} -> "
@@ -185,15 +246,60 @@ def _describe_request(request: PlanRequest) -> str:
 
 
 def _line(item: object) -> str:
-    from .plan import UnknownRule
+    from .plan import NftTable, UnknownRule
 
+    if isinstance(item, NftTable):
+        return f"nft table inet {item.name} ({item.rules} rules, digest {item.digest})"
     if isinstance(item, UnknownRule):
-        return f"iptables rule in {item.chain}: {item.text}"
+        return f"iptables rule in {item.table} {item.chain}: {item.text}"
     return describe(item)  # type: ignore[arg-type]
+
+
+HANG = "diverted connections hang: start `tproxy run` or `tproxy teardown`"
+
+
+def _serving(inst: installer.InstanceState) -> tuple[list[str], bool]:
+    """Lines saying who serves an installed instance, and whether its traffic hangs.
+
+    The TPROXY targets come from what is installed (the kernel is the truth,
+    record or not); the owner from the record.
+    """
+    from .liveness import bound_sockets, process_alive, serves
+    from .plan import MangleRule, Tproxy
+
+    targets = sorted({(r.family, r.protocol or "tcp", r.target.on_ip, r.target.on_port)
+                      for r in inst.live
+                      if isinstance(r, MangleRule) and isinstance(r.target, Tproxy)})
+    if inst.recorded is not None:  # an nft table is one item: the record says where it sends
+        request = inst.recorded
+        targets = sorted({(f, proto, request.proxy_v4 if f == 4 else request.proxy_v6,
+                           request.proxy_port)
+                          for proto, ports in (("tcp", request.ports), ("udp", request.udp_ports))
+                          if ports for f in request.families})
+    lines, hang = [], False
+    sockets = {proto: bound_sockets(proto) for proto in {t[1] for t in targets}}
+    for family, proto, address, port in targets:
+        ok = serves(sockets[proto], family, address, port)
+        where = f"[{address}]:{port}" if family == 6 else f"{address}:{port}"
+        lines.append(f"  listener {proto} {where}: {'listening' if ok else 'NOTHING LISTENS'}")
+        hang |= not ok
+    owner = state.owner_process(inst.instance) if inst.recorded is not None else None
+    if owner is not None:
+        who, pid, started = owner
+        if who == "run":
+            alive = isinstance(pid, int) and process_alive(pid, started)
+            lines.append(f"  owner: tproxy run, pid {pid}, "
+                         + ("running" if alive else "not running (killed?)"))
+        else:
+            lines.append("  owner: tproxy setup (stays until tproxy teardown)")
+    if hang:
+        lines.append(f"  {HANG}")
+    return lines, hang
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     _need_root()
+    _select_backends(args)
     name = _check_instance(args.instance) if args.instance else None
     found = installer.inspect(name)
     shown = {k: v for k, v in found.items() if v.live or v.recorded}
@@ -228,8 +334,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.verbose and inst.recorded is not None:
             for item in inst.live:
                 print(f"  installed: {_line(item)}")
-        codes.append({"complete": EXIT_COMPLETE, "partial": EXIT_PARTIAL,
-                      "absent": EXIT_ABSENT}[status])
+        hang = False
+        if inst.live:
+            lines, hang = _serving(inst)
+            print("\n".join(lines))
+        codes.append(EXIT_PARTIAL if hang else {"complete": EXIT_COMPLETE,
+                                                "partial": EXIT_PARTIAL,
+                                                "absent": EXIT_ABSENT}[status])
     if EXIT_PARTIAL in codes:
         return EXIT_PARTIAL
     if EXIT_COMPLETE in codes:
@@ -246,10 +357,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         mark, mask = parse_mark(args.mark)
         table = parse_number(args.table, "route table")
+        proxy_mark = parse_number(args.proxy_mark, "proxy mark")
+        check_instance(args.instance)
     except PlanError as exc:
         raise UsageError(str(exc)) from None
     failed = False
-    for finding in run_checks(args.interfaces, mark, mask, table):
+    findings = run_checks(args.interfaces, mark, mask, table, backend=args.route_backend,
+                          instance=args.instance, local=args.local, proxy_mark=proxy_mark)
+    for finding in findings:
         print(f"[{finding.level:4}] {finding.name}: {finding.detail}")
         if finding.fix:
             print(f"       fix: {finding.fix}")
@@ -290,15 +405,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     teardown.add_argument("--all", action="store_true", help="every instance, and any leftovers")
     teardown.add_argument("--dry-run", action="store_true",
                           help="print the commands that would remove it; change nothing")
+    add_backend_argument(teardown)
     teardown.set_defaults(handler=cmd_teardown)
 
     status = sub.add_parser(
         "status", help="show what is installed",
-        description="Show what is installed and compare it with the recorded plan. "
-                    "Exit 0 installed and complete, 1 partial, 3 nothing installed.")
+        description="Show what is installed, compare it with the recorded plan, and say "
+                    "whether something listens where it diverts to and whether its owner "
+                    "runs. Exit 0 installed, complete and served; 1 partial or nothing "
+                    "listening; 3 nothing installed.")
     status.add_argument("--instance", default=None, metavar="NAME",
                         help="only this instance (default: all)")
     status.add_argument("-v", "--verbose", action="store_true", help="list every installed item")
+    add_backend_argument(status)
     status.set_defaults(handler=cmd_status)
 
     doctor = sub.add_parser(
@@ -310,4 +429,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="interfaces to check (IN and OUT)")
     doctor.add_argument("--mark", default=str(DEFAULT_MARK), metavar="MARK[/MASK]")
     doctor.add_argument("--table", default=str(DEFAULT_TABLE), metavar="TABLE")
+    doctor.add_argument("--instance", default=DEFAULT_INSTANCE, metavar="NAME")
+    doctor.add_argument("--local", action="store_true",
+                        help="also check what --local needs (marks, rp_filter, route_localnet)")
+    doctor.add_argument("--proxy-mark", default=str(DEFAULT_PROXY_MARK), metavar="MARK")
+    add_backend_argument(doctor)
     doctor.set_defaults(handler=cmd_doctor)

@@ -21,7 +21,10 @@ from .plan import (
     Jump,
     LocalRoute,
     MangleRule,
+    NftTable,
     Plan,
+    Reject,
+    Return,
     SetMark,
     Tproxy,
     UnknownRule,
@@ -33,6 +36,8 @@ IPTABLES = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 def rule_spec(rule: MangleRule) -> list[str]:
     """The rule's match and target arguments, in iptables-save order."""
     args: list[str] = []
+    if rule.dst is not None:
+        args += ["-d", rule.dst]
     if rule.in_interface is not None:
         args += ["-i", rule.in_interface]
     if rule.protocol is not None:
@@ -49,14 +54,28 @@ def rule_spec(rule: MangleRule) -> list[str]:
         args += ["!", "--syn"]
     if rule.socket_transparent:
         args += ["-m", "socket", "--transparent"]
+    if rule.match_mark is not None:
+        mark = f"{rule.match_mark:#x}"
+        if rule.match_mask != 0xFFFFFFFF:
+            mark += f"/{rule.match_mask:#x}"
+        args += ["-m", "mark", "--mark", mark]
+    if rule.uid_owner is not None:
+        args += ["-m", "owner", "--uid-owner", str(rule.uid_owner)]
+    if rule.cgroup is not None:
+        args += ["-m", "cgroup", "--path", rule.cgroup]
     args += ["-m", "comment", "--comment", rule.comment]
     target = rule.target
     if isinstance(target, Jump):
         args += ["-j", target.chain]
     elif isinstance(target, Accept):
         args += ["-j", "ACCEPT"]
+    elif isinstance(target, Return):
+        args += ["-j", "RETURN"]
     elif isinstance(target, SetMark):
         args += ["-j", "MARK", "--set-xmark", f"{target.mark:#x}/{target.mask:#x}"]
+    elif isinstance(target, Reject):
+        icmp = "icmp6" if rule.family == 6 else "icmp"
+        args += ["-j", "REJECT", "--reject-with", f"{icmp}-port-unreachable"]
     elif isinstance(target, Tproxy):
         args += [
             "-j", "TPROXY",
@@ -77,28 +96,32 @@ def add_command(item: Item) -> list[str]:
         return [IPTABLES[item.family], "-t", "mangle", "-N", item.name]
     if isinstance(item, MangleRule):
         where = ["-I", item.chain, "1"] if item.first else ["-A", item.chain]
-        return [IPTABLES[item.family], "-t", "mangle", *where, *rule_spec(item)]
+        return [IPTABLES[item.family], "-t", item.table, *where, *rule_spec(item)]
     if isinstance(item, IpRule):
         return [*_ip(item.family), "rule", "add", *_rule_args(item)]
     if isinstance(item, LocalRoute):
         return [*_ip(item.family), "route", "add", *_route_args(item)]
+    if isinstance(item, NftTable):
+        return ["nft", "-j", "-f", "-", f"(table inet {item.name}, {item.rules} rules)"]
     raise TypeError(f"not a plan item: {item!r}")
 
 
 def remove_commands(item: Item | UnknownRule) -> list[list[str]]:
     """The argv(s) that remove one item (a chain is flushed, then deleted)."""
     if isinstance(item, UnknownRule):
-        return [[IPTABLES[item.family], "-t", "mangle", "-D", item.chain,
+        return [[IPTABLES[item.family], "-t", item.table, "-D", item.chain,
                  *shlex.split(item.text)]]
     if isinstance(item, Chain):
         base = [IPTABLES[item.family], "-t", "mangle"]
         return [[*base, "-F", item.name], [*base, "-X", item.name]]
     if isinstance(item, MangleRule):
-        return [[IPTABLES[item.family], "-t", "mangle", "-D", item.chain, *rule_spec(item)]]
+        return [[IPTABLES[item.family], "-t", item.table, "-D", item.chain, *rule_spec(item)]]
     if isinstance(item, IpRule):
         return [[*_ip(item.family), "rule", "del", *_rule_args(item)]]
     if isinstance(item, LocalRoute):
         return [[*_ip(item.family), "route", "del", *_route_args(item)]]
+    if isinstance(item, NftTable):
+        return [["nft", "delete", "table", "inet", item.name]]
     raise TypeError(f"not a plan item: {item!r}")
 
 
@@ -117,12 +140,22 @@ def _route_args(item: LocalRoute) -> list[str]:
 
 def describe(item: Item) -> str:
     """One line naming an item: its install command."""
+    if isinstance(item, NftTable):
+        return f"nft -j -f - (table inet {item.name}, {item.rules} rules)"
     return shlex.join(add_command(item))
 
 
 def setup_commands(plan: Plan) -> list[str]:
-    """Shell lines that install ``plan``, in order."""
-    return [shlex.join(add_command(item)) for item in plan.items]
+    """Shell lines that install ``plan``, in order (an nft table as a ``nft -j -f -`` heredoc)."""
+    from .nft import setup_lines
+
+    lines: list[str] = []
+    for item in plan.items:
+        if isinstance(item, NftTable):
+            lines += setup_lines(item)
+        else:
+            lines.append(shlex.join(add_command(item)))
+    return lines
 
 
 def teardown_commands(
@@ -146,8 +179,10 @@ def removal_order(
     removal never leaves packets diverted to a port without a route.
     """
     def rank(item: Item | UnknownRule) -> int:
+        if isinstance(item, NftTable):
+            return 0  # one transaction: the switch and everything behind it
         if isinstance(item, MangleRule | UnknownRule):
-            return 0 if item.chain == "PREROUTING" else 1
+            return 0 if item.chain in ("PREROUTING", "OUTPUT", "FORWARD") else 1
         if isinstance(item, Chain):
             return 2
         if isinstance(item, IpRule):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .installer import has_net_admin
-from .plan import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_TABLE, RT_PROTO
+from .plan import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_PROXY_MARK, DEFAULT_TABLE, RT_PROTO
 
 XTABLES_DIRS = (
     "/usr/lib/x86_64-linux-gnu/xtables",
@@ -205,12 +205,94 @@ def check_mark_and_table(mark: int, mask: int, table: int) -> list[Finding]:
     return found
 
 
+def check_backend(wanted: str, instance: str) -> list[Finding]:
+    """Which backend ``setup --backend WANTED`` would use, and why; nft's own checks."""
+    from . import installer, nft
+
+    found = []
+    try:
+        chosen, why = installer.choose_backend(wanted, instance)
+        found.append(Finding("backend", "ok", f"would use {chosen}: {why}"))
+    except installer.InputError as exc:
+        return [Finding("backend", "fail", str(exc), "apt install iptables nftables")]
+    problem = nft.available()
+    if problem is not None:
+        level = "fail" if chosen == "nft" else "warn"
+        found.append(Finding("nftables", level, f"not usable: {problem}", "apt install nftables"))
+        return found
+    found.append(Finding("nftables", "ok", "libnftables answers"
+                         + ("" if nft.Nft()._lib is not None else " (through the nft command)")))
+    name = nft.table_name(instance)
+    objects = nft.Nft().list_json(f"table inet {name}")
+    if objects and nft.read_table(objects, name) is None:
+        found.append(Finding(f"nft table {name}", "fail",
+                             "exists and is not ours: setup with the nft backend would replace it",
+                             "pick another --instance"))
+    else:
+        found.append(Finding(f"nft table {name}", "ok",
+                             "ours (installed)" if objects else "name is free"))
+    ours = {(hook, prio) for _, _, hook, prio in nft.BASE_CHAINS.values()}
+    same = []
+    for entry in nft.Nft().list_json("chains"):
+        chain = entry.get("chain") or {}
+        if str(chain.get("table", "")).startswith("tproxy_"):
+            continue
+        if (chain.get("hook"), chain.get("prio")) in ours:
+            same.append(f"{chain.get('family')} {chain.get('table')} {chain.get('name')} "
+                        f"({chain.get('hook')} {chain.get('prio')})")
+    if same:
+        found.append(Finding(
+            "nft priorities", "warn",
+            "foreign base chains at our hooks and priorities (they run too, in no fixed order "
+            "with ours; a drop there drops diverted packets): " + "; ".join(same)))
+    else:
+        found.append(Finding("nft priorities", "ok",
+                             "no foreign base chain at prerouting/output -150 or forward 0"))
+    return found
+
+
+def check_local(mark: int, mask: int, proxy_mark: int) -> list[Finding]:
+    """What ``--local`` needs: a proxy mark apart from the route mark, loopback rp_filter."""
+    found = []
+    if proxy_mark & mask == mark:
+        found.append(Finding("local: proxy mark", "fail",
+                             f"{proxy_mark:#x} matches the route mark {mark:#x}/{mask:#x}: "
+                             "the proxy's own connections would be diverted again",
+                             "pick another with --proxy-mark (and tproxy run --mark)"))
+    else:
+        found.append(Finding("local: proxy mark", "ok",
+                             f"{proxy_mark:#x} (tproxy run --mark) is skipped by OUTPUT and "
+                             f"apart from {mark:#x}/{mask:#x}"))
+    strict = [name for name in ("all", "lo")
+              if _read(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") == "1"]
+    if strict:
+        found.append(Finding("local: rp_filter", "warn",
+                             f"strict on {', '.join(strict)}: looped-back local flows carry "
+                             "this host's outside addresses on lo",
+                             "sysctl -w " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2"
+                                                     for n in strict)))
+    else:
+        found.append(Finding("local: rp_filter", "ok", "not strict on all/lo"))
+    localnet = _read("/proc/sys/net/ipv4/conf/all/route_localnet")
+    found.append(Finding(
+        "local: route_localnet", "ok",
+        f"= {localnet}; not needed: local flows are diverted on lo, where 127.0.0.0/8 "
+        "is always routable"))
+    return found
+
+
 def run_checks(interfaces: list[str] | None = None, mark: int = DEFAULT_MARK,
-               mask: int = DEFAULT_MASK, table: int = DEFAULT_TABLE) -> list[Finding]:
+               mask: int = DEFAULT_MASK, table: int = DEFAULT_TABLE, *,
+               backend: str = "auto", instance: str = "default", local: bool = False,
+               proxy_mark: int = DEFAULT_PROXY_MARK) -> list[Finding]:
     """Every check, in the order they are printed."""
     interfaces = interfaces or []
-    findings = [check_privileges(), check_python_iptables(), check_plugins(),
-                check_iptables_variant(), check_loopback()]
+    findings = [check_privileges(), *check_backend(backend, instance)]
+    if backend != "nft":
+        findings += [check_python_iptables(), check_plugins(), check_iptables_variant()]
+    findings.append(check_loopback())
+    if local:
+        findings += check_local(mark, mask, proxy_mark)
     findings += check_interfaces(interfaces)
     findings += check_forwarding()
     findings += check_rp_filter(interfaces)

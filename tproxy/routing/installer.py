@@ -3,8 +3,8 @@
 * :func:`install` applies a plan item by item; if a step fails it removes
   what this call added (newest first) and raises :class:`SetupError` naming
   the step and the kernel's error. The same plan installed twice is a no-op;
-  a different plan of the same instance is refused (:class:`ConflictError`)
-  unless ``replace=True``.
+  a different plan of the same instance, wider or narrower, is refused
+  (:class:`ConflictError`) unless ``replace=True``.
 * :func:`teardown` removes everything of one instance: its recorded plan's
   items and whatever the kernel shows tagged for it. Nothing there: no-op.
 * :func:`inspect` reports, per instance, what is installed and how it
@@ -33,6 +33,7 @@ from .plan import (
     IpRule,
     LocalRoute,
     MangleRule,
+    NftTable,
     Plan,
     PlanRequest,
     SetMark,
@@ -66,12 +67,37 @@ class SetupError(RoutingError):
 
     def __init__(self, step: str, cause: str, rolled_back: int, leftovers: list[str]) -> None:
         text = f"step failed: {step}: {cause}; rolled back {rolled_back} step(s)"
+        hint = ipv6_hint(step, cause)
+        if hint:
+            text += f"; {hint}"
         if leftovers:
             text += f"; could NOT roll back: {'; '.join(leftovers)} (run tproxy teardown)"
         super().__init__(text)
         self.step = step
         self.cause = cause
         self.leftovers = leftovers
+
+
+def ipv6_disabled() -> bool:
+    """Whether IPv6 is switched off in this namespace (``disable_ipv6`` on all or lo)."""
+    for name in ("all", "lo"):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as handle:
+                if handle.read().strip() == "1":
+                    return True
+        except OSError:
+            return True  # no IPv6 in this kernel at all
+    return False
+
+
+def ipv6_hint(step: str, cause: str) -> str:
+    """A suggestion when an IPv6 step failed because IPv6 is off (the kernel says EACCES)."""
+    if not ("ip -6 " in step or "ip6tables" in step):
+        return ""
+    if "EACCES" in cause or ipv6_disabled():
+        return ("IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1): "
+                "use --ipv4, or enable IPv6")
+    return ""
 
 
 class TeardownError(RoutingError):
@@ -102,20 +128,84 @@ class InstanceState:
 # ------------------------------------------------------------- backends
 
 
-def open_backends() -> list[Backend]:
-    """The default backends: python-iptables for mangle, pyroute2 for rules and routes."""
-    from .iproute import IPRouteBackend
-    from .iptables import IptablesBackend
+def open_backends(kind: str = "all") -> list[Backend]:
+    """Backends for ``kind``: ``iptables``, ``nft``, or ``all`` that work here.
 
-    return [IptablesBackend(), IPRouteBackend()]
+    pyroute2 always handles ip rules and routes. ``all`` (for reading and
+    removing: status, teardown) has python-iptables where the legacy tables
+    work and nftables where it is available, so an instance is found
+    whichever backend installed it.
+    """
+    from .iproute import IPRouteBackend
+
+    opened: list[Backend] = []
+    if kind in ("iptables", "all") and (kind == "iptables" or legacy_problem() is None):
+        from .iptables import IptablesBackend
+
+        opened.append(IptablesBackend())
+    if kind in ("nft", "all"):
+        from . import nft
+
+        if kind == "nft" or nft.available() is None:
+            opened.append(nft.NftBackend())
+    opened.append(IPRouteBackend())
+    return opened
+
+
+#: Set by ``--backend`` for commands that read and remove (status, teardown).
+SELECTED = "all"
+
+
+def legacy_problem() -> str | None:
+    """None if python-iptables can work here (legacy x_tables), else why not.
+
+    Checked without loading libxtables (the engine process must not): the
+    kernel's legacy ``ip_tables``, the python-iptables package and the xtables
+    plugins it needs.
+    """
+    import importlib.util
+
+    if not os.path.exists("/proc/net/ip_tables_names"):
+        return "the kernel has no legacy x_tables (no /proc/net/ip_tables_names)"
+    if importlib.util.find_spec("iptc") is None:
+        return "python-iptables is not installed"
+    from .doctor import check_plugins
+
+    plugins = check_plugins()
+    if plugins.level != "ok":
+        return plugins.detail
+    return None
+
+
+def choose_backend(wanted: str, instance: str | None = None) -> tuple[str, str]:
+    """Resolve ``--backend`` (``auto`` included) to ``iptables`` or ``nft``, with the reason.
+
+    ``auto`` keeps an instance's recorded backend, else takes python-iptables
+    where the legacy tables work and nftables where they do not. Raises
+    :class:`InputError` if neither works.
+    """
+    if wanted != "auto":
+        return wanted, f"--backend {wanted}"
+    record = state.load(instance) if instance else None
+    if record is not None:
+        return record[0].backend, f"instance {instance!r} is installed with it"
+    problem = legacy_problem()
+    if problem is None:
+        return "iptables", "the legacy x_tables work here (python-iptables)"
+    from . import nft
+
+    nft_problem = nft.available()
+    if nft_problem is None:
+        return "nft", f"legacy tables unusable ({problem}); nftables works"
+    raise InputError(f"no routing backend works here: {problem}; nft: {nft_problem}")
 
 
 @contextmanager
-def _backends(given: list[Backend] | None) -> Iterator[list[Backend]]:
+def _backends(given: list[Backend] | None, kind: str | None = None) -> Iterator[list[Backend]]:
     if given is not None:
         yield given
         return
-    opened = open_backends()
+    opened = open_backends(kind or SELECTED)
     try:
         yield opened
     finally:
@@ -162,6 +252,8 @@ def check_host(request: PlanRequest) -> None:
 
 
 def _instance_of(item: Found) -> str | None:
+    if isinstance(item, NftTable):
+        return item.instance
     if isinstance(item, Chain):
         return instance_of_chain(item.name)
     if isinstance(item, UnknownRule):
@@ -198,6 +290,7 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
         planned: list[Found] = list(make_plan(recorded).items) if recorded else []
         marks = {(t.mark, t.mask) for r in mine if isinstance(r, MangleRule)
                  for t in [r.target] if isinstance(t, SetMark | Tproxy)}
+        marks |= {(t.mark, t.mask) for t in mine if isinstance(t, NftTable)}
         rules = [i for i in ip_items if i in planned or (
             isinstance(i, IpRule) and (i.fwmark, i.fwmask) in marks)]
         tables = {r.table for r in rules if isinstance(r, IpRule)}
@@ -225,12 +318,25 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
 
 
 def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[Found], list[str]]:
+    """Remove ``items`` in removal order; return (removed, errors).
+
+    Rules inside one of our chains that is removed too go with it (the chain
+    is flushed, then deleted): removing them one by one first would cost one
+    table transaction each.
+    """
+    items = list(items)
+    chains = {(i.family, i.name) for i in items if isinstance(i, Chain)}
+    inside = [i for i in items if isinstance(i, MangleRule | UnknownRule)
+              and i.table == "mangle" and (i.family, i.chain) in chains]
     removed: list[Found] = []
     errors: list[str] = []
-    for item in removal_order(list(items)):
+    for item in removal_order([i for i in items if i not in inside]):
         try:
             if _backend_for(backends, item).remove(item):  # type: ignore[arg-type]
                 removed.append(item)
+                if isinstance(item, Chain):
+                    removed += [i for i in inside if (i.family, i.chain) == (item.family,
+                                                                             item.name)]
         except StepError as exc:
             errors.append(str(exc))
     return removed, errors
@@ -248,29 +354,41 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
     (everything this call added removed again) if a step fails.
     """
     request = plan.request
-    with state.locked(), _backends(backends) as opened:
+    atomic = any(isinstance(i, NftTable) for i in plan.items)
+    with state.locked(), _backends(backends, request.backend) as opened:
         state.collect_stale()
         current = inspect(request.instance, opened)[request.instance]
         outcome = "installed"
         if current.live:
-            live, wanted = set(current.live), set(plan.items)
-            if live == wanted:
-                state.save(request, "installed", state.owner(request.instance) or owner)
+            if set(current.live) == set(plan.items):
+                # The recorded owner stays; a run adopting a killed run's plan
+                # becomes its owner process.
+                recorded = state.owner_process(request.instance)
+                if recorded is None or (owner == "run" and recorded[0] == "run"):
+                    state.save(request, "installed", recorded[0] if recorded else owner)
+                else:
+                    state.save(request, "installed", recorded[0], process=recorded[1:])
                 return "unchanged"
-            same_plan = current.recorded == request or live <= wanted
+            same_plan = current.recorded == request
             if not replace and not same_plan:
-                raise ConflictError(
-                    f"instance {request.instance!r} is installed with a different plan "
-                    f"(see tproxy status); use --replace, or tproxy teardown first"
-                )
-            _, errors = _remove_all(current.live, opened)
-            if errors:
-                raise TeardownError("could not remove the old installation: " + "; ".join(errors))
+                raise ConflictError(_conflict_text(request.instance)
+                                    + "; use --replace, or tproxy teardown first")
+            if not atomic:
+                _, errors = _remove_all(current.live, opened)
+                if errors:
+                    raise TeardownError("could not remove the old installation: "
+                                        + "; ".join(errors))
             outcome = "replaced" if not same_plan else "installed"
+        # nft: the table replaces its predecessor in one transaction, so the old
+        # installation stays until the new one is in (and stays if it fails).
+        keep = set(current.live) if atomic else set()
+        old_record = state.read_raw(request.instance)
         state.save(request, "installing", owner)
         applied: list[Found] = []
         try:
             for item in plan.items:
+                if item in keep and not isinstance(item, NftTable):
+                    continue
                 applied.append(item)
                 _backend_for(opened, item).add(item)  # type: ignore[arg-type]
         except BaseException as exc:  # a kernel refusal, or Ctrl-C half-way: roll back
@@ -285,13 +403,44 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                     leftovers.append(str(undo))
             if leftovers:
                 state.save(request, "failed", owner)
+            elif keep and old_record is not None:
+                state.write_raw(request.instance, old_record)  # the old one is still in place
             else:
                 state.forget(request.instance)
             if isinstance(exc, StepError):
                 raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
             raise
+        if keep:
+            stale = [i for i in current.live if i not in set(plan.items) and not (
+                isinstance(i, NftTable) and any(isinstance(n, NftTable) and n.name == i.name
+                                                for n in plan.items))]
+            _, errors = _remove_all(stale, opened)
+            if errors:
+                state.save(request, "installed", owner)
+                raise TeardownError("installed, but could not remove parts of the old "
+                                    "installation: " + "; ".join(errors))
         state.save(request, "installed", owner)
         return outcome
+
+
+def _conflict_text(instance: str) -> str:
+    return f"instance {instance!r} is installed with a different plan (see tproxy status)"
+
+
+def conflict(plan: Plan, backends: list[Backend] | None = None) -> str | None:
+    """Why ``install(plan)`` would raise :class:`ConflictError`, or None if it would not.
+
+    Any difference counts, a wider plan as much as a narrower one: only the
+    same plan (installed completely, or partly under its own record, which
+    ``install`` completes) is not a conflict. Changes nothing.
+    """
+    with state.locked(), _backends(backends) as opened:
+        current = inspect(plan.instance, opened)[plan.instance]
+    if not current.live or set(current.live) == set(plan.items):
+        return None
+    if current.recorded == plan.request:
+        return None
+    return _conflict_text(plan.instance)
 
 
 def teardown(instance: str, backends: list[Backend] | None = None) -> list[Found]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import json
 import os
 import shlex
@@ -47,6 +48,8 @@ from .plan import (
     Item,
     Jump,
     MangleRule,
+    Reject,
+    Return,
     SetMark,
     Target,
     Tproxy,
@@ -60,6 +63,8 @@ from .ports import PortRange
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 _ANY4 = "0.0.0.0/0.0.0.0"
 _ANY6 = "::/0"
+#: Tables besides mangle where rules of ours may be (``--block-quic``'s REJECT).
+OTHER_TABLES = ("filter",)
 #: ``! --syn`` as python-iptables spells it (``--syn`` is ``--tcp-flags FIN,SYN,RST,ACK SYN``).
 _NOT_SYN = ("!", "FIN,SYN,RST,ACK", "SYN")
 
@@ -87,6 +92,16 @@ def xtables_lock() -> Iterator[None]:
         os.close(fd)
 
 
+def instantiated_tables(family: int) -> set[str]:
+    """The legacy tables that exist in this namespace (opening one would create it)."""
+    name = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(name) as handle:
+            return {line.strip() for line in handle if line.strip()}
+    except OSError:
+        return set()
+
+
 class FamilyTables:
     """Chains and mangle rules of one family via python-iptables (runs in a worker)."""
 
@@ -102,15 +117,15 @@ class FamilyTables:
         return self._mod.Table6, self._mod.Rule6
 
     @contextlib.contextmanager
-    def _table(self, family: Family, write: bool) -> Iterator[Any]:
+    def _table(self, family: Family, write: bool, which: str = "mangle") -> Iterator[Any]:
         table_cls, _ = self._classes(family)
         known = table_cls.existing_table_names
         saved = dict(known)
         for name in table_cls.ALL:
-            known[name] = name == "mangle"
+            known[name] = name == which
         try:
             with xtables_lock() if write else contextlib.nullcontext():
-                table = table_cls(table_cls.MANGLE)
+                table = table_cls(which)
                 table.autocommit = False
                 table.refresh()
                 yield table
@@ -136,16 +151,32 @@ class FamilyTables:
                 match.dport = rule.dport.iptables
             if rule.not_syn:
                 match.tcp_flags = list(_NOT_SYN)
+        if rule.dst is not None:
+            built.dst = rule.dst
         if rule.socket_transparent:
             built.create_match("socket").transparent = ""
+        if rule.match_mark is not None:
+            mark = f"{rule.match_mark:#x}"
+            if rule.match_mask != 0xFFFFFFFF:
+                mark += f"/{rule.match_mask:#x}"
+            built.create_match("mark").mark = mark
+        if rule.uid_owner is not None:
+            built.create_match("owner").uid_owner = str(rule.uid_owner)
+        if rule.cgroup is not None:
+            built.create_match("cgroup").path = rule.cgroup
         built.create_match("comment").comment = rule.comment
         target = rule.target
         if isinstance(target, Jump):
             built.create_target(target.chain)
         elif isinstance(target, Accept):
             built.create_target("ACCEPT")
+        elif isinstance(target, Return):
+            built.create_target("RETURN")
         elif isinstance(target, SetMark):
             built.create_target("MARK").set_xmark = f"{target.mark:#x}/{target.mask:#x}"
+        elif isinstance(target, Reject):
+            icmp = "icmp6" if rule.family == 6 else "icmp"
+            built.create_target("REJECT").reject_with = f"{icmp}-port-unreachable"
         elif isinstance(target, Tproxy):
             made = built.create_target("TPROXY")
             made.on_port = str(target.on_port)
@@ -160,8 +191,9 @@ class FamilyTables:
 
     def add(self, item: Item) -> None:
         step = describe(item)
+        which = item.table if isinstance(item, MangleRule) else "mangle"
         try:
-            with self._table(item.family, write=True) as table:
+            with self._table(item.family, write=True, which=which) as table:
                 if isinstance(item, Chain):
                     if table.is_chain(item.name):
                         raise StepError(step, f"chain {item.name} already exists")
@@ -182,8 +214,11 @@ class FamilyTables:
 
     def remove(self, item: Item | UnknownRule) -> bool:
         step = describe(item) if not isinstance(item, UnknownRule) else item.text
+        which = "mangle" if isinstance(item, Chain) else item.table
+        if which not in instantiated_tables(item.family):
+            return False  # never instantiate a table just to look for our rule in it
         try:
-            with self._table(item.family, write=True) as table:
+            with self._table(item.family, write=True, which=which) as table:
                 if isinstance(item, Chain):
                     if not table.is_chain(item.name):
                         return False
@@ -194,7 +229,7 @@ class FamilyTables:
                     return False
                 chain = self._mod.Chain(table, item.chain)
                 for live in chain.rules:
-                    if self._parse(item.family, item.chain, live) == item:
+                    if self._parse(item.family, item.chain, live, which) == item:
                         chain.delete_rule(live)
                         return True
                 return False
@@ -205,33 +240,40 @@ class FamilyTables:
 
     def installed(self) -> list[Item | UnknownRule]:
         found: list[Item | UnknownRule] = []
-        for family in (self.family,):
+        family = self.family
+        # Only tables that exist: opening one would create it (status must change nothing).
+        live = instantiated_tables(family)
+        tables = [t for t in ("mangle", *OTHER_TABLES) if t in live]
+        for which in tables:
             try:
-                with self._table(family, write=False) as table:
+                with self._table(family, write=False, which=which) as table:
                     for chain in table.chains:
-                        ours = instance_of_chain(chain.name) is not None
+                        ours = which == "mangle" and instance_of_chain(chain.name) is not None
                         if ours:
                             found.append(Chain(family, chain.name))
                         for live in chain.rules:
-                            parsed = self._parse(family, chain.name, live)
+                            parsed = self._parse(family, chain.name, live, which)
                             comment = parsed.comment
                             if ours or (comment or "").startswith(COMMENT_PREFIX):
                                 found.append(parsed)
             except StepError:
                 raise
             except Exception as exc:
-                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables mangle",
+                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables {which}",
                                 _error_text(exc)) from exc
         return found
 
     def close(self) -> None:
+        if "mangle" not in instantiated_tables(self.family):
+            return  # never opened (opening it now would create it)
         table_cls, _ = self._classes(self.family)
         with contextlib.suppress(Exception):
             table_cls(table_cls.MANGLE).close()
 
     # -- reading rules back
 
-    def _parse(self, family: Family, chain: str, live: Any) -> MangleRule | UnknownRule:
+    def _parse(self, family: Family, chain: str, live: Any,
+               which: str = "mangle") -> MangleRule | UnknownRule:
         """Turn a live rule into a :class:`MangleRule`, or an :class:`UnknownRule`."""
         matches = [(m.name, m.get_all_parameters()) for m in live.matches]
         target_name = live.target.name if live.target else ""
@@ -241,14 +283,17 @@ class FamilyTables:
             if name == "comment":
                 comment = " ".join(params.get("comment", []))
         text = _rule_text(live, matches, target_name, target_params)
-        unknown = UnknownRule(family, chain, text, comment)
+        unknown = UnknownRule(family, chain, text, comment, which)
         any_addr = _ANY4 if family == 4 else _ANY6
-        if (live.src not in (any_addr, None) or live.dst not in (any_addr, None)
-                or live.out_interface or comment is None):
+        if live.src not in (any_addr, None) or live.out_interface or comment is None:
+            return unknown
+        dst = None if live.dst in (any_addr, None) else _prefix(live.dst)
+        if dst is False:
             return unknown
         protocol = live.protocol if live.protocol not in (None, "ip", "all", "0") else None
         dport = sport = None
         transparent = not_syn = False
+        extra: dict[str, Any] = {}
         for name, params in matches:
             if name == protocol and set(params) <= {"dport", "sport", "tcp-flags"}:
                 if "dport" in params:
@@ -261,17 +306,43 @@ class FamilyTables:
                     not_syn = True
             elif name == "socket" and params == {"transparent": []}:
                 transparent = True
+            elif name == "mark" and set(params) == {"mark"}:
+                mark = _mark(params["mark"])
+                if mark is None:
+                    return unknown
+                extra["match_mark"], extra["match_mask"] = mark
+            elif name == "owner" and set(params) == {"uid-owner"}:
+                try:
+                    extra["uid_owner"] = int(params["uid-owner"][0])
+                except (ValueError, IndexError):
+                    return unknown
+            elif name == "cgroup" and set(params) == {"path"} and len(params["path"]) == 1:
+                extra["cgroup"] = params["path"][0]
             elif name != "comment":
                 return unknown
-        target = _parse_target(target_name, target_params)
+        target = _parse_target(family, target_name, target_params)
         if target is None or (dport is False or sport is False):
             return unknown
         return MangleRule(
             family, chain, target, comment, live.in_interface or None, protocol,
             dport=dport or None, sport=sport or None, not_syn=not_syn,
             socket_transparent=transparent,
-            first=chain == "PREROUTING",
+            first=chain in ("PREROUTING", "FORWARD", "OUTPUT"),
+            table=which, dst=dst or None, **extra,
         )
+
+
+def _prefix(text: str) -> str | bool:
+    """``127.0.0.0/255.0.0.0`` (as libiptc gives it) as ``127.0.0.0/8``; False if odd."""
+    address, _, mask = text.partition("/")
+    try:
+        if ":" in mask or "." in mask:
+            bits = bin(int(ipaddress.ip_address(mask))).count("1")
+        else:
+            bits = int(mask) if mask else (32 if ":" not in address else 128)
+        return str(ipaddress.ip_network(f"{address}/{bits}"))
+    except ValueError:
+        return False
 
 
 def _port_range(values: list[str]) -> PortRange | bool:
@@ -294,9 +365,12 @@ def _mark(values: list[str]) -> tuple[int, int] | None:
         return None
 
 
-def _parse_target(name: str, params: dict[str, list[str]]) -> Target | None:
+def _parse_target(family: Family, name: str, params: dict[str, list[str]]) -> Target | None:
     if name == "ACCEPT" and not params:
         return Accept()
+    icmp = "icmp6" if family == 6 else "icmp"
+    if name == "REJECT" and params == {"reject-with": [f"{icmp}-port-unreachable"]}:
+        return Reject()
     if name == "MARK" and set(params) == {"set-xmark"}:
         mark = _mark(params["set-xmark"])
         return SetMark(*mark) if mark else None
@@ -307,6 +381,8 @@ def _parse_target(name: str, params: dict[str, list[str]]) -> Target | None:
         except (ValueError, IndexError):
             return None
         return Tproxy(params["on-ip"][0], port, *mark) if mark else None
+    if name == "RETURN" and not params:
+        return Return()
     if instance_of_chain(name) is not None and not params:
         return Jump(name)
     return None

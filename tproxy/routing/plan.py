@@ -3,8 +3,10 @@
 A :class:`Plan` is pure data computed from the arguments by :func:`make_plan`,
 with no I/O, so it can be printed (``--dry-run``), compared with what is
 installed (``status``, refusing a different plan), stored (``/run/tproxy``)
-and handed to any backend (python-iptables and pyroute2 today, nftables
-later). The items are in installation order; removal is the reverse order.
+and handed to a backend (python-iptables or nftables, with pyroute2 for ip
+rules and routes; ``request.backend = "nft"`` renders the chains and rules as
+one :class:`NftTable`, see :mod:`.nft`). The items are in installation order;
+removal is the reverse order.
 
 Per family the plan is the classic TPROXY recipe, made recognisable as ours::
 
@@ -61,8 +63,13 @@ DEFAULT_MARK = 1
 DEFAULT_MASK = 0xFFFFFFFF
 DEFAULT_TABLE = 100
 DEFAULT_PRIORITY = 100
+#: SO_MARK of the proxy's outgoing sockets under ``--local`` ("tp"); see ``run --mark``.
+DEFAULT_PROXY_MARK = 0x7470
+BACKENDS = ("iptables", "nft")
 CHAIN_PREFIX_PRE = "TPROXY_PRE"
 CHAIN_PREFIX_DIVERT = "TPROXY_DIVERT"
+CHAIN_PREFIX_OUT = "TPROXY_OUT"
+NFT_TABLE_PREFIX = "tproxy_"
 COMMENT_PREFIX = "tproxy:"
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,13}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
@@ -97,6 +104,20 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Return:
+    """``-j RETURN``: leave our chain (``--local`` skips loopback, the proxy, excluded users)."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    """``-j REJECT --reject-with icmp-port-unreachable`` (``icmp6-`` for IPv6).
+
+    Only valid in the filter table; used by ``--block-quic`` so a browser's
+    QUIC attempt fails at once and it falls back to TCP.
+    """
+
+
+@dataclass(frozen=True)
 class Tproxy:
     """``-j TPROXY --on-port PORT --on-ip IP --tproxy-mark MARK/MASK``."""
 
@@ -106,7 +127,7 @@ class Tproxy:
     mask: int
 
 
-Target = Jump | SetMark | Accept | Tproxy
+Target = Jump | SetMark | Accept | Tproxy | Reject | Return
 
 
 @dataclass(frozen=True)
@@ -119,10 +140,11 @@ class Chain:
 
 @dataclass(frozen=True)
 class MangleRule:
-    """One rule in the mangle table; matches are in iptables-save order.
+    """One rule in the mangle table (or ``table``); matches are in iptables-save order.
 
     ``first`` means "insert at the top of the chain" (our PREROUTING jump);
-    otherwise the rule is appended.
+    otherwise the rule is appended. ``table`` is ``filter`` only for the
+    ``--block-quic`` reject rule (REJECT is not allowed in mangle).
     """
 
     family: Family
@@ -137,6 +159,16 @@ class MangleRule:
     not_syn: bool = False
     socket_transparent: bool = False
     first: bool = False
+    table: str = "mangle"
+    #: ``-d NET``: destination network (``--local``'s loopback exemption).
+    dst: str | None = None
+    #: ``-m mark --mark MATCH_MARK/MATCH_MASK``.
+    match_mark: int | None = None
+    match_mask: int = 0xFFFFFFFF
+    #: ``-m owner --uid-owner UID``.
+    uid_owner: int | None = None
+    #: ``-m cgroup --path PATH`` (cgroup v2, relative to the cgroup root).
+    cgroup: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +195,29 @@ class LocalRoute:
         return "0.0.0.0/0" if self.family == 4 else "::/0"
 
 
-Item = Chain | MangleRule | IpRule | LocalRoute
+@dataclass(frozen=True)
+class NftTable:
+    """The nftables backend's whole share of a plan: one ``inet`` table, applied atomically.
+
+    ``digest`` identifies the rendered batch, ``rules`` counts its rules; both
+    are also written into the comment of the table's first rule, so what is
+    installed can be compared with a plan without parsing rules back.
+    ``mark``/``mask``/``route_table`` let ip rules be attributed without a
+    record. ``script`` (the JSON batch) is not part of equality: a table read
+    back from the kernel has none.
+    """
+
+    name: str
+    instance: str
+    digest: str
+    rules: int
+    mark: int
+    mask: int
+    route_table: int
+    script: str = field(default="", compare=False, hash=False, repr=False)
+
+
+Item = Chain | MangleRule | IpRule | LocalRoute | NftTable
 
 
 @dataclass(frozen=True)
@@ -178,6 +232,7 @@ class UnknownRule:
     chain: str
     text: str
     comment: str | None
+    table: str = "mangle"
 
     @property
     def instance(self) -> str | None:
@@ -209,21 +264,43 @@ class PlanRequest:
     priority: int = DEFAULT_PRIORITY
     families: tuple[Family, ...] = (4, 6)
     instance: str = DEFAULT_INSTANCE
+    #: UDP destination ports diverted to the same proxy port (``--udp-port``).
+    udp_ports: tuple[PortRange, ...] = ()
+    #: Reject UDP/443 from IN (``--block-quic``), so browsers fall back to TCP.
+    block_quic: bool = False
+    #: ``iptables`` (python-iptables, legacy x_tables) or ``nft`` (one inet table).
+    backend: str = "iptables"
+    #: Also divert the gateway's own connections (``--local``).
+    local: bool = False
+    exclude_uids: tuple[int, ...] = ()
+    exclude_cgroups: tuple[str, ...] = ()
+    #: The SO_MARK of the proxy's own outgoing sockets, never captured by ``--local``.
+    proxy_mark: int = DEFAULT_PROXY_MARK
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (ports as ``[first, last]`` pairs)."""
         data = asdict(self)
-        data["ports"] = [[r.first, r.last] for r in self.ports]
+        for key in _PORT_FIELDS:
+            data[key] = [[r.first, r.last] for r in getattr(self, key)]
         data["families"] = list(self.families)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PlanRequest:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json` (fields missing from older records keep defaults)."""
         data = dict(data)
-        data["ports"] = tuple(PortRange(a, b) for a, b in data["ports"])
+        for key in _PORT_FIELDS:
+            if key in data:
+                data[key] = tuple(PortRange(a, b) for a, b in data[key])
         data["families"] = tuple(data["families"])
+        for key in ("exclude_uids", "exclude_cgroups"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
+
+
+_PORT_FIELDS = ("ports", "udp_ports")
+QUIC_PORT = PortRange(443, 443)
 
 
 @dataclass(frozen=True)
@@ -244,9 +321,14 @@ def chain_names(instance: str) -> tuple[str, str]:
     return CHAIN_PREFIX_PRE + suffix, CHAIN_PREFIX_DIVERT + suffix
 
 
+def out_chain_name(instance: str) -> str:
+    """Our OUTPUT chain (``--local``) for an instance."""
+    return CHAIN_PREFIX_OUT + ("" if instance == DEFAULT_INSTANCE else f"_{instance}")
+
+
 def instance_of_chain(name: str) -> str | None:
     """The instance owning a chain called ``name``, or None if it is not ours."""
-    for prefix in (CHAIN_PREFIX_DIVERT, CHAIN_PREFIX_PRE):
+    for prefix in (CHAIN_PREFIX_DIVERT, CHAIN_PREFIX_PRE, CHAIN_PREFIX_OUT):
         if name == prefix:
             return DEFAULT_INSTANCE
         if name.startswith(prefix + "_"):
@@ -284,14 +366,70 @@ def make_plan(request: PlanRequest) -> Plan:
                 MangleRule(family, pre, Jump(divert), comment, request.out_interface, "tcp",
                            sport=ports, socket_transparent=True)
             )
-        for ports in request.ports:
+        # UDP: only the servers' replies take the socket shortcut. The client's
+        # datagrams always meet TPROXY, whose own socket lookup finds a session
+        # socket (transparent, bound to the original destination) before the listener.
+        for ports in request.udp_ports:
             items.append(
-                MangleRule(family, pre,
-                           Tproxy(on_ip, request.proxy_port, request.mark, request.mask),
-                           comment, request.in_interface, "tcp", dport=ports)
+                MangleRule(family, pre, Jump(divert), comment, request.out_interface, "udp",
+                           sport=ports, socket_transparent=True)
             )
+        tproxy = Tproxy(on_ip, request.proxy_port, request.mark, request.mask)
+        by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
+        for protocol, port_ranges in by_protocol:
+            for ports in port_ranges:
+                items.append(MangleRule(family, pre, tproxy, comment, request.in_interface,
+                                        protocol, dport=ports))
+        if request.local:
+            items += _local_items(request, family, tproxy, comment)
         items.append(MangleRule(family, "PREROUTING", Jump(pre), comment, first=True))
+        if request.local:
+            out = out_chain_name(request.instance)
+            items.append(MangleRule(family, "OUTPUT", Jump(out), comment, first=True))
+        if request.block_quic:
+            items.append(MangleRule(family, "FORWARD", Reject(), comment, request.in_interface,
+                                    "udp", dport=QUIC_PORT, first=True, table="filter"))
+    if request.backend == "nft":
+        from .nft import table_item  # the renderer; pure like this module
+
+        per_item = [i for i in items if isinstance(i, IpRule | LocalRoute)]
+        rules = [i for i in items if isinstance(i, Chain | MangleRule)]
+        items = [*per_item, table_item(request, rules)]
     return Plan(request, tuple(items))
+
+
+def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy,
+                 comment: str) -> list[Item]:
+    """``--local``: the OUTPUT chain marking the gateway's own flows, and TPROXY on ``lo``.
+
+    Marked in a route-type OUTPUT hook, the packets are routed again: the
+    fwmark rule sends them to the local table, so they loop back through
+    ``lo``, where PREROUTING hands them to the proxy. The proxy's own sockets
+    (``proxy_mark``), loopback destinations and excluded users or cgroups
+    return early and are never captured.
+    """
+    pre, _ = chain_names(request.instance)
+    out = out_chain_name(request.instance)
+    loopback = "127.0.0.0/8" if family == 4 else "::1/128"
+    items: list[Item] = [
+        Chain(family, out),
+        MangleRule(family, out, Return(), comment, dst=loopback),
+        MangleRule(family, out, Return(), comment, match_mark=request.proxy_mark),
+    ]
+    items += [MangleRule(family, out, Return(), comment, uid_owner=uid)
+              for uid in request.exclude_uids]
+    items += [MangleRule(family, out, Return(), comment, cgroup=path)
+              for path in request.exclude_cgroups]
+    by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
+    for protocol, port_ranges in by_protocol:
+        for ports in port_ranges:
+            items.append(MangleRule(family, out, SetMark(request.mark, request.mask), comment,
+                                    protocol=protocol, dport=ports))
+    for protocol, port_ranges in by_protocol:
+        for ports in port_ranges:
+            items.append(MangleRule(family, pre, tproxy, comment, "lo", protocol, dport=ports,
+                                    match_mark=request.mark, match_mask=request.mask))
+    return items
 
 
 # ---------------------------------------------------------------- parsing
@@ -310,8 +448,11 @@ def validate_request(request: PlanRequest) -> None:
     for name in (request.in_interface, request.out_interface):
         if not _IFNAME_RE.match(name):
             raise PlanError(f"bad interface name {name!r}")
-    if not request.ports:
+    if not request.ports and not request.udp_ports:
         raise PlanError("no ports given")
+    if request.block_quic and any(r.first <= 443 <= r.last for r in request.udp_ports):
+        raise PlanError("--block-quic rejects UDP port 443, which --udp-port diverts: "
+                        "drop one of them")
     if not 1 <= request.proxy_port <= 65535:
         raise PlanError(f"proxy port {request.proxy_port} is out of range 1-65535")
     if not request.families or set(request.families) - {4, 6}:
@@ -330,6 +471,24 @@ def validate_request(request: PlanRequest) -> None:
         raise PlanError(f"route table {request.table} is reserved or out of range")
     if not 0 < request.priority < 32766:
         raise PlanError(f"rule priority {request.priority} must be 1-32765 (before 'main')")
+    if request.backend not in BACKENDS:
+        raise PlanError(f"bad backend {request.backend!r}: iptables or nft")
+    if not 0 < request.proxy_mark <= 0xFFFFFFFF:
+        raise PlanError(f"proxy mark {request.proxy_mark:#x} must be 1-0xffffffff")
+    if request.local and request.proxy_mark & request.mask == request.mark:
+        raise PlanError(f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
+                        f"(mark {request.mark:#x}/{request.mask:#x}): pick another")
+    if request.exclude_cgroups and request.backend == "nft":
+        raise PlanError("--exclude-cgroup needs --backend iptables: nftables' JSON interface "
+                        "(1.0.6) has no cgroupv2 match")
+    if (request.exclude_uids or request.exclude_cgroups) and not request.local:
+        raise PlanError("--exclude-uid and --exclude-cgroup need --local")
+    for uid in request.exclude_uids:
+        if not 0 <= uid <= 0xFFFFFFFE:
+            raise PlanError(f"bad uid {uid}")
+    for path in request.exclude_cgroups:
+        if not path or len(path) > 100 or any(c in path for c in "\"\n\0"):
+            raise PlanError(f"bad cgroup path {path!r}")
 
 
 def check_address(text: str, family: Family) -> str:
@@ -362,8 +521,15 @@ def parse_mark(text: str) -> tuple[int, int]:
 def build_request(
     in_interface: str,
     out_interface: str,
-    ports: str | list[str],
+    ports: str | list[str] | None,
     *,
+    udp_ports: str | list[str] | None = None,
+    block_quic: bool = False,
+    backend: str = "iptables",
+    local: bool = False,
+    exclude_uids: list[str] | None = None,
+    exclude_cgroups: list[str] | None = None,
+    proxy_mark: str | int = DEFAULT_PROXY_MARK,
     proxy_port: int | str = DEFAULT_PROXY_PORT,
     proxy_addresses: list[str] | None = None,
     mark: str = str(DEFAULT_MARK),
@@ -378,8 +544,11 @@ def build_request(
     ``ipv4``/``ipv6`` select families (neither means both). ``proxy_addresses``
     holds at most one address per family; a family not given keeps its default.
     """
+    if not ports and not udp_ports:
+        raise PlanError("no ports to divert: give --port and/or --udp-port")
     try:
-        port_ranges = parse_ports(ports)
+        port_ranges = parse_ports(ports) if ports else ()
+        udp_ranges = parse_ports(udp_ports) if udp_ports else ()
         proxy = parse_port(str(proxy_port), "proxy port")
     except PortSpecError as exc:
         raise PlanError(str(exc)) from None
@@ -412,17 +581,58 @@ def build_request(
         priority=parse_number(str(priority), "rule priority"),
         families=families,
         instance=instance,
+        udp_ports=udp_ranges,
+        block_quic=block_quic,
+        backend=backend,
+        local=local,
+        exclude_uids=tuple(_uid(text) for text in exclude_uids or ()),
+        exclude_cgroups=tuple(_cgroup(text) for text in exclude_cgroups or ()),
+        proxy_mark=parse_number(str(proxy_mark), "proxy mark"),
     )
     validate_request(request)
     return request
+
+
+def _uid(text: str) -> int:
+    """A uid as a number, or a user name looked up in the password database."""
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise PlanError(f"no such user {text!r}") from None
+
+
+def cgroup2_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup/unified`` on hybrid hosts)."""
+    try:
+        with open("/proc/self/mounts") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2":
+                    return fields[1]
+    except OSError:
+        pass
+    return "/sys/fs/cgroup"
+
+
+def _cgroup(text: str) -> str:
+    """A cgroup v2 path relative to the v2 root (an absolute path under the mount is cut)."""
+    path = text.strip()
+    root = cgroup2_root()
+    if path.startswith(root + "/"):
+        path = path[len(root):]
+    return path.strip("/")
 
 
 # ---------------------------------------------------------------- JSON codec
 
 _CODEC_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Jump, SetMark, Accept, Tproxy, Chain, MangleRule, IpRule, LocalRoute,
-                UnknownRule, PortRange)
+    for cls in (Jump, SetMark, Accept, Tproxy, Reject, Return, NftTable, Chain, MangleRule,
+                IpRule, LocalRoute, UnknownRule, PortRange)
 }
 
 

@@ -13,7 +13,8 @@ return, an exception, a cancelled task, KeyboardInterrupt. After ``kill -9``
 nothing can run, so the rules stay; ``tproxy teardown`` removes them (the
 record under ``/run/tproxy`` says what they are).
 
-Option names in ``run``: ``--setup IN OUT``, ``-p/--port PORTS``,
+Option names in ``run``: ``--setup IN OUT``, ``-p/--port PORTS``, ``--udp-port``,
+``--block-quic``, ``--backend``, ``--local``, ``--exclude-uid``, ``--exclude-cgroup``,
 ``--route-mark MARK[/MASK]``, ``--route-table TABLE``,
 ``--route-priority PRIO``, ``--route-instance NAME``, ``--ipv4``, ``--ipv6``
 (``--mark`` is ``run``'s own SO_MARK option). The proxy port and address
@@ -24,15 +25,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 
 from . import installer, state
 from .cli import add_plan_arguments, request_from_args
 from .installer import RoutingError
-from .plan import DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
+from .plan import DEFAULT_PROXY_MARK, DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, make_plan
 
-__all__ = ["RoutingError", "add_run_arguments", "installed_for_run", "wants_setup"]
+log = logging.getLogger("tproxy")
+
+__all__ = ["RoutingError", "add_run_arguments", "check_for_run", "installed_for_run",
+           "prepare_run_args", "wants_setup"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +46,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="install the TPROXY routing for IN -> OUT while running "
                              "(needs --port); removed when the engine stops")
     add_plan_arguments(parser, prefix="route-")
+
+
+def prepare_run_args(args: argparse.Namespace) -> None:
+    """Before ``run`` builds its engine: ``--setup --local`` gives the proxy's sockets a mark.
+
+    The OUTPUT rules of ``--local`` skip that mark, so the proxy's own
+    upstream connections are never captured again. ``--mark`` given by the
+    user is kept (and skipped instead).
+    """
+    if wants_setup(args) and args.route_local and getattr(args, "mark", None) is None:
+        args.mark = DEFAULT_PROXY_MARK
 
 
 def wants_setup(args: argparse.Namespace) -> bool:
@@ -72,14 +88,43 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
         args.route_ipv4 = listening[4] is not None and listening[6] is None
         args.route_ipv6 = listening[6] is not None and listening[4] is None
     addresses = [a for a in listening.values() if a and a not in ("0.0.0.0", "::")]
+    if args.route_local:
+        args = argparse.Namespace(**vars(args))
+        args.route_proxy_mark = args.mark if args.mark is not None else DEFAULT_PROXY_MARK
     request = request_from_args(args, in_interface, out_interface, proxy_port, addresses)
     return make_plan(request)
+
+
+def check_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: str | None,
+                  proxy_address_v6: str | None) -> Plan:
+    """Every check ``run --setup`` can make before anything listens; returns the plan.
+
+    Bad options (ports, mark, ...), a missing interface, no privileges, or a
+    different plan installed for the instance raise ``tproxy.cli.UsageError``
+    (one line, exit 2), so ``run`` fails before it opens a socket.
+    """
+    from ..cli import UsageError
+
+    plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
+    try:
+        installer.check_host(plan.request)
+        clash = installer.conflict(plan)
+    except installer.InputError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # a backend's StepError (python-iptables cannot load, ...)
+        raise UsageError(f"cannot read the installed routing: {exc}") from None
+    if clash:
+        raise UsageError(clash + "; tproxy teardown"
+                         + ("" if plan.instance == "default" else f" --instance {plan.instance}")
+                         + " first")
+    return plan
 
 
 @contextlib.contextmanager
 def installed_for_run(args: argparse.Namespace, proxy_port: int,
                       proxy_address_v4: str | None = DEFAULT_PROXY_V4,
                       proxy_address_v6: str | None = DEFAULT_PROXY_V6,
+                      plan: Plan | None = None,
                       ) -> Iterator[Plan | None]:
     """Install ``run``'s plan for the block's duration; yields the plan (None without --setup).
 
@@ -89,14 +134,23 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
     install, having rolled back. The same plan already installed by an
     earlier ``run`` (killed with -9) is adopted and removed on exit like a
     fresh one; the same plan installed by ``tproxy setup`` is used and left
-    in place (it belongs to whoever ran setup).
+    in place (it belongs to whoever ran setup). ``plan`` is the one
+    :func:`check_for_run` returned before the listeners opened (recomputed if None).
     """
     if not wants_setup(args):
         yield None
         return
-    plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
+    if plan is None:
+        plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
     installer.check_host(plan.request)
     outcome = installer.install(plan, replace=False, owner="run")
+    request = plan.request
+    log.info("routing installed (%s backend, instance %s)", request.backend, request.instance)
+    if request.local:
+        log.info("--local: this host's own connections to the diverted ports are intercepted; "
+                 "their outgoing source is this host's own address (there is no other client "
+                 "address to keep, whatever --source says); the proxy's sockets carry mark "
+                 "%#x and are never captured again", request.proxy_mark)
     if outcome == "unchanged" and state.owner(plan.instance) == "setup":
         print(f"tproxy run: routing instance {plan.instance!r} was installed by tproxy setup; "
               "using it and leaving it in place", file=sys.stderr)

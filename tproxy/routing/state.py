@@ -80,17 +80,23 @@ def load(instance: str) -> tuple[PlanRequest, str] | None:
         return None
 
 
-def save(request: PlanRequest, status: str, owner: str = "setup") -> None:
+def save(request: PlanRequest, status: str, owner: str = "setup",
+         process: tuple[int | None, str | None] | None = None) -> None:
     """Record an instance's request atomically (write, fsync, rename).
 
     ``owner`` is ``setup`` (installed by the command, removed by ``teardown``)
     or ``run`` (installed by ``tproxy run --setup`` for its lifetime).
+    ``process`` is the owner's (pid, start time); default: this process.
     """
     path = _path(request.instance)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    from .liveness import start_time
+
+    pid, started = process or (os.getpid(), start_time(os.getpid()))
     data = {"request": request.to_json(), "status": status, "owner": owner,
-            "pid": os.getpid(), "netns_inode": os.stat("/proc/self/ns/net").st_ino}
+            "pid": pid, "pid_start": started,
+            "netns_inode": os.stat("/proc/self/ns/net").st_ino}
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()
@@ -104,6 +110,31 @@ def owner(instance: str) -> str | None:
         return str(json.loads(_path(instance).read_text()).get("owner", "setup"))
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def owner_process(instance: str) -> tuple[str, int | None, str | None] | None:
+    """(owner, pid, pid start time) from an instance's record, or None without a record."""
+    try:
+        data = json.loads(_path(instance).read_text())
+        return (str(data.get("owner", "setup")), data.get("pid"), data.get("pid_start"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_raw(instance: str) -> str | None:
+    """An instance's record as stored (to put it back with :func:`write_raw`), or None."""
+    try:
+        return _path(instance).read_text()
+    except OSError:
+        return None
+
+
+def write_raw(instance: str, text: str) -> None:
+    """Put back a record read with :func:`read_raw` (atomically)."""
+    path = _path(instance)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def forget(instance: str) -> None:

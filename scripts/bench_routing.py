@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""How long ``tproxy setup`` takes for 100 port ranges, per backend (needs root).
+
+    .venv/bin/python scripts/bench_routing.py [--ranges 100] [--runs 5]
+
+For each backend, in a fresh network namespace: install a plan with N TCP
+port ranges (IPv4 and IPv6) through the installer, as ``tproxy setup`` does,
+and tear it down again; prints the median and best of RUNS installs in ms.
+The time is the installer's own (python start-up and argument parsing are
+not counted): the ip rules and routes through pyroute2, then either one
+python-iptables transaction per chain and rule or one nftables transaction
+for the whole table (timed alone too). A measurement, not a test: nothing
+asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def inner(backend: str, ranges: int, runs: int) -> None:
+    """Runs inside the namespace: install and tear down RUNS times, print timings as JSON."""
+    sys.path.insert(0, str(ROOT))
+    from tproxy.routing import installer
+    from tproxy.routing.plan import build_request, make_plan
+
+    ports = ",".join(f"{10000 + 10 * i}-{10000 + 10 * i + 4}" for i in range(ranges))
+    plan = make_plan(build_request("in0", "out0", ports, backend=backend))
+    installs, teardowns = [], []
+    with installer._backends(None, backend) as opened:
+        for _ in range(runs):
+            start = time.perf_counter()
+            installer.install(plan, backends=opened)
+            installs.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            installer.teardown(plan.instance, backends=opened)
+            teardowns.append((time.perf_counter() - start) * 1000)
+        transactions = []
+        if backend == "nft":  # the table's one transaction alone (no rules, routes, records)
+            from tproxy.routing.nft import NftBackend
+
+            table = next(b for b in opened if isinstance(b, NftBackend))
+            for _ in range(runs):
+                start = time.perf_counter()
+                table.add(plan.items[-1])
+                transactions.append((time.perf_counter() - start) * 1000)
+            table.remove(plan.items[-1])
+    print(json.dumps({"backend": backend, "items": len(plan.items), "install_ms": installs,
+                      "teardown_ms": teardowns, "transaction_ms": transactions}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranges", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backend", action="append", choices=("iptables", "nft"),
+                        help="only this backend (repeatable; default both)")
+    parser.add_argument("--inner", choices=("iptables", "nft"))
+    args = parser.parse_args()
+    if args.inner:
+        inner(args.inner, args.ranges, args.runs)
+        return 0
+    if os.geteuid() != 0:
+        print("bench_routing: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    for backend in args.backend or ("iptables", "nft"):
+        name = f"tpx-bench-routing-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            with tempfile.TemporaryDirectory() as records:
+                script = (f"ip link set lo up && ip link add in0 type veth peer name out0 && "
+                          f"iptables-legacy -t mangle -S >/dev/null && "
+                          f"ip6tables-legacy -t mangle -S >/dev/null && "
+                          f"TPROXY_STATE_DIR={records} {sys.executable} {__file__} "
+                          f"--inner {backend} --ranges {args.ranges} --runs {args.runs}")
+                out = subprocess.run(["ip", "netns", "exec", name, "sh", "-c", script],
+                                     check=True, capture_output=True, text=True, timeout=600)
+        finally:
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        install, teardown = result["install_ms"], result["teardown_ms"]
+        print(f"setup of {args.ranges} port ranges (IPv4+IPv6), {backend:8}: "
+              f"median {statistics.median(install):8.1f} ms, best {min(install):8.1f} ms; "
+              f"teardown median {statistics.median(teardown):8.1f} ms "
+              f"({result['items']} plan items, {args.runs} runs)")
+        if result["transaction_ms"]:
+            print(f"  of which the nft table's one transaction: median "
+                  f"{statistics.median(result['transaction_ms']):.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
