@@ -9,7 +9,6 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tls_hellos import (
     alpn_ext,
     extension,
@@ -21,6 +20,7 @@ from tls_hellos import (
     sni_ext,
     versions_ext,
 )
+
 from tproxy.tls import ClientHello, NeedMore, NotTLS, parse_client_hello
 
 
