@@ -12,6 +12,7 @@ the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import socket
@@ -155,12 +156,17 @@ class Engine:
             and type(outgoing) is trio.SocketStream
         ):
             return await self._relay_in_hub(hub, incoming, outgoing, info, client_prefix, source)
+        if source is not None and info.via is None:
+            info = dataclasses.replace(info, via=source)
         record = self._open_connected(info, source)
         try:
             built: list[Interceptor] = []
             try:
                 for factory in self.factories:
-                    built.append(factory(info))
+                    # --when: only the factories that select this flow (none: passthrough)
+                    selects = getattr(factory, "selects", None)
+                    if selects is None or selects(info):
+                        built.append(factory(info))
             except Exception as exc:
                 log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
                 record.end(EndReason.ERROR, f"interceptor init: {exc!r}", now=time.monotonic())
