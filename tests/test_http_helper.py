@@ -273,7 +273,7 @@ def test_rewritten_output_does_not_depend_on_the_split(
     cuts_up: list[int], cuts_down: list[int]
 ) -> None:
     up = b"".join(REQUESTS)
-    down = b"".join(RESPONSES).replace(b"hi", b"ca").replace(b"chunk", b"catch")
+    down = b"".join(RESPONSES).replace(b"\r\nhi", b"\r\nca").replace(b"\nchunk\r", b"\ncatch\r")
     whole = Driver(Rewrite)
     whole.client(up)
     whole.server(down)
