@@ -278,26 +278,36 @@ class _Reader:
         return raw
 
 
+_FRAMING = {b"transfer-encoding", b"content-length", b"connection", b"upgrade"}
+
+
 def _parse_head(raw: bytes, side: str, request: Request | None) -> _Head:
     """Parse a head (without its final blank line) and decide how its body is framed."""
     lines = raw.split(b"\r\n")
-    start, header_lines = lines[0], lines[1:]
+    start = lines[0]
     headers: Headers = []
-    for line in header_lines:
+    framing: dict[bytes, list[bytes]] = {}
+    token = _TOKEN.fullmatch
+    for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
+        if not colon or not token(name):
             raise HttpError(f"bad header line {line[:40]!r}")
-        headers.append((name, value.strip(b" \t")))
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        low = name.lower()
+        if low in _FRAMING:
+            framing.setdefault(low, []).extend(
+                v.strip().lower() for v in value.split(b",") if v.strip()
+            )
     message: Request | Response
     if side == "client":
         match = _REQUEST_LINE.fullmatch(start)
         if match is None:
             raise HttpError(f"bad request line {start[:60]!r}")
+        method, target, version = match.groups()
         message = Request(
-            method=match.group(1).decode("latin-1"),
-            target=match.group(2).decode("latin-1"),
-            version=match.group(3).decode("latin-1"),
-            headers=headers,
+            method=method.decode("latin-1"), target=target.decode("latin-1"),
+            version=version.decode("latin-1"), headers=headers,
         )
     else:
         match = _STATUS_LINE.fullmatch(start)
@@ -309,9 +319,9 @@ def _parse_head(raw: bytes, side: str, request: Request | None) -> _Head:
             reason=(match.group(3) or b"").decode("latin-1"),
             headers=headers,
         )
-    encodings = [e.lower() for e in message.header_values("transfer-encoding")]
-    lengths = {v.strip() for v in message.header_values("content-length")}
-    chunked = bool(encodings) and encodings[-1] == "chunked"
+    encodings = framing.get(b"transfer-encoding", [])
+    lengths = set(framing.get(b"content-length", []))
+    chunked = bool(encodings) and encodings[-1] == b"chunked"
     content_length = None
     if encodings and lengths:
         raise HttpError("both Transfer-Encoding and Content-Length")
@@ -319,11 +329,11 @@ def _parse_head(raw: bytes, side: str, request: Request | None) -> _Head:
         if len(lengths) > 1 or not all(v.isdigit() for v in lengths):
             raise HttpError(f"bad Content-Length {sorted(lengths)}")
         content_length = int(lengths.pop())
-    upgrade = "upgrade" in [c.lower() for c in message.header_values("connection")]
+    upgrade = b"upgrade" in framing.get(b"connection", [])
     if isinstance(message, Request):
         if encodings and not chunked:
             raise HttpError("request body with a Transfer-Encoding other than chunked")
-        tunnel = message.method == "CONNECT" or (upgrade and message.header("upgrade") is not None)
+        tunnel = message.method == "CONNECT" or (upgrade and b"upgrade" in framing)
         return _Head(message, len(raw) + 4, chunked, content_length, False, False, tunnel)
     status = message.status
     assert request is not None
