@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 
@@ -189,7 +190,9 @@ async def relay_once(engine: Engine, dst_port: int) -> bytes:
         await front.aclose()
         outgoing = await trio.open_tcp_stream("127.0.0.1", port)
         info = engine.new_flow(("127.0.0.1", 1), ("127.0.0.1", dst_port), "forward")
-        nursery.start_soon(engine.relay, incoming, outgoing, info)
+        source = outgoing.socket.getsockname()[:2]
+        nursery.start_soon(functools.partial(engine.relay, source=source),
+                           incoming, outgoing, info)
         await client.send_all(b"hello")
         await client.send_eof()
         with trio.fail_after(10):
@@ -209,3 +212,32 @@ async def test_engine_builds_only_the_selected_interceptors() -> None:
     assert await relay_once(engine, 80) == b"hello-web"
     assert await relay_once(engine, 6379) == b"hello-redis"
     assert await relay_once(engine, 22) == b"hello"  # no interceptor: passthrough
+
+
+def test_tproxy_run_warns_about_block_host_on_transparent_listeners() -> None:
+    import socket
+
+    with socket.socket() as taken:  # a port in use: tproxy exits 2 after its start-up checks
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "tproxy", "run", "--mode", f"transparent@127.0.0.1:{port}",
+                "-i", "block", "-o", "host=ads\\.example",
+                "-i", "label", "--when", "sni=x", "--when", "mode=socks"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "block host= never matches on transparent listeners" in done.stderr
+    assert "sni= never matches" in done.stderr
+    assert "no listener has mode socks" in done.stderr
+
+
+class Via(Interceptor):
+    def client_data(self, data: bytes) -> bytes:
+        assert self.flow.via is not None and self.flow.started > 0
+        return data + f"|{self.flow.via[0]}".encode()
+
+
+@pytest.mark.trio
+async def test_flow_via_and_started_reach_the_interceptor() -> None:
+    engine = Engine(EngineConfig(), load_all([(f"{__name__}:Via", {})]))
+    assert await relay_once(engine, 80) == b"hello|127.0.0.1"

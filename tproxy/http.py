@@ -525,14 +525,9 @@ class HttpInterceptor(Interceptor):
             return
         before = message._snapshot()
         if isinstance(message, Request):
-            result = self.request(message)
-            if result is not None:
-                message = result
+            message = self.request(message) or message
         else:
-            request = self._pending[0]
-            result = self.response(request, message)
-            if result is not None:
-                message = result
+            message = self.response(self._pending[0], message) or message
         if message._snapshot() == before:
             out.append(raw)
         else:
