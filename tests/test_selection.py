@@ -241,3 +241,18 @@ class Via(Interceptor):
 async def test_flow_via_and_started_reach_the_interceptor() -> None:
     engine = Engine(EngineConfig(), load_all([(f"{__name__}:Via", {})]))
     assert await relay_once(engine, 80) == b"hello|127.0.0.1"
+
+
+def test_wants_client_hello_only_when_an_sni_could_change_the_answer() -> None:
+    sel = parse_selection(["port=443,sni=(.*\\.)?blocked\\.test"])
+    assert sel.wants_client_hello(flow(("1.2.3.4", 443)))
+    assert not sel.wants_client_hello(flow(("1.2.3.4", 80)))  # port decides: no peek
+    assert not sel.wants_client_hello(flow(("1.2.3.4", 443), sni="x.test"))  # already known
+    host = parse_selection(["host=a\\.test"])
+    assert host.wants_client_hello(flow(("1.2.3.4", 443)))
+    assert not host.wants_client_hello(flow(("a.test", 443), mode="socks"))  # the name decides
+    both = parse_selection(["port=80", "sni=a\\.test"])
+    assert not both.wants_client_hello(flow(("1.2.3.4", 80)))  # selected anyway
+    assert not parse_selection(["port=80"]).wants_client_hello(flow(("1.2.3.4", 443)))
+    factory = load_interceptor("label", {}, ["sni=a\\.test"])
+    assert factory.wants_client_hello(flow())

@@ -80,6 +80,10 @@ class InterceptorFactory:
         """Whether the flow ``info`` gets this interceptor (decided once, at its start)."""
         return self.selection.matches(info)
 
+    def wants_client_hello(self, info: FlowInfo) -> bool:
+        """Whether ``info.sni`` (a peeked ClientHello) could change :meth:`selects`."""
+        return self.selection.wants_client_hello(info)
+
     @property
     def name(self) -> str:
         """A short name for logs: the spec as given (``replace``, ``mymod:Tarpit``)."""

@@ -74,6 +74,15 @@ class Condition:
         """Whether this condition reads the TLS server name (``sni=`` or ``host=``)."""
         return self.sni is not None or self.host is not None
 
+    def could_match_with_sni(self, info: FlowInfo) -> bool:
+        """Whether a ClientHello could make this condition hold for ``info``: its other
+        terms hold, and it reads an SNI that ``info`` does not have yet."""
+        if not self.needs_sni or _sni(info) is not None:
+            return False
+        if self.host is not None and requested_host(info) is not None:
+            return False  # the host term is decided by the requested name
+        return Condition(self.text, self.dst, self.port, self.client, self.mode).matches(info)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -93,6 +102,14 @@ class Selection:
     def needs_sni(self) -> bool:
         """Whether some condition needs the client's ClientHello to decide."""
         return any(c.needs_sni for c in self.conditions)
+
+    def wants_client_hello(self, info: FlowInfo) -> bool:
+        """Whether peeking the ClientHello of this flow could change the answer: it is
+        not selected yet, and some condition would hold given a matching SNI. The
+        engine peeks only then (cheap terms like ``port=`` decide most flows)."""
+        if self.matches(info):
+            return False
+        return any(c.could_match_with_sni(info) for c in self.conditions)
 
     def __str__(self) -> str:
         return " OR ".join(c.text for c in self.conditions) or "every flow"
