@@ -34,11 +34,15 @@ class KeyPrefix(FramedInterceptor):
         if buffer[start : start + 1] != b"*":  # an inline command: one line
             found = _line(buffer, start)
             return None if found is None else found[1] - start
-        parsed = _bulk_strings(buffer, start)
+        try:
+            parsed = _bulk_strings(buffer, start)
+        except ValueError:  # not RESP after all: hand the rest of the flow over untouched
+            self.passthrough()
+            return len(buffer) - start
         return None if parsed is None else parsed[1] - start
 
     def client_frame(self, frame: bytes) -> bytes:
-        if not frame.startswith(b"*"):
+        if self.is_passthrough or not frame.startswith(b"*"):
             return frame
         args = _bulk_strings(frame, 0)[0]  # type: ignore[index]
         if len(args) < 2 or args[0].upper() not in SINGLE_KEY:

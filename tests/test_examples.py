@@ -82,3 +82,11 @@ def test_sni_block_passes_other_names_and_non_tls() -> None:
     d = Driver(cls, host="blocked")
     d.client(b"GET / HTTP/1.1\r\n\r\n")
     assert d.to_server == b"GET / HTTP/1.1\r\n\r\n" and d.passthrough
+
+
+def test_resp_key_prefix_hands_over_what_is_not_resp() -> None:
+    d = Driver(example("resp.py:KeyPrefix"), prefix="t1:")
+    d.client(resp(b"GET", b"k") + b"*x\r\n$3\r\nabc\r\n")
+    d.client(b"more")
+    assert d.to_server == resp(b"GET", b"t1:k") + b"*x\r\n$3\r\nabc\r\nmore"
+    assert d.passthrough and d.error is None
