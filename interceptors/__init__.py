@@ -1,7 +1,11 @@
 """Built-in interceptors of tproxy, usable by name with ``tproxy run -i NAME``.
 
+This folder installs as the package ``tproxy.interceptors`` (``package-dir`` in
+pyproject.toml), so it never takes the generic top-level name ``interceptors``
+that a user's own package may have.
+
 Each lives in its own module and is an ordinary
-:class:`tproxy.Interceptor` subclass, so ``-i interceptors.label:Label`` works
+:class:`tproxy.Interceptor` subclass, so ``-i tproxy.interceptors.label:Label`` works
 as well as ``-i label``. :data:`BUILTINS` maps the short names to those specs;
 :mod:`tproxy.loading` resolves them.
 """
@@ -9,17 +13,17 @@ as well as ``-i label``. :data:`BUILTINS` maps the short names to those specs;
 from __future__ import annotations
 
 BUILTINS: dict[str, str] = {
-    "label": "interceptors.label:Label",
-    "hexdump": "interceptors.hexdump:Hexdump",
-    "replace": "interceptors.replace:Replace",
-    "block": "interceptors.block:Block",
-    "latency": "interceptors.latency:Latency",
-    "bandwidth": "interceptors.bandwidth:Bandwidth",
-    "slicer": "interceptors.slicer:Slicer",
-    "limit": "interceptors.limit:Limit",
-    "reset": "interceptors.reset:Reset",
-    "blackhole": "interceptors.blackhole:Blackhole",
-    "slow-close": "interceptors.slow_close:SlowClose",
+    "label": "tproxy.interceptors.label:Label",
+    "hexdump": "tproxy.interceptors.hexdump:Hexdump",
+    "replace": "tproxy.interceptors.replace:Replace",
+    "block": "tproxy.interceptors.block:Block",
+    "latency": "tproxy.interceptors.latency:Latency",
+    "bandwidth": "tproxy.interceptors.bandwidth:Bandwidth",
+    "slicer": "tproxy.interceptors.slicer:Slicer",
+    "limit": "tproxy.interceptors.limit:Limit",
+    "reset": "tproxy.interceptors.reset:Reset",
+    "blackhole": "tproxy.interceptors.blackhole:Blackhole",
+    "slow-close": "tproxy.interceptors.slow_close:SlowClose",
 }
 """Built-in name -> ``module:Class`` spec."""
 

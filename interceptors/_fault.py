@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor, OptionError
+from tproxy.options import CLIENT, SERVER, normalize, parse_direction
 from tproxy.timers import TimerHandle
-
-from ._options import CLIENT, SERVER, normalize, parse_direction
 
 COMMON = frozenset({"direction", "toxicity", "seed"})
 """The option keys every fault accepts."""

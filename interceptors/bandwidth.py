@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo
+from tproxy.options import CLIENT, SERVER
 
 from ._fault import Common, Fault, Lane, parse_common, parse_rate, parse_size, require_one
-from ._options import CLIENT, SERVER
 
 NAME = "bandwidth"
 MAX_SLICE = 64 * 1024

@@ -17,54 +17,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo, format_address
 from tproxy.interceptor import Interceptor, OptionError
-
-from ._options import compile_regex, decode_escapes, normalize, parse_int
+from tproxy.options import (
+    compile_regex,
+    decode_escapes,
+    normalize,
+    parse_cidrs,
+    parse_int,
+    parse_ports,
+)
 
 NAME = "block"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_ports(text: str) -> tuple[tuple[int, int], ...]:
-    """``"22,80,8000-8100"`` -> ``((22, 22), (80, 80), (8000, 8100))``."""
-    ranges = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low_s, dash, high_s = part.partition("-")
-        try:
-            low = int(low_s, 10)
-            high = int(high_s, 10) if dash else low
-        except ValueError:
-            raise OptionError(f"{NAME}: port: {part!r} is not a port or PORT-PORT range") from None
-        if not (0 <= low <= high <= 65535):
-            raise OptionError(f"{NAME}: port: {part!r} is not a valid port range (0-65535)")
-        ranges.append((low, high))
-    if not ranges:
-        raise OptionError(f"{NAME}: port is empty")
-    return tuple(ranges)
-
-
-def parse_cidrs(text: str) -> tuple[Network, ...]:
-    """``"10.0.0.0/8, 2001:db8::/32, 192.0.2.7"`` -> networks (a bare address is /32 or /128)."""
-    networks = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(part, strict=False))
-        except ValueError as exc:
-            raise OptionError(f"{NAME}: cidr: {exc}") from None
-    if not networks:
-        raise OptionError(f"{NAME}: cidr is empty")
-    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -124,8 +93,8 @@ class Block(Interceptor):
         if "first-bytes" in opts and "pattern" not in opts:
             raise OptionError(f"{NAME}: first-bytes only applies to pattern=")
         return BlockOptions(
-            cidrs=parse_cidrs(opts["cidr"]) if "cidr" in opts else (),
-            ports=parse_ports(opts["port"]) if "port" in opts else (),
+            cidrs=parse_cidrs(NAME, "cidr", opts["cidr"]) if "cidr" in opts else (),
+            ports=parse_ports(NAME, "port", opts["port"]) if "port" in opts else (),
             host=host,
             pattern=compile_regex(NAME, "pattern", opts["pattern"]) if "pattern" in opts else None,
             first_bytes=(
@@ -134,6 +103,16 @@ class Block(Interceptor):
             ),
             reply=decode_escapes(NAME, "reply", opts["reply"]) if "reply" in opts else b"",
         )
+
+    @classmethod
+    def unmatchable(cls, options: BlockOptions, modes: Iterable[str]) -> list[str]:
+        """Start-up warnings: ``host=`` never matches where listeners see only addresses."""
+        if options.host is not None and set(modes) <= {"transparent"}:
+            return [
+                "block host= never matches on transparent listeners: they see "
+                "addresses, not names (use cidr=, or an explicit --mode socks/http)"
+            ]
+        return []
 
     def __init__(self, flow: FlowInfo, options: BlockOptions) -> None:
         super().__init__(flow, options)

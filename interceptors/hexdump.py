@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from tproxy.flow import FlowInfo, format_address
 from tproxy.interceptor import Interceptor
-
-from ._options import CLIENT, SERVER, normalize, parse_direction, parse_int
+from tproxy.options import CLIENT, SERVER, normalize, parse_direction, parse_int
 
 logger = logging.getLogger("tproxy.hexdump")
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor
-
-from ._options import CLIENT, SERVER, decode_escapes, normalize, parse_choice, parse_direction
+from tproxy.options import CLIENT, SERVER, decode_escapes, normalize, parse_choice, parse_direction
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import OptionError
+from tproxy.options import CLIENT, SERVER
 
 from ._fault import Common, Fault, Lane, parse_common, parse_ms, parse_size, require_one
-from ._options import CLIENT, SERVER
 
 NAME = "latency"
 

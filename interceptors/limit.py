@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo
+from tproxy.options import CLIENT, SERVER
 
 from ._fault import Common, Fault, parse_common, parse_size, require_one
-from ._options import CLIENT, SERVER
 
 NAME = "limit"
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor, OptionError
-
-from ._options import (
+from tproxy.options import (
     CLIENT,
     SERVER,
     compile_regex,

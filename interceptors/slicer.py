@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import OptionError
+from tproxy.options import CLIENT, SERVER, parse_int
 
 from ._fault import Common, Fault, Lane, parse_common, parse_ms, parse_size
-from ._options import CLIENT, SERVER, parse_int
 
 NAME = "slicer"
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tproxy.options import CLIENT, SERVER
+
 from ._fault import Common, Fault, parse_common, parse_ms, require_one
-from ._options import CLIENT, SERVER
 
 NAME = "slow-close"
 

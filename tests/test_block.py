@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from interceptors.block import Block
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import AbortFlow, Chain, OptionError
+from tproxy.interceptors.block import Block
 from tproxy.testing import Driver
 
 

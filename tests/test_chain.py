@@ -134,7 +134,7 @@ def test_no_data_hook_runs_before_its_own_start() -> None:
 
 
 def test_start_abort_after_an_earlier_banner() -> None:
-    from interceptors.block import Block
+    from tproxy.interceptors.block import Block
 
     block = Block(FLOW, Block.parse_options({"port": "80", "reply": "denied"}))
     chain = Chain([Banner(FLOW), block])

@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from interceptors._options import encode_escapes
-from interceptors.block import Block
-from interceptors.hexdump import Hexdump
-from interceptors.label import Label
-from interceptors.replace import Replace
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor
+from tproxy.interceptors.block import Block
+from tproxy.interceptors.hexdump import Hexdump
+from tproxy.interceptors.label import Label
+from tproxy.interceptors.replace import Replace
+from tproxy.options import encode_escapes
 from tproxy.testing import Driver
 
 Event = tuple[str, bytes]

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from interceptors.bandwidth import Bandwidth
-from interceptors.blackhole import Blackhole
-from interceptors.latency import Latency
-from interceptors.limit import Limit
-from interceptors.reset import Reset
-from interceptors.slicer import Slicer
-from interceptors.slow_close import SlowClose
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor, OptionError, Output
+from tproxy.interceptors.bandwidth import Bandwidth
+from tproxy.interceptors.blackhole import Blackhole
+from tproxy.interceptors.latency import Latency
+from tproxy.interceptors.limit import Limit
+from tproxy.interceptors.reset import Reset
+from tproxy.interceptors.slicer import Slicer
+from tproxy.interceptors.slow_close import SlowClose
 from tproxy.loading import load_interceptor
 from tproxy.testing import Driver
 

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from interceptors.hexdump import Hexdump, hexdump
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import OptionError
+from tproxy.interceptors.hexdump import Hexdump, hexdump
 from tproxy.testing import Driver
 
 

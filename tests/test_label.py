@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from interceptors.label import Label
 from tproxy.interceptor import OptionError
+from tproxy.interceptors.label import Label
 from tproxy.testing import Driver
 
 

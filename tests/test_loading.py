@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -10,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from interceptors.label import Label, LabelOptions
-from interceptors.replace import Replace
 from tproxy.cli import ArgumentParser, UsageError
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor
+from tproxy.interceptors.label import Label, LabelOptions
+from tproxy.interceptors.replace import Replace
 from tproxy.loading import (
     InterceptorFactory,
     LoadError,
@@ -96,9 +98,9 @@ def test_load_error_is_a_value_error_and_a_usage_error() -> None:
 
 
 def test_module_spec() -> None:
-    factory = load_interceptor("interceptors.replace:Replace", {"old": "a", "new": "b"})
+    factory = load_interceptor("tproxy.interceptors.replace:Replace", {"old": "a", "new": "b"})
     assert factory.cls is Replace
-    assert factory.name == "interceptors.replace:Replace"
+    assert factory.name == "tproxy.interceptors.replace:Replace"
 
 
 @pytest.fixture
@@ -325,3 +327,71 @@ def test_plain_argparse_parser_works_too() -> None:
     p = argparse.ArgumentParser()
     add_interceptor_arguments(p)
     assert p.parse_args(["-i", "x", "-o", "k=v"]).interceptors == [("x", {"k": "v"})]
+
+
+# -- packaging and file specs ----------------------------------------------------
+
+
+def test_builtins_live_under_tproxy_namespace() -> None:
+    import tproxy.interceptors
+
+    assert tproxy.interceptors.BUILTINS["block"] == "tproxy.interceptors.block:Block"
+    assert load_interceptor("block", {"port": "22"}).cls.__module__ == "tproxy.interceptors.block"
+
+
+def test_a_users_own_interceptors_package_does_not_break_tproxy(tmp_path: Path) -> None:
+    package = tmp_path / "interceptors"
+    package.mkdir()
+    (package / "__init__.py").write_text("MINE = True\n")
+    (package / "mine.py").write_text(
+        "from tproxy import Interceptor\n\nclass Mine(Interceptor):\n    pass\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for argv in (["--help"], ["run", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "tproxy", *argv], capture_output=True, text=True,
+            timeout=30, env=env, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage" in done.stdout
+    check = (
+        "from tproxy.loading import load_all; "
+        "print([f.cls.__module__ for f in load_all([('interceptors.mine:Mine', {}), "
+        "('block', {'port': '1'})])])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=30, env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['interceptors.mine', 'tproxy.interceptors.block']"
+
+
+def test_file_spec_imports_a_module_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "sibling_helpers_xyz.py").write_text("SUFFIX = b'!'\n")
+    (tmp_path / "shout.py").write_text(
+        "from tproxy import Interceptor\n"
+        "from sibling_helpers_xyz import SUFFIX\n\n"
+        "class Shout(Interceptor):\n"
+        "    def client_data(self, data):\n"
+        "        return data + SUFFIX\n"
+    )
+    before = list(sys.path)
+    factory = load_interceptor(f"{tmp_path / 'shout.py'}:Shout")
+    assert factory(flow()).client_data(b"hi") == b"hi!"
+    assert sys.path == before  # the folder was on sys.path only while loading
+    sys.modules.pop("sibling_helpers_xyz", None)
+
+
+def test_user_interceptor_options_arrive_with_normalised_keys(tmp_path: Path) -> None:
+    (tmp_path / "keys.py").write_text(
+        "from tproxy import Interceptor\n\n"
+        "class Keys(Interceptor):\n"
+        "    @classmethod\n"
+        "    def parse_options(cls, options):\n"
+        "        return dict(options)\n"
+    )
+    specs = parse_interceptor_args(
+        ["-i", f"{tmp_path / 'keys.py'}:Keys", "-o", "max-bytes=1", "-o", r"y=\n"]
+    )
+    assert load_all(specs)[0].options == {"max_bytes": "1", "y": r"\n"}

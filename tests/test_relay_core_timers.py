@@ -6,13 +6,13 @@ Events in, actions out, as in tests/test_relay_core.py, with real interceptors
 
 from __future__ import annotations
 
-from interceptors.blackhole import Blackhole
-from interceptors.latency import Latency
-from interceptors.limit import Limit
-from interceptors.slow_close import SlowClose
 from tproxy import Interceptor
 from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.interceptor import Chain
+from tproxy.interceptors.blackhole import Blackhole
+from tproxy.interceptors.latency import Latency
+from tproxy.interceptors.limit import Limit
+from tproxy.interceptors.slow_close import SlowClose
 from tproxy.relay.core import CLIENT, SERVER, End, FlowCore, Send, ShutdownWrite
 from tproxy.timers import relay_drives_timers
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from interceptors.replace import Replace
 from tproxy.interceptor import OptionError
+from tproxy.interceptors.replace import Replace
 from tproxy.testing import Driver
 
 

@@ -16,6 +16,7 @@ interceptor never ends the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import socket
@@ -188,6 +189,8 @@ class Engine:
         must be forwarded first. ``source`` is the outgoing flow's local
         address, for the open log line.
         """
+        if source is not None and info.via is None:
+            info = dataclasses.replace(info, via=source)
         hub = self.hub
         if (
             hub is not None

@@ -9,6 +9,7 @@ plain data so interceptors can be built and tested without sockets.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -60,6 +61,14 @@ class FlowInfo:
     client: Address
     destination: Address
     mode: str = "transparent"
+    sni: str | None = None
+    """The TLS server name of the client's ClientHello, when the engine peeked it."""
+    alpn: tuple[str, ...] | None = None
+    """The ALPN protocols the client offered in that ClientHello (``None``: not peeked)."""
+    via: Address | None = None
+    """The outgoing flow's local address (the client's own in transparent mode), once known."""
+    started: float = field(default_factory=time.time, compare=False)
+    """Wall-clock time (``time.time()``) when the flow was accepted."""
 
     @classmethod
     def example(

@@ -3,10 +3,12 @@
 A SPEC is one of:
 
 - a built-in name: ``label``, ``hexdump``, ``replace``, ``block`` (see
-  :data:`interceptors.BUILTINS`);
+  :data:`tproxy.interceptors.BUILTINS`; the top-level ``interceptors/`` folder
+  of the source tree, installed as ``tproxy.interceptors``);
 - ``package.module:Name`` (importable from ``sys.path``);
 - ``path/to/file.py:Name`` (a file; told apart by the ``.py`` ending or a
-  path separator);
+  path separator); its folder is first on ``sys.path`` while it is loaded, so
+  it can import a module beside it;
 - a name registered by an installed distribution in the entry-point group
   ``tproxy.interceptors``, e.g. in its ``pyproject.toml``::
 
@@ -17,6 +19,11 @@ Built-in names win over entry points of the same name, so installing a
 package can never silently change what ``-i block`` does; the third-party
 class stays reachable as ``-i mypkg.tarpit:Tarpit``.
 
+Option keys are spelled with ``_`` before ``parse_options`` sees them
+(:func:`tproxy.options.normalize_keys`: ``-o max-bytes=1`` arrives as
+``max_bytes``). ``--when EXPR`` after an ``-i`` limits it to the flows that
+match (:mod:`tproxy.selection`); :meth:`InterceptorFactory.selects` decides.
+
 Everything is loaded and every option checked (``parse_options``) before the
 proxy listens: any problem is a :class:`LoadError` with one line, which the
 ``tproxy`` command prints before exiting with code 2.
@@ -25,6 +32,7 @@ proxy listens: any problem is a :class:`LoadError` with one line, which the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -37,15 +45,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import selection as _selection
 from .errors import UsageError
 from .flow import FlowInfo
 from .interceptor import Interceptor, OptionError
+from .options import normalize_keys
+from .selection import Selection, SelectionError
 
 ENTRY_POINT_GROUP = "tproxy.interceptors"
 """The entry-point group third-party packages register interceptors in."""
 
-InterceptorSpec = tuple[str, dict[str, str]]
-"""One ``-i SPEC`` with the options of the ``-o KEY=VALUE`` that followed it."""
+InterceptorSpec = tuple[str, dict[str, str]] | tuple[str, dict[str, str], tuple[str, ...]]
+"""One ``-i SPEC`` with the options of the ``-o KEY=VALUE`` that followed it, and the
+``--when`` expressions given for it (the third item, only when there are any)."""
 
 
 class LoadError(UsageError, ValueError):
@@ -61,6 +73,16 @@ class InterceptorFactory:
     """What ``cls.parse_options`` returned; each instance sees it as ``self.options``."""
     spec: str
     """The spec as given on the command line."""
+    selection: Selection = field(default_factory=Selection, compare=False)
+    """Which flows get this interceptor (``--when``, else the class's ``when``)."""
+
+    def selects(self, info: FlowInfo) -> bool:
+        """Whether the flow ``info`` gets this interceptor (decided once, at its start)."""
+        return self.selection.matches(info)
+
+    def wants_client_hello(self, info: FlowInfo) -> bool:
+        """Whether ``info.sni`` (a peeked ClientHello) could change :meth:`selects`."""
+        return self.selection.wants_client_hello(info)
 
     @property
     def name(self) -> str:
@@ -71,20 +93,34 @@ class InterceptorFactory:
         """Make the interceptor of one flow pair."""
         return self.cls(flow, self.options)
 
-    def selects(self, info: FlowInfo) -> bool:
-        """Whether this interceptor watches the flow ``info`` (every flow, by default).
-
-        The engine asks once per flow, when its chain is built; a flow that
-        no interceptor selects is relayed as passthrough (spliced).
-        """
-        return True
-
 
 def builtin_names() -> dict[str, str]:
     """Built-in interceptor names -> ``module:Class`` specs."""
-    from interceptors import BUILTINS
+    return dict(_builtin_package().BUILTINS)
 
-    return dict(BUILTINS)
+
+def _builtin_package() -> ModuleType:
+    """``tproxy.interceptors``: installed (package-dir), or, in a source tree that was
+    never installed, the ``interceptors/`` folder beside ``tproxy/`` under that name."""
+    name = "tproxy.interceptors"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+    folder = Path(__file__).resolve().parent.parent / "interceptors"
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise LoadError(f"the built-in interceptors are missing ({folder})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    import tproxy
+
+    tproxy.interceptors = module  # type: ignore[attr-defined]
+    return module
 
 
 def resolve(spec: str) -> type[Interceptor]:
@@ -124,11 +160,21 @@ def resolve(spec: str) -> type[Interceptor]:
     )
 
 
-def load_interceptor(spec: str, options: Mapping[str, str] | None = None) -> InterceptorFactory:
-    """Load ``spec`` and check ``options`` with its ``parse_options``."""
+def load_interceptor(
+    spec: str, options: Mapping[str, str] | None = None, when: Sequence[str] = ()
+) -> InterceptorFactory:
+    """Load ``spec``, check ``options`` with its ``parse_options`` and parse its selection.
+
+    ``when`` holds ``--when`` expressions (OR); none keeps the class's ``when``
+    attribute, if it has one, else every flow is selected.
+    """
     cls = resolve(spec)
     try:
-        parsed = cls.parse_options(dict(options or {}))
+        selection = _selection.parse_selection(when or _selection.class_default(cls))
+    except SelectionError as exc:
+        raise LoadError(f"interceptor {spec!r}: {exc}") from exc
+    try:
+        parsed = cls.parse_options(normalize_keys(options or {}))
     except OptionError as exc:
         message = _one_line(exc)
         short = spec.strip()
@@ -139,12 +185,41 @@ def load_interceptor(spec: str, options: Mapping[str, str] | None = None) -> Int
         raise LoadError(
             f"interceptor {spec!r}: parse_options raised {_one_line(exc)}"
         ) from exc
-    return InterceptorFactory(cls=cls, options=parsed, spec=spec.strip())
+    return InterceptorFactory(cls=cls, options=parsed, spec=spec.strip(), selection=selection)
 
 
-def load_all(specs: Iterable[tuple[str, Mapping[str, str]]]) -> list[InterceptorFactory]:
-    """Load every ``(spec, options)`` in order; the first problem raises :class:`LoadError`."""
-    return [load_interceptor(spec, options) for spec, options in specs]
+def load_all(specs: Iterable[Sequence[Any]]) -> list[InterceptorFactory]:
+    """Load every ``(spec, options)`` or ``(spec, options, when)`` in order; the first
+    problem raises :class:`LoadError`."""
+    return [load_interceptor(*entry) for entry in specs]
+
+
+def selection_warnings(
+    factories: Iterable[InterceptorFactory], modes: Iterable[str], *, sni_available: bool = False
+) -> list[str]:
+    """Start-up warnings: selection terms, or options (an interceptor class's own
+    ``unmatchable(options, modes)``), that can never match with these listener modes."""
+    modes = list(modes)
+    lines = []
+    for factory in factories:
+        for problem in _selection.unmatchable(
+            factory.selection, modes, sni_available=sni_available
+        ):
+            lines.append(f"interceptor {factory.spec!r}: {problem}")
+        own = getattr(factory.cls, "unmatchable", None)
+        if callable(own):
+            for problem in own(factory.options, modes):
+                lines.append(f"interceptor {factory.spec!r}: {problem}")
+    return lines
+
+
+def warn_unmatchable(factories: Iterable[InterceptorFactory], specs: Iterable[Any]) -> None:
+    """Log :func:`selection_warnings` for the listeners ``specs`` (``ModeSpec``s)."""
+    import logging
+
+    log = logging.getLogger("tproxy")
+    for line in selection_warnings(factories, [spec.kind for spec in specs]):
+        log.warning("%s", line)
 
 
 # -- command line ----------------------------------------------------------
@@ -188,10 +263,37 @@ class OptionAction(argparse.Action):
         key = key.strip()
         if not eq or not key:
             raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}")
-        spec, options = specs[-1]
-        if key in options:
+        spec, options, *rest = specs[-1]
+        same = [k for k in options if k.replace("-", "_") == key.replace("-", "_")]
+        if same:
             raise argparse.ArgumentError(self, f"option {key!r} given twice for -i {spec}")
-        specs[-1] = (spec, {**options, key: value})
+        specs[-1] = (spec, {**options, key: value}, *rest)  # type: ignore[assignment]
+        setattr(namespace, self.dest, specs)
+
+
+class WhenAction(argparse.Action):
+    """``--when EXPR``: limit the most recent ``-i`` to matching flows (repeat = OR)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, str)
+        specs: list[InterceptorSpec] = list(getattr(namespace, self.dest, None) or [])
+        if not specs:
+            raise argparse.ArgumentError(
+                self, f"{values!r} comes before any -i SPEC (--when follows its interceptor)"
+            )
+        try:
+            _selection.parse_condition(values)
+        except SelectionError as exc:
+            parser.error(str(exc))
+        spec, options, *rest = specs[-1]
+        whens: tuple[str, ...] = rest[0] if rest else ()
+        specs[-1] = (spec, options, (*whens, values.strip()))
         setattr(namespace, self.dest, specs)
 
 
@@ -211,7 +313,14 @@ def add_interceptor_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "-o", "--option", dest="interceptors", metavar="KEY=VALUE", action=OptionAction,
-        help="an option of the preceding -i (repeatable)",
+        help="an option of the preceding -i (repeatable; max-bytes and max_bytes are one key)",
+    )
+    group.add_argument(
+        "--when", dest="interceptors", metavar="EXPR", action=WhenAction,
+        help="limit the preceding -i to flows matching EXPR: comma-separated KEY=VALUE terms "
+        "that must all hold, keys dst=CIDR[;CIDR], port=PORTS (80;8000-8100), "
+        "client=CIDR[;CIDR], mode=transparent|forward|socks|http, host=REGEX, sni=REGEX; "
+        "repeat --when for OR. A flow no interceptor selects is relayed untouched",
     )
 
 
@@ -272,6 +381,8 @@ def _load_file(spec: str, filename: str) -> ModuleType:
         raise LoadError(f"interceptor {spec!r}: cannot import {filename} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up here
+    folder = str(path.parent)
+    sys.path.insert(0, folder)  # so the file can import a module beside it
     try:
         module_spec.loader.exec_module(module)
     except BaseException as exc:
@@ -282,6 +393,9 @@ def _load_file(spec: str, filename: str) -> ModuleType:
             f"interceptor {spec!r}: running {filename} raised "
             f"{type(exc).__name__}: {_one_line(exc)}"
         ) from exc
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
     _file_modules[path] = module
     return module
 

@@ -128,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     specs = args.mode or default_modes()
     explicit.check_unused(args, specs)
+    loading.warn_unmatchable(factories, specs)
     routing = routing_for(args, specs)
     if workers.wants_supervisor(args):
         # N processes, each with its own listeners (SO_REUSEPORT); the routing is

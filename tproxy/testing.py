@@ -1,7 +1,7 @@
 """Drive interceptors with bytes: no sockets, no event loop.
 
     >>> from tproxy.testing import Driver
-    >>> from interceptors.replace import Replace
+    >>> from tproxy.interceptors.replace import Replace
     >>> d = Driver(Replace, old="cat", new="dog", direction="server")
     >>> d.server(b"a c"); d.server(b"at"); d.server_eof()
     >>> d.to_client
@@ -19,16 +19,18 @@ from typing import Any
 
 from .flow import FlowInfo
 from .interceptor import AbortFlow, Chain, Interceptor, InterceptorError, Output
+from .options import normalize_keys
 from .timers import ThreadJob
 
-InterceptorLike = type[Interceptor] | Interceptor | tuple[type[Interceptor], Mapping[str, str]]
+InterceptorLike = type[Interceptor] | Interceptor | tuple[type[Interceptor], Mapping[str, Any]]
 
 
 class Driver:
     """A fake engine around one chain of interceptors.
 
     ``Driver(A)`` builds ``A`` with no options; ``Driver(A, key="v")`` passes
-    string options through ``A.parse_options`` as the command line would;
+    options through ``A.parse_options`` exactly as the command line would
+    (keys spelled with ``_``, values as strings: ``max_bytes=1`` is ``-o max-bytes=1``);
     ``Driver((A, {...}), (B, {...}))`` or ``Driver(a_instance, ...)`` builds a
     chain. :meth:`start` is called on construction unless ``start=False``.
     """
@@ -38,7 +40,7 @@ class Driver:
         *interceptors: InterceptorLike,
         flow: FlowInfo | None = None,
         start: bool = True,
-        **options: str,
+        **options: Any,
     ) -> None:
         self.flow = flow or FlowInfo.example()
         built: list[Interceptor] = []
@@ -47,10 +49,10 @@ class Driver:
                 built.append(item)
             elif isinstance(item, tuple):
                 cls, opts = item
-                built.append(cls(self.flow, cls.parse_options(dict(opts))))
+                built.append(cls(self.flow, cls.parse_options(normalize_keys(opts))))
             else:
                 opts = options if len(interceptors) == 1 else {}
-                built.append(item(self.flow, item.parse_options(dict(opts))))
+                built.append(item(self.flow, item.parse_options(normalize_keys(opts))))
         self.interceptors = built
         self.chain = Chain(built)
         self.time = 0.0
