@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -73,6 +74,9 @@ class EngineConfig:
 
 class Engine:
     """Opens outgoing flows and relays flow pairs; keeps the set of live flows."""
+
+    tls: Any = None
+    """``--tls intercept``: wraps every flow's chain (tproxy.tls.options.attach sets it)."""
 
     def __init__(
         self, config: EngineConfig | None = None, factories: Sequence[InterceptorFactory] = ()
@@ -173,6 +177,7 @@ class Engine:
                     log.error("flow %d: %s", info.id, error, exc_info=error.error)
                 return record
             chain = Chain(built)
+            chain = self.tls.wrap(chain, info) if self.tls is not None else chain
             pair = FlowPair(
                 incoming,
                 outgoing,

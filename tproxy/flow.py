@@ -11,6 +11,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tls.info import TlsInfo
 
 Address = tuple[str, int]
 """A host and a port. The host is an IP literal, or a name in explicit modes."""
@@ -60,6 +64,9 @@ class FlowInfo:
     client: Address
     destination: Address
     mode: str = "transparent"
+    tls: TlsInfo | None = field(default=None, compare=False)
+    """With ``--tls intercept``, what the TLS layer learnt (:class:`tproxy.tls.info.TlsInfo`),
+    filled in as its handshakes go; ``None`` for flows that are not TLS."""
 
     @classmethod
     def example(

@@ -155,7 +155,8 @@ class FlowPair:
         self.client = _Side("client", incoming)
         self.server = _Side("server", outgoing)
         self.record = record
-        self.chain = chain if chain is not None and chain.interceptors else None
+        # A chain-like without interceptors (the TLS layer) is driven too.
+        self.chain = chain if chain is not None and getattr(chain, "interceptors", True) else None
         self.read_size = read_size
         self.idle_timeout = idle_timeout
         self._last_activity = 0.0
@@ -212,6 +213,8 @@ class FlowPair:
                     return
             if self.idle_timeout is not None:
                 nursery.start_soon(self._watch_idle)
+            if getattr(self.chain, "next_deadline", None) is not None:
+                nursery.start_soon(self._guard, self._chain_timers)
             async with trio.open_nursery() as pumps:
                 # _guard(_copy) without a _pump frame, and the second direction in this
                 # task: an idle flow is mostly suspended frames and tasks (memory per
@@ -387,6 +390,14 @@ class FlowPair:
                 self._over(EndReason.TIMEOUT, f"idle for {self.idle_timeout:g}s")
                 return
             await trio.sleep(deadline - now)
+
+    async def _chain_timers(self) -> None:
+        """Run a chain-like's optional timers (``next_deadline``/``on_timer``, e.g. the TLS
+        layer's handshake timeout) until it has none left."""
+        chain: Any = self.chain
+        while (deadline := chain.next_deadline()) is not None:
+            await trio.sleep_until(deadline)
+            await self._send_output(chain.on_timer(trio.current_time()))
 
     def _end_chain(self) -> None:
         if self.chain is None:

@@ -80,7 +80,7 @@ def create(directory: Path, *, common_name: str = "tproxy interception CA") -> C
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tproxy"),
         ]
     )
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()

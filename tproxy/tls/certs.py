@@ -66,7 +66,7 @@ class LeafForge:
         self._dir = tempfile.TemporaryDirectory(prefix="tproxy-leaves-")
         self.directory = Path(self._dir.name)
         os.chmod(self.directory, 0o700)
-        self.key_path = self.directory / "leaf-key.pem"
+        self.key_path = self.directory / "key.pem"
         fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(
@@ -143,7 +143,7 @@ class LeafForge:
                 sans.append(x509.DNSName(name))
         # A CN is limited to 64 characters; SANs carry the names that count.
         common = names[0][:64]
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         not_after = min(now + LEAF_VALIDITY, self.ca.cert.not_valid_after_utc)
         cert = (
             x509.CertificateBuilder()

@@ -44,7 +44,7 @@ from cryptography import x509
 
 from ..flow import FlowInfo
 from ..interceptor import AbortFlow, Chain, Output
-from .certs import LeafForge, is_ip, names_of
+from .certs import LeafForge, names_of
 from .clienthello import ClientHello, NeedMore, NotTLS, parse_client_hello
 from .info import TlsInfo
 
