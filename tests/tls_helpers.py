@@ -69,3 +69,63 @@ class Endpoint:
 
     def take(self) -> bytes:
         return self.outgoing.read()
+
+
+class RawTls:
+    """TLS over a blocking socket through memory BIOs, keeping every raw byte both ways
+    (so a test can compare the ciphertext at both ends of a proxy)."""
+
+    def __init__(self, sock, ctx: ssl.SSLContext, *, server_side: bool, name: str | None = None):
+        self.sock = sock
+        self.end = Endpoint(ctx, server_side=server_side, name=name)
+        self.raw_in = b""
+        self.raw_out = b""
+
+    def _send(self) -> None:
+        data = self.end.take()
+        if data:
+            self.raw_out += data
+            self.sock.sendall(data)
+
+    def _recv(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.raw_in += data
+        self.end.incoming.write(data)
+        return True
+
+    def handshake(self) -> None:
+        for _ in range(100):
+            self.end.step()
+            self._send()
+            if self.end.error is not None:
+                raise self.end.error
+            if self.end.done:
+                return
+            if not self._recv():
+                raise ConnectionError("closed during the handshake")
+        raise AssertionError("handshake did not finish")
+
+    def send(self, data: bytes) -> None:
+        self.end.obj.write(data)
+        self._send()
+
+    def receive_until(self, marker: bytes) -> bytes:
+        for _ in range(1000):
+            self.end.step()
+            self._send()
+            if marker in self.end.received or self.end.closed:
+                return self.end.received
+            if not self._recv():
+                return self.end.received
+        raise AssertionError("nothing more came")
+
+    def close(self) -> None:
+        try:
+            self.end.obj.unwrap()
+        except ssl.SSLError:
+            pass
+        self._send()
+        self.sock.shutdown(2)
+        self.sock.close()

@@ -224,6 +224,7 @@ class TlsLayer:
         self._held = bytearray()
         self._start_out = Output()
         self._deadline: float | None = None
+        self._quiet_since = tls.clock()
         self.meta: TlsInfo | None = None
         self._up: ssl.SSLObject | None = None
         self._up_in = ssl.MemoryBIO()
@@ -346,14 +347,21 @@ class TlsLayer:
     # -- chain timers (optional members of the Chain interface) ----------------------
 
     def next_deadline(self) -> float | None:
-        """When a handshake under way times out (None: no handshake under way)."""
+        """When a handshake under way times out; None once both handshakes are done (or
+        the flow is not intercepted). Before the client's first byte it is a check that
+        only moves on: a flow nobody speaks on is not a stalled handshake."""
         if self.state in (_State.SNIFF, _State.UPSTREAM, _State.CLIENT):
+            if self._deadline is None:
+                return self._quiet_since + self.tls.settings.handshake_timeout
             return self._deadline
         return None
 
     def on_timer(self, now: float) -> Output:
         deadline = self.next_deadline()
         if deadline is None or now < deadline:
+            return Output()
+        if self._deadline is None:  # still quiet: check again later
+            self._quiet_since = now
             return Output()
         timeout = self.tls.settings.handshake_timeout
         if self.state is _State.UPSTREAM:
