@@ -351,3 +351,19 @@ def test_keylog_gets_both_sides(tmp_path, pki, server) -> None:
 def test_ssl_client_context_roundtrip_sanity() -> None:
     # the test client offers TLS 1.3 by default, like curl here
     assert ssl.HAS_TLSv1_3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-ignore", "x"], "needs --tls intercept"),
+        (["--tls", "intercept", "--tls-ignore", "("], "--tls-ignore '('"),
+        (["--tls", "intercept", "--tls-handshake-timeout", "0"], "must be positive"),
+        (["--tls", "intercept", "--tls-upstream-ca", "/nonexistent"], "no such file"),
+    ],
+)
+def test_bad_tls_options_are_one_line_and_exit_2(tmp_path, pki, args, message) -> None:
+    ca_dir, _ = pki
+    done = run_tproxy("run", "--mode", "socks@127.0.0.1:1", "--ca-dir", str(ca_dir), *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1

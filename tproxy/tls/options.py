@@ -90,6 +90,22 @@ def attach(engine: Any, args: argparse.Namespace) -> None:
     from ..cli import UsageError
 
     if getattr(args, "tls", "off") != "intercept":
+        given = [
+            flag
+            for flag, value, default in (
+                ("--ca-dir", args.ca_dir, None),
+                ("--tls-ignore", args.tls_ignore, []),
+                ("--tls-upstream-verify", args.tls_upstream_verify, "yes"),
+                ("--tls-upstream-ca", args.tls_upstream_ca, None),
+                ("--tls-alpn", args.tls_alpn, "http1"),
+                ("--tls-learn", args.tls_learn, 600.0),
+                ("--tls-handshake-timeout", args.tls_handshake_timeout, 10.0),
+                ("--tls-keylog", args.tls_keylog, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise UsageError(f"{given[0]} needs --tls intercept")
         return
     try:
         interception = interception_from(args)
