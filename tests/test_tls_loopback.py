@@ -51,9 +51,9 @@ def pki(tmp_path: Path) -> tuple[Path, Upstream]:
 
 @pytest.fixture
 def server(pki: tuple[Path, Upstream]) -> Iterator[int]:
-    """``tls_server.py`` on 127.0.0.1 with a certificate for NAME and 127.0.0.1."""
+    """``tls_server.py`` on 127.0.0.1 with a certificate for NAME, localhost, 127.0.0.1."""
     _, upstream = pki
-    chain = upstream.forge.chain_file((NAME, "127.0.0.1"))
+    chain = upstream.forge.chain_file((NAME, "localhost", "127.0.0.1"))
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(SERVER_SCRIPT), "127.0.0.1", str(port), str(chain),
@@ -367,3 +367,13 @@ def test_bad_tls_options_are_one_line_and_exit_2(tmp_path, pki, args, message) -
     done = run_tproxy("run", "--mode", "socks@127.0.0.1:1", "--ca-dir", str(ca_dir), *args)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_curl_through_http_connect_gets_the_page_rewritten(tmp_path, pki, server) -> None:
+    ca_dir, _ = pki
+    with running_proxy(tmp_path, ["http"], *tls_args(pki), *REPLACE) as proxy:
+        # CONNECT localhost:PORT: the proxy resolves the name, which is the SNI too
+        done = curl("--proxy", f"http://127.0.0.1:{proxy.port('http')}",
+                    "--cacert", str(ca_dir / "ca.pem"), f"https://localhost:{server}/")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("hello WORLD")
