@@ -389,3 +389,38 @@ def test_a_client_that_stalls_mid_hello_times_out(pki, caplog):
     with pytest.raises(AbortFlow, match="stalled"):
         layer.on_timer(105.0)
     assert len(caplog.records) == 1
+
+
+def test_a_client_that_closes_during_its_handshake_is_learned(pki):
+    authority, upstream = pki
+    tls = interception(pki)
+    info = flow()
+    layer = tls.wrap(None, info)
+    client = Endpoint(client_context(authority.cert_path), server_side=False, name=NAME)
+    server = Endpoint(upstream.server_context([NAME]), server_side=True)
+    wire = Wire(layer, client, server)
+    client.step()
+    wire.emit(layer.client_data(client.take()))
+    for _ in range(5):  # the upstream handshake, until the client has its ServerHello
+        server.step()
+        if data := server.take():
+            wire.emit(layer.server_data(data))
+    assert client.incoming.pending  # the forged flight reached the client
+    with pytest.raises(AbortFlow, match="rejected the forged certificate"):
+        layer.client_eof()
+    assert tls.is_learned(info.client[0], NAME)
+
+
+def test_a_server_that_fails_its_handshake_is_an_alert(pki, caplog):
+    authority, _ = pki
+    tls = interception(pki)
+    layer = tls.wrap(None, flow())
+    client = Endpoint(client_context(authority.cert_path), server_side=False, name=NAME)
+    client.step()
+    layer.start()
+    layer.client_data(client.take())
+    caplog.set_level(logging.WARNING, "tproxy.tls")
+    with pytest.raises(AbortFlow) as info:
+        layer.server_data(b"\x15\x03\x03\x00\x02\x02\x28")  # handshake_failure from the server
+    assert info.value.to_client == alert_record(40)
+    assert "upstream handshake" in caplog.records[0].message
