@@ -26,12 +26,14 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> ArgumentParser:
     from . import __version__, runner
     from .routing import cli as routing_cli
+    from .tls import cli as tls_cli
 
     parser = ArgumentParser(prog="tproxy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     runner.register(sub)
     routing_cli.register(sub)
+    tls_cli.register(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -82,6 +83,9 @@ class EngineConfig:
 class Engine:
     """Opens outgoing flows and relays flow pairs; keeps the set of live flows."""
 
+    tls: Any = None
+    """``--tls intercept``: wraps every flow's chain (tproxy.tls.options.attach sets it)."""
+
     def __init__(
         self, config: EngineConfig | None = None, factories: Sequence[InterceptorFactory] = ()
     ) -> None:
@@ -131,10 +135,12 @@ class Engine:
             except InterceptorError as error:
                 log.error("flow %d: %s", info.id, error, exc_info=error.error)
             raise
+        if self.tls is not None:
+            # --tls intercept: every flow gets the layer (it passes non-TLS flows on)
+            return self.tls.wrap(Chain(built), info)
         if not built:
             return None
-        chain = Chain(built)
-        return chain
+        return Chain(built)
 
     def tap_for(self, info: FlowInfo) -> FlowTap | None:
         """The tap that watches one flow's bytes (recording), or ``None``: none by default."""

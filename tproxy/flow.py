@@ -12,6 +12,10 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tls.info import TlsInfo
 
 Address = tuple[str, int]
 """A host and a port. The host is an IP literal, or a name in explicit modes."""
@@ -69,6 +73,9 @@ class FlowInfo:
     """The outgoing flow's local address (the client's own in transparent mode), once known."""
     started: float = field(default_factory=time.time, compare=False)
     """Wall-clock time (``time.time()``) when the flow was accepted."""
+    tls: TlsInfo | None = field(default=None, compare=False)
+    """With ``--tls intercept``, what the TLS layer learnt (:class:`tproxy.tls.info.TlsInfo`),
+    filled in as its handshakes go; ``None`` for flows that are not TLS."""
 
     @classmethod
     def example(

@@ -23,6 +23,7 @@ from .errors import UsageError
 from .modes import ModeError, ModeSpec, parse_mode
 from .server import Door, Handler, Server
 from .sockets import SourcePolicy
+from .tls import options as tls_options
 
 log = logging.getLogger("tproxy")
 
@@ -102,6 +103,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     routing.add_run_arguments(p)
     explicit.add_arguments(p)
     workers.add_arguments(p)
+    tls_options.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
         worker.configure()  # flow ids, log prefix, exit with the supervisor
         routing = None
     engine = Engine(config, factories)
+    tls_options.attach(engine, args)  # --tls intercept: the engine wraps chains in TLS
     doors = open_doors(specs, engine, args, reuse_port=worker is not None)
     if worker is not None:
         worker.ready()

@@ -103,7 +103,7 @@ def check_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: s
     different plan installed for the instance raise ``tproxy.cli.UsageError``
     (one line, exit 2), so ``run`` fails before it opens a socket.
     """
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     plan = plan_for_run(args, proxy_port, proxy_address_v4, proxy_address_v6)
     try:
