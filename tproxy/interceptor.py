@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from . import watchdog
 from .flow import FlowInfo
 
 
@@ -316,6 +317,7 @@ class Chain:
         from ``k``'s neighbour.
         """
         ic = self.interceptors[k]
+        began = watchdog.hook_began()
         try:
             result = getattr(ic, hook)(*args)
         except AbortFlow as exc:
@@ -323,6 +325,8 @@ class Chain:
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
+        finally:
+            watchdog.hook_ended(began, ic, hook)
         if result is None:
             result = b""
         elif not isinstance(result, bytes | bytearray | memoryview):

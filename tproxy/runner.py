@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from . import explicit, loading, routing, workers
+from . import explicit, loading, routing, watchdog, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -102,11 +102,13 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     routing.add_run_arguments(p)
     explicit.add_arguments(p)
     workers.add_arguments(p)
+    watchdog.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
     _configure_logging(args.verbose, args.quiet)
+    watchdog.configure_from(args)
     try:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
@@ -141,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     if worker is not None:
         worker.ready()
     server = Server(engine, doors)
-    trio.run(server.serve, routing)
+    trio.run(server.serve, routing, instruments=watchdog.instruments())
     log.info("stopped after %d flow(s)", engine.total)
     if worker is not None:
         worker.finished(engine.total)
