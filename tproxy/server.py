@@ -91,12 +91,14 @@ class AcceptErrors:
         self._last_line = now
 
     def recovered(self) -> None:
-        """An accept succeeded while failures were not reported yet."""
+        """An accept succeeded after failures (said at the next free line)."""
         now = trio.current_time()
         if now - self._last_line < self.interval:
             return
-        log.warning("accept on %s works again, after %d more failure(s)", self.where, self.failing)
+        more = f", after {self.failing} more failure(s)" if self.failing else ""
+        log.warning("accept on %s works again%s", self.where, more)
         self.failing = 0
+        self.down = False
         self._last_line = now
 
 
