@@ -262,9 +262,16 @@ class Engine:
         finally:
             self._close(record)
 
-    def reject(self, info: FlowInfo, reason: EndReason, detail: str) -> FlowRecord:
-        """Log a flow that ended before it was relayed (connect failed, refused by policy)."""
+    def reject(
+        self, info: FlowInfo, reason: EndReason, detail: str, *, started: float | None = None
+    ) -> FlowRecord:
+        """Log a flow that ended before it was relayed (connect failed, refused by policy).
+
+        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier.
+        """
         record = self._open(info)
+        if started is not None:
+            record.started = started
         record.end(reason, detail, now=time.monotonic())
         self._close(record)
         return record

@@ -155,6 +155,8 @@ def default_modes() -> list[ModeSpec]:
     specs = [parse_mode("transparent@127.0.0.1:9091")]
     if socket.has_ipv6 and _ipv6_loopback_usable():
         specs.append(parse_mode("transparent@[::1]:9091"))
+    else:
+        log.warning("IPv6 is off here (::1 cannot be bound): not listening on [::1]:9091")
     return specs
 
 
