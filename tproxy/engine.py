@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import trio
 
+from . import keepalive
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
 from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
+from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
+from .keepalive import Keepalive
 from .pair import DEFAULT_READ_SIZE, FlowPair, is_cancellation
 from .sockets import (
     ConnectError,
@@ -55,6 +58,8 @@ class EngineConfig:
     max_flows: int | None = None
     splice: bool = True
     """Relay directions that no interceptor watches with splice(2) (zero-copy)."""
+    keepalive: Keepalive | None = DEFAULT_KEEPALIVE
+    """TCP keepalive and TCP_USER_TIMEOUT on every flow's sockets (``None``: off)."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.read_size <= MAX_READ_SIZE:
@@ -78,6 +83,7 @@ class Engine:
         self, config: EngineConfig | None = None, factories: Sequence[InterceptorFactory] = ()
     ) -> None:
         self.config = config or EngineConfig()
+        keepalive.use(self.config.keepalive)  # the sockets made from now on
         self.factories = list(factories)
         self.live: dict[int, FlowRecord] = {}
         self.total = 0

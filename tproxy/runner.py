@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from . import explicit, loading, routing, watchdog, workers
+from . import explicit, keepalive, loading, routing, watchdog, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -103,6 +103,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     explicit.add_arguments(p)
     workers.add_arguments(p)
     watchdog.add_arguments(p)
+    keepalive.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
             grace=args.grace,
             max_flows=args.max_flows,
             splice=args.splice,
+            keepalive=args.keepalive,
         )
     except ValueError as exc:
         # EngineConfig is the one place that knows the valid ranges.
