@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 SEED = int(os.environ.get("TPX_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
-SECONDS = float(os.environ.get("TPX_CHAOS_SECONDS", "60"))
+SECONDS = float(os.environ.get("TPX_CHAOS_SECONDS", "45"))
 THREADS = 12
 ECHO_PORT = 7000
 SOCKS_PORT = 1080
