@@ -143,3 +143,14 @@ def test_bad_stall_warn_values_are_usage_errors(value: str) -> None:
     result = run_tproxy("run", "--stall-warn", value, "--mode", "socks@127.0.0.1:1")
     assert result.returncode == 2
     assert "--stall-warn" in result.stderr and "Traceback" not in result.stderr
+
+
+class SlowStart(Interceptor):
+    def start(self) -> None:
+        time.sleep(0.15)
+
+
+def test_a_slow_start_is_named_too(caplog: pytest.LogCaptureFixture) -> None:
+    Chain([SlowStart(flow(11))]).start()
+    [line] = stall_lines(caplog)
+    assert "interceptor SlowStart.start (flow 11)" in line

@@ -206,6 +206,7 @@ class Chain:
         out = _Collect()
         injected: list[tuple[bytes, bytes]] = []
         for k, ic in enumerate(self.interceptors):
+            began = watchdog.hook_began()
             try:
                 ic.start()
             except AbortFlow as exc:
@@ -213,6 +214,8 @@ class Chain:
                 raise
             except Exception as exc:
                 raise InterceptorError(ic, "start", exc) from exc
+            finally:
+                watchdog.hook_ended(began, ic, "start")
             injected.append((b"".join(ic._to_server), b"".join(ic._to_client)))
             ic._to_server.clear()
             ic._to_client.clear()
