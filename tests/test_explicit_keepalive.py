@@ -3,7 +3,7 @@
 Checked with ``getsockopt`` on the sockets the engine makes (the accepted
 socket inherits the listener's options) and with ``ss`` on a running proxy
 (the kernel's keepalive timer on both of a flow's sockets). That a vanished
-client's flow is really reaped is the netns test ``test_explicit_keepalive``.
+client's flow is really reaped is the netns test ``test_explicit_vanished_client``.
 """
 
 from __future__ import annotations
