@@ -121,13 +121,14 @@ def test_a_blocking_interceptor_through_a_real_proxy(tmp_path: Path) -> None:
             assert exchange_line(port, b"quick") == b"quick"
             assert exchange_line(port, b"sleep") == b"sleep"
             assert exchange_line(port, b"quick") == b"quick"
-            log = proxy.wait_log("event loop stalled")
+            proxy.wait_log("event loop stalled")
             time.sleep(0.5)  # a second line, if there were one, would be there by now
-            log = proxy.log()
+    log = proxy.log()  # stopped: the summary is there too
     lines = [line for line in log.splitlines() if "event loop stalled" in line]
     assert len(lines) == 1, log
     assert "interceptor Sleeper.client_data (flow " in lines[0]
     assert "WARNING tproxy.watchdog" in lines[0]
+    assert "1 event loop stall(s) over 100 ms in all" in log  # the count, at the stop
     assert "Traceback" not in log
 
 

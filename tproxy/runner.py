@@ -147,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
     server = Server(engine, doors)
     trio.run(server.serve, routing, instruments=watchdog.instruments())
     log.info("stopped after %d flow(s)", engine.total)
+    watchdog.summary()
     if worker is not None:
         worker.finished(engine.total)
     return 0

@@ -103,6 +103,14 @@ def stall_count() -> int:
     return WATCH.count
 
 
+def summary() -> None:
+    """Log how many stalls the process saw in all, if any (at the end of ``run``)."""
+    if WATCH.count:
+        log.warning(
+            "%d event loop stall(s) over %.0f ms in all", WATCH.count, WATCH.threshold * 1000
+        )
+
+
 def hook_began() -> float:
     """Call right before a hook runs; pass the result to :func:`hook_ended`."""
     return time.perf_counter()
