@@ -24,7 +24,8 @@ flow is left on the gateway once keepalive reaped the vanished ones; the
 workers hold as many sockets as right after they started; the log has no
 traceback; the supervisor stops with 0, removing its routing, and ``status``
 and ``teardown`` find nothing left. The figures are printed (``-s`` shows
-them). ``TPX_CHAOS_SEED`` replays a run, ``TPX_CHAOS_SECONDS`` changes its length.
+them). ``TPX_CHAOS_SEED`` replays a run, ``TPX_CHAOS_SECONDS`` changes its length,
+``TPX_CHAOS_LOG=FILE`` keeps the proxy's and the echo server's logs.
 """
 
 from __future__ import annotations
@@ -335,6 +336,11 @@ def flows_on_gateway(topo: Topology) -> list[str]:
     return [line for line in out.splitlines() if any(f":{p} " in line + " " for p in ports)]
 
 
+def routing_installed(topo: Topology) -> bool:
+    out = topo.gateway.run("iptables-legacy-save", "-t", "mangle", check=False).stdout
+    return "TPROXY" in out
+
+
 @contextlib.contextmanager
 def supervisor(topo: Topology) -> Iterator[subprocess.Popen[Any]]:
     gw = topo.gateway
@@ -351,6 +357,9 @@ def supervisor(topo: Topology) -> Iterator[subprocess.Popen[Any]]:
     )  # fmt: skip
     try:
         wait_for("workers listening", lambda: "workers listening" in gw.read_log(proc), 60)
+        # The supervisor installs the routing after that line: a flow opened before the
+        # rules would go around the proxy, and be reset once its packets are diverted.
+        wait_for("routing installed", lambda: routing_installed(topo), 60)
         yield proc
     finally:
         if proc.poll() is None:
