@@ -277,3 +277,131 @@ def test_udp_datagram_parse_only_raises_datagram_error(packet: bytes) -> None:
         return
     rebuilt = build_udp_datagram(datagram.host, datagram.port, datagram.data)
     assert parse_udp_datagram(rebuilt) == datagram
+
+
+# -- host names: what passes a parser never trips the resolver -------------------------
+
+label_chars = st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-_")
+labels = st.text(label_chars, min_size=1, max_size=63)
+idn_labels = st.text(st.sampled_from("abcxyzäöüßéñ0123456789-"), min_size=1, max_size=20).filter(
+    lambda label: _encodes(label) and len(label.encode("idna")) <= 63
+)
+valid_names = (
+    st.lists(st.one_of(labels, idn_labels), min_size=1, max_size=8)
+    .map(".".join)
+    .filter(lambda name: len(name.encode("idna")) <= 253)
+)
+
+
+def _encodes(name: str) -> bool:
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
+@st.composite
+def bad_names(draw: st.DrawFn) -> str:
+    """A name no resolver can be asked for: each way a name can be broken."""
+    good = draw(st.lists(labels, min_size=1, max_size=4))
+    at = draw(st.integers(0, len(good)))
+    kind = draw(st.sampled_from(["empty", "long-label", "long-name", "control", "non-idna"]))
+    if kind == "empty":
+        broken = [*good[:at], "", *good[at:]]
+        if broken == [*good, ""]:
+            broken.append("")  # one trailing dot is a valid name; two are not
+    elif kind == "long-label":
+        broken = [*good[:at], "a" * draw(st.integers(64, 120)), *good[at:]]
+    elif kind == "long-name":
+        broken = ["b" * 63] * 4 + good
+    elif kind == "control":
+        char = draw(st.sampled_from(["\0", "\t", " ", "\x7f", "\x1b", "\n"]))
+        label = good[0]
+        cut_at = draw(st.integers(0, len(label)))
+        broken = [label[:cut_at] + char + label[cut_at:], *good[1:]]
+    else:
+        char = draw(
+            st.sampled_from(["\u0080", "\u009f", "\u2028", "\ufffe", "\u05d0", "\u06dd", "\ue000"])
+        )
+        broken = [*good[:at], "x" + char, *good[at:]]
+    return ".".join(broken)
+
+
+def socks5_name_request(name: bytes, port: int = 80) -> bytes:
+    return b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes((len(name),)) + name + port.to_bytes(2)
+
+
+def socks4a_name_request(name: bytes, port: int = 80) -> bytes:
+    return b"\x04\x01" + port.to_bytes(2) + b"\0\0\0\x07" + b"u\0" + name + b"\0"
+
+
+def http_name_requests(name: str) -> list[bytes]:
+    return [
+        f"CONNECT {name}:443 HTTP/1.1\r\n\r\n".encode("utf-8", "surrogateescape"),
+        f"GET http://{name}/ HTTP/1.1\r\n\r\n".encode("utf-8", "surrogateescape"),
+    ]
+
+
+SOCKS5_HOST_UNREACHABLE = b"\x05\x00" + b"\x05\x04\x00\x01" + bytes(6)
+SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+
+
+@fuzz
+@given(name=bad_names(), points=cut_points)
+def test_a_broken_name_gets_each_protocols_refusal(name: str, points: list[int]) -> None:
+    raw = name.encode()
+    if len(raw) <= 255:
+        outcome = drive(Socks5Handshake, cut(socks5_name_request(raw), points))
+        assert (outcome.error, outcome.sent) == (SocksError, SOCKS5_HOST_UNREACHABLE), name
+    if b"\0" not in raw:
+        outcome = drive(Socks4Handshake, cut(socks4a_name_request(raw), points))
+        assert (outcome.error, outcome.sent) == (SocksError, SOCKS4_REJECTED), name
+    for head in http_name_requests(name):
+        outcome = drive(HttpProxyHandshake, cut(head, points))
+        assert outcome.error is HttpProxyError, name
+        assert outcome.sent.startswith(b"HTTP/1.1 400 "), name
+
+
+@fuzz
+@given(name=valid_names, points=cut_points)
+def test_every_name_dns_can_carry_passes_every_door(name: str, points: list[int]) -> None:
+    raw = name.encode()
+    if len(raw) <= 255:
+        outcome = drive(Socks5Handshake, cut(socks5_name_request(raw), points))
+        assert isinstance(outcome.request, SocksRequest) and outcome.request.host == name
+    outcome = drive(Socks4Handshake, cut(socks4a_name_request(raw), points))
+    assert isinstance(outcome.request, SocksRequest) and outcome.request.host == name
+    if name.isascii():  # an HTTP request target is ASCII; IDNs arrive as xn-- labels
+        for head in http_name_requests(name):
+            outcome = drive(HttpProxyHandshake, [head])
+            assert isinstance(outcome.request, ConnectRequest | ForwardRequest), name
+            assert outcome.request.host == name
+
+
+def _resolver_accepts(name: str) -> bool:
+    """What ``getaddrinfo`` does with a ``str`` before any lookup: IDNA, no NUL."""
+    return "\0" not in name and _encodes(name)
+
+
+@fuzz
+@given(raw=st.one_of(st.binary(max_size=255), st.text(max_size=80).map(str.encode)))
+def test_a_name_a_socks_door_accepts_never_trips_the_resolver(raw: bytes) -> None:
+    for data in (socks5_name_request(raw), socks4a_name_request(raw.replace(b"\0", b""))):
+        outcome = drive(SocksHandshake, [data])
+        if isinstance(outcome.request, SocksRequest):
+            assert _resolver_accepts(outcome.request.host), outcome.request.host
+        else:
+            assert outcome.error is SocksError
+
+
+@fuzz
+@given(name=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=300))
+def test_a_host_the_http_door_accepts_never_trips_the_resolver(name: str) -> None:
+    for head in http_name_requests(name):
+        outcome = drive(HttpProxyHandshake, [head])
+        if isinstance(outcome.request, ConnectRequest | ForwardRequest):
+            host = outcome.request.host
+            assert ":" in host or _resolver_accepts(host), host
+        else:
+            assert outcome.error is HttpProxyError

@@ -170,15 +170,23 @@ def test_max_size_in_each_phase() -> None:
 
 
 def test_longest_possible_handshake_fits_the_default() -> None:
+    # The longest handshake SOCKS5 can frame is read whole: its 255-byte name
+    # is refused for what it is (too long for DNS, 0x04), not for its size.
     hs = Socks5Handshake(authenticate=lambda u, p: True)
-    data = (
-        b"\x05\xff" + bytes(range(255))
-        + b"\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255
-        + b"\x05\x01\x00\x03\xff" + b"n" * 255 + b"\x00\x50"
-    )  # fmt: skip
+    head = b"\x05\xff" + bytes(range(255)) + b"\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255
+    data = head + b"\x05\x01\x00\x03\xff" + b"n" * 255 + b"\x00\x50"
     assert len(data) == 1032
-    events = hs.receive_data(data)
+    with pytest.raises(SocksError) as caught:
+        hs.receive_data(data)
+    assert caught.value.reply.endswith(socks5_reply(Socks5Reply.HOST_UNREACHABLE))
+    assert "larger than" not in caught.value.reason
+    # The longest name DNS can carry (253 bytes, four labels) is accepted.
+    name = b".".join([b"n" * 63] * 3 + [b"n" * 61])
+    assert len(name) == 253
+    hs = Socks5Handshake(authenticate=lambda u, p: True)
+    events = hs.receive_data(head + b"\x05\x01\x00\x03\xfd" + name + b"\x00\x50")
     assert isinstance(events[-1], SocksRequest)
+    assert events[-1].host == name.decode()
 
 
 # -- replies -------------------------------------------------------------------------

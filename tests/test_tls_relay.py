@@ -1,4 +1,4 @@
-"""The TLS layer driven by the trio-stream relay shell (StreamRelay) on memory streams, on trio's virtual clock."""
+"""The TLS layer driven by the trio-stream shell (StreamRelay), on trio's virtual clock."""
 
 from __future__ import annotations
 

@@ -27,9 +27,12 @@ from typing import Any
 
 import trio
 
+from . import keepalive
 from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
 from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
+from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
+from .keepalive import Keepalive
 from .relay.core import FlowTap
 from .relay.streams import DEFAULT_READ_SIZE, StreamRelay, is_cancellation
 from .sockets import (
@@ -64,6 +67,8 @@ class EngineConfig:
     """Relay directions that no interceptor watches with splice(2) (zero-copy)."""
     hub: bool = True
     """Relay flows with sockets from the hub (one task); off: the trio-stream shell (tests)."""
+    keepalive: Keepalive | None = DEFAULT_KEEPALIVE
+    """TCP keepalive and TCP_USER_TIMEOUT on every flow's sockets (``None``: off)."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.read_size <= MAX_READ_SIZE:
@@ -90,6 +95,7 @@ class Engine:
         self, config: EngineConfig | None = None, factories: Sequence[InterceptorFactory] = ()
     ) -> None:
         self.config = config or EngineConfig()
+        keepalive.use(self.config.keepalive)  # the sockets made from now on
         self.factories = list(factories)
         self.live: dict[int, FlowRecord] = {}
         self.total = 0
@@ -298,9 +304,16 @@ class Engine:
         finally:
             self._close(record)
 
-    def reject(self, info: FlowInfo, reason: EndReason, detail: str) -> FlowRecord:
-        """Log a flow that ended before it was relayed (connect failed, refused by policy)."""
+    def reject(
+        self, info: FlowInfo, reason: EndReason, detail: str, *, started: float | None = None
+    ) -> FlowRecord:
+        """Log a flow that ended before it was relayed (connect failed, refused by policy).
+
+        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier.
+        """
         record = self._open(info)
+        if started is not None:
+            record.started = started
         record.end(reason, detail, now=time.monotonic())
         self._close(record)
         return record

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from . import watchdog
 from .flow import FlowInfo
 from .timers import CLIENT, SERVER, SIDES, FlowTimers, ThreadJob, TimerHandle
 
@@ -312,6 +313,7 @@ class Chain:
         out = _Collect()
         injected: list[tuple[bytes, bytes]] = []
         for k, ic in enumerate(self.interceptors):
+            began = watchdog.hook_began()
             try:
                 ic.start()
             except AbortFlow as exc:
@@ -319,6 +321,8 @@ class Chain:
                 raise
             except Exception as exc:
                 raise InterceptorError(ic, "start", exc) from exc
+            finally:
+                watchdog.hook_ended(began, ic, "start")
             injected.append((b"".join(ic._to_server), b"".join(ic._to_client)))
             ic._to_server.clear()
             ic._to_client.clear()
@@ -406,6 +410,7 @@ class Chain:
         from ``k``'s neighbour.
         """
         ic = self.interceptors[k]
+        began = watchdog.hook_began()
         try:
             result = getattr(ic, hook)(*args)
         except AbortFlow as exc:
@@ -413,6 +418,8 @@ class Chain:
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
+        finally:
+            watchdog.hook_ended(began, ic, hook)
         if result is None and hook in _DATA_HOOKS:
             raise InterceptorError(
                 ic, hook, TypeError(f"{hook} returned None, not bytes: did you forget to return?")

@@ -79,6 +79,17 @@ def split_hostport(text: str, *, default_host: str | None = None) -> tuple[str, 
     return host, parse_port(port)
 
 
+def _target_problem(host: str) -> str | None:
+    """Why a forward target cannot name a host (see ``tproxy.protocols.hostname``)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        from .protocols.hostname import host_name_problem
+
+        return host_name_problem(host)
+    return None
+
+
 def parse_mode(text: str) -> ModeSpec:
     """Parse one ``--mode`` value."""
     kind_part, at, where = text.rpartition("@")
@@ -92,6 +103,9 @@ def parse_mode(text: str) -> ModeSpec:
         if not rest:
             raise ModeError("forward needs a target: forward:HOST:PORT")
         target = split_hostport(rest)
+        problem = _target_problem(target[0])
+        if problem is not None:
+            raise ModeError(f"forward target {target[0][:60]!r}: {problem}")
     elif rest:
         raise ModeError(f"mode {kind!r} takes no ':' argument")
     if where:

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from . import explicit, loading, routing, workers
+from . import explicit, keepalive, loading, routing, watchdog, workers
 from .engine import Engine, EngineConfig
 from .errors import UsageError
 from .modes import ModeError, ModeSpec, parse_mode
@@ -104,11 +104,14 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     explicit.add_arguments(p)
     workers.add_arguments(p)
     tls_options.add_arguments(p)
+    watchdog.add_arguments(p)
+    keepalive.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
     _configure_logging(args.verbose, args.quiet)
+    watchdog.configure_from(args)
     try:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
@@ -124,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
             grace=args.grace,
             max_flows=args.max_flows,
             splice=args.splice,
+            keepalive=args.keepalive,
         )
     except ValueError as exc:
         # EngineConfig is the one place that knows the valid ranges.
@@ -146,8 +150,9 @@ def main(args: argparse.Namespace) -> int:
     if worker is not None:
         worker.ready()
     server = Server(engine, doors)
-    trio.run(server.serve, routing)
+    trio.run(server.serve, routing, instruments=watchdog.instruments())
     log.info("stopped after %d flow(s)", engine.total)
+    watchdog.summary()
     if worker is not None:
         worker.finished(engine.total)
     return 0
@@ -158,6 +163,8 @@ def default_modes() -> list[ModeSpec]:
     specs = [parse_mode("transparent@127.0.0.1:9091")]
     if socket.has_ipv6 and _ipv6_loopback_usable():
         specs.append(parse_mode("transparent@[::1]:9091"))
+    else:
+        log.warning("IPv6 is off here (::1 cannot be bound): not listening on [::1]:9091")
     return specs
 
 

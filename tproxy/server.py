@@ -55,6 +55,51 @@ _IGNORED_ERRNOS = {
 }
 _ACCEPT_BATCH = 32
 """Connections accepted back to back before other tasks get a turn."""
+ACCEPT_ERROR_INTERVAL = 10.0
+"""Seconds between two log lines about a listener's repeated accept errors."""
+
+
+class AcceptErrors:
+    """At most one line per :data:`ACCEPT_ERROR_INTERVAL` about a listener's accept errors.
+
+    EMFILE lasts as long as the descriptors stay taken, and the accept loop
+    retries ten times a second; often every other accept succeeds (a failed
+    flow gives its descriptor back) and the next fails again. So failures and
+    the recovery share one rate limit, and a line says how many failures it
+    stands for.
+    """
+
+    def __init__(self, where: object, interval: float = ACCEPT_ERROR_INTERVAL) -> None:
+        self.where = where
+        self.interval = interval
+        self.failing = 0
+        """Failures not reported in a line yet."""
+        self.down = False
+        """Whether accepting failed and no line said it works again yet."""
+        self._last_line = -float("inf")
+
+    def failed(self, exc: OSError) -> None:
+        """An accept failed with a capacity error (the loop backs off and retries)."""
+        self.failing += 1
+        self.down = True
+        now = trio.current_time()
+        if now - self._last_line < self.interval:
+            return
+        times = "" if self.failing == 1 else f" ({self.failing} failures since the last report)"
+        log.error("accept on %s failed: %s%s; retrying", self.where, exc.strerror, times)
+        self.failing = 0
+        self._last_line = now
+
+    def recovered(self) -> None:
+        """An accept succeeded after failures (said at the next free line)."""
+        now = trio.current_time()
+        if now - self._last_line < self.interval:
+            return
+        more = f", after {self.failing} more failure(s)" if self.failing else ""
+        log.warning("accept on %s works again%s", self.where, more)
+        self.failing = 0
+        self.down = False
+        self._last_line = now
 
 
 @dataclass
@@ -168,6 +213,7 @@ class Server:
         lsock = door.sock
         fast = door.fast
         hub = self.engine.hub
+        errors = AcceptErrors(door.spec)
         while True:
             for _ in range(_ACCEPT_BATCH):
                 try:
@@ -178,11 +224,13 @@ class Server:
                     if exc.errno in _IGNORED_ERRNOS:
                         continue
                     if exc.errno in _CAPACITY_ERRNOS:
-                        log.error("accept on %s failed: %s; retrying", door.spec, exc)
+                        errors.failed(exc)
                         close_idle_pipes()  # spare pipes give their descriptors back
                         await trio.sleep(_CAPACITY_BACKOFF)
                         break
                     raise
+                if errors.down:
+                    errors.recovered()
                 sock.setblocking(False)
                 if self.draining:
                     reset_socket(sock)
@@ -212,9 +260,7 @@ class Server:
             # let only the cancellation go on.
             cancelled, failures = group.split(trio.Cancelled)
             if failures is not None:
-                log.error(
-                    "front door %s failed on one connection", door.spec, exc_info=failures
-                )
+                log.error("front door %s failed on one connection", door.spec, exc_info=failures)
                 await reset_stream(stream)
             if cancelled is not None:
                 raise cancelled from None

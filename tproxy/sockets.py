@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import trio
 
+from . import keepalive
 from .errors import ConnectError, ConnectFailure, connect_error_from, most_telling
 from .flow import Address
 
@@ -100,6 +101,7 @@ def listening_socket(
             set_transparent(sock)
         # Accepted sockets inherit it: set once here, not per flow.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(sock)  # inherited too
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:
@@ -176,6 +178,7 @@ def outgoing_socket(
         # As trio.SocketStream does, and the listener for accepted sockets: what is
         # read is written at once, and Nagle would hold back a second small write.
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(raw)
         if mark is not None:
             raw.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if source is not None and policy is not SourcePolicy.GATEWAY:

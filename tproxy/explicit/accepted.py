@@ -12,8 +12,9 @@ own code.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -41,6 +42,8 @@ class Accepted:
     client: Address
     holds_slot: bool = False
     """Whether this connection counts against ``--max-flows-per-client`` (until it closes)."""
+    started: float = field(default_factory=time.monotonic)
+    """When the connection was accepted: a refused flow's record lasts from here."""
 
     def flow(self, destination: Address, mode: str | None = None) -> FlowInfo:
         """A new flow of this connection toward ``destination``."""
@@ -52,8 +55,8 @@ class Accepted:
         detail: str,
         destination: Address = UNKNOWN_DESTINATION,
     ) -> None:
-        """Log a flow that ended before it was relayed."""
-        self.engine.reject(self.flow(destination), reason, detail)
+        """Log a flow that ended before it was relayed (its duration: since the accept)."""
+        self.engine.reject(self.flow(destination), reason, detail, started=self.started)
 
     async def grant(
         self,

@@ -32,6 +32,7 @@ import socket
 
 import trio
 
+from .. import keepalive
 from ..flow import Address, EndReason
 from ..protocols import SocksCommand, SocksHandshake, SocksRequest
 from ..protocols.socks4 import DEFAULT_MAX_SIZE as SOCKS4_MAX_SIZE
@@ -173,6 +174,7 @@ async def _bind(accepted: Accepted, handshake: SocksHandshake, request: SocksReq
         return
     listener = trio.socket.socket(family_of(listen_ip), socket.SOCK_STREAM)
     try:
+        keepalive.apply(listener)  # the peer's socket inherits it: a flow like any other
         await listener.bind((listen_ip, 0))
         listener.listen(1)
         bound = listener.getsockname()

@@ -155,8 +155,8 @@ class UdpAssociation:
         else:
             try:
                 infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-            except socket.gaierror as exc:
-                log.debug("UDP relay: cannot resolve %s: %s", host, exc)
+            except (socket.gaierror, ValueError) as exc:  # ValueError: IDNA, NUL
+                log.debug("UDP relay: cannot resolve %r: %s", host, exc)
                 return None
             addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             if len(self.names) >= MAX_NAMES:

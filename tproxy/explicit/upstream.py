@@ -21,6 +21,8 @@ from ..engine import Engine
 from ..errors import ConnectError, most_telling
 from ..flow import Address
 from ..protocols import Policy
+from ..protocols.hostname import host_name_problem
+from ..protocols.socks_request import shown_name
 
 
 class DestinationDenied(Exception):
@@ -40,14 +42,24 @@ async def resolve(host: str, port: int) -> list[str]:
     """The IP addresses of ``host`` in resolver order, without repeats.
 
     An IP literal is its own answer; a name that cannot be resolved is a
-    :class:`ConnectError` of kind ``dns``.
+    :class:`ConnectError` of kind ``dns``. So is a name that cannot even be
+    asked for: the protocol parsers refuse such names already
+    (:mod:`tproxy.protocols.hostname`), but a forward target or any other
+    caller may still hand one over, and ``getaddrinfo`` raises
+    ``UnicodeError`` (IDNA: ``a..b``, a 64-byte label) or ``ValueError``
+    (a NUL) for them instead of ``gaierror``.
     """
     if is_ip_literal(host):
         return [host]
+    problem = host_name_problem(host)
+    if problem is not None:
+        raise ConnectError("dns", f"cannot resolve {shown_name(host)}: {problem}")
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ConnectError("dns", f"cannot resolve {host}: {exc.strerror}") from None
+        raise ConnectError("dns", f"cannot resolve {shown_name(host)}: {exc.strerror}") from None
+    except ValueError as exc:  # UnicodeError included: names the codec cannot encode
+        raise ConnectError("dns", f"cannot resolve {shown_name(host)}: {exc}") from None
     addresses: list[str] = []
     for info in infos:
         ip = str(info[4][0])

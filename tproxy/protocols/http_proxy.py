@@ -24,7 +24,9 @@ is relayed as is; a request with both, or with conflicting Content-Lengths,
 is refused (400) so the upstream can never frame it differently from us.
 
 Errors (:class:`HttpProxyError`, with ``status`` and the full response in
-``reply``): malformed head -> 400; HTTP version other than 1.0/1.1 -> 505;
+``reply``): malformed head -> 400, a host that cannot name a host (empty
+or over-long label, over 253 bytes, not IDNA: :mod:`.hostname`) included;
+HTTP version other than 1.0/1.1 -> 505;
 head larger than ``max_head_size`` -> 431 (Request Header Fields Too Large:
 also used for an over-long request line, so that one status means "too
 big"); credentials required and missing or wrong -> 407 with
@@ -47,6 +49,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .base import ConnectFailure, ProtocolError, RequestHandshake, classify_error
+from .hostname import host_name_problem
+from .socks_request import shown_name
 
 Authenticator = Callable[[str, str], bool]
 """``authenticate(user, password) -> bool``, e.g. ``Policy.check_credentials``."""
@@ -243,7 +247,10 @@ def parse_authority(authority: str, default_port: int | None) -> tuple[str, int]
             host, port_text_ = authority, ""
         port_text = port_text_ if colon else None
         if not host or not _REG_NAME.fullmatch(host):
-            raise _bad(f"bad host in {authority!r}")
+            raise _bad(f"bad host in {shown_name(authority)}")
+        problem = host_name_problem(host)
+        if problem is not None:
+            raise _bad(f"bad host: {problem} ({shown_name(host)})")
     if port_text is None or port_text == "":
         if default_port is None:
             raise _bad(f"no port in {authority!r}")

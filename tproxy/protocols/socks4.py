@@ -25,7 +25,7 @@ import ipaddress
 from enum import IntEnum
 
 from .base import RequestHandshake
-from .socks_request import SocksCommand, SocksError, SocksRequest, decode_host_name
+from .socks_request import SocksCommand, SocksError, SocksRequest, host_name_refusal
 
 Address = tuple[str, int]
 
@@ -68,8 +68,9 @@ class Socks4Handshake(RequestHandshake[SocksRequest]):
     ``receive_data`` returns ``[SocksRequest]`` once the request is complete
     (``version=4``, ``user`` = the user id or ``None``, ``is_domain`` for
     4a), ``[]`` while more bytes are needed, or raises :class:`SocksError`
-    with the 91 reply: unknown version or command, empty or undecodable 4a
-    name, request over ``max_size`` bytes, or ``allowed=False`` (a
+    with the 91 reply: unknown version or command, a 4a name that cannot
+    name a host (see :func:`~.socks_request.host_name_refusal`), request
+    over ``max_size`` bytes, or ``allowed=False`` (a
     SOCKS4 request on a listener that requires credentials: SOCKS4 cannot
     carry a password, so it is refused once the request is read).
     """
@@ -149,9 +150,13 @@ class Socks4Handshake(RequestHandshake[SocksRequest]):
         user = raw_user.decode("utf-8", "replace") if raw_user else None
         port = int.from_bytes(buf[2:4], "big")
         if is_4a:
-            host = decode_host_name(bytes(buf[self._user_end + 1 : end]))
-            if host is None:
-                raise SocksError("SOCKS4a request with an invalid host name", REJECTED_REPLY)
+            raw_name = bytes(buf[self._user_end + 1 : end])
+            refusal = host_name_refusal(raw_name)
+            if refusal is not None:
+                raise SocksError(
+                    f"SOCKS4a request with an invalid host name: {refusal}", REJECTED_REPLY
+                )
+            host = raw_name.decode("utf-8")
         else:
             host = str(ipaddress.IPv4Address(bytes(buf[4:8])))
         if not self.allowed:

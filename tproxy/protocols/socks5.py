@@ -15,8 +15,13 @@ and raises (RFC 1929: the server must close).
 
 Request errors raise :class:`SocksError` carrying a full SOCKS5 reply: an
 unknown CMD gets 0x07 (command not supported), an unknown ATYP 0x08 (address
-type not supported), a domain name that is empty or not UTF-8 text 0x04
-(host unreachable: no such host can exist), anything else malformed 0x01.
+type not supported), a domain name that cannot name a host 0x04 (host
+unreachable: no such host can exist), anything else malformed 0x01. A name
+cannot name a host when it is empty, not UTF-8, holds a control character
+or space, has an empty label (``a..b``) or one over 63 bytes, is over 253
+bytes, or is not IDNA (:mod:`.hostname`). 0x04 rather than 0x08: the
+address *type* (a domain name) is supported; this name reaches no host, the
+same answer a name the resolver does not know gets.
 
 When several messages arrive in one ``receive_data`` (a pipelining client)
 and a later one fails, the error's ``reply`` starts with the replies to the
@@ -38,7 +43,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .base import ConnectFailure, Reply, RequestHandshake, classify_error
-from .socks_request import SocksCommand, SocksError, SocksRequest, decode_host_name
+from .socks_request import (
+    SocksCommand,
+    SocksError,
+    SocksRequest,
+    decode_host_name,
+    host_name_refusal,
+)
 
 Address = tuple[str, int]
 Authenticator = Callable[[str, str], bool]
@@ -364,10 +375,11 @@ class Socks5Handshake(RequestHandshake[SocksRequest]):
         if not self._have(end):
             return None
         command = SocksCommand(buf[1])
+        raw_name = bytes(buf[5 : end - 2])
         self._eat(end)
         if host is None:
             raise SocksError(
-                "SOCKS5 request with an invalid host name",
+                f"SOCKS5 request with an invalid host name: {host_name_refusal(raw_name)}",
                 socks5_reply(Socks5Reply.HOST_UNREACHABLE),
             )
         self._request = SocksRequest(

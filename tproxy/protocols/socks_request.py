@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from .base import ProtocolError
+from .hostname import host_name_problem
 
 
 class SocksCommand(IntEnum):
@@ -54,19 +55,35 @@ class SocksRequest:
         return (self.host, self.port)
 
 
-def decode_host_name(raw: bytes) -> str | None:
-    """A host name sent by the client, or ``None`` if it cannot name a host.
+def host_name_refusal(raw: bytes) -> str | None:
+    """Why the name bytes ``raw`` sent by a client cannot name a host, or ``None``.
 
     Names are UTF-8 (plain ASCII in practice; an IDN stays in Unicode, the
-    resolver encodes it). Empty names and names with control characters or
-    spaces are refused so they never reach a resolver or a log line.
+    resolver encodes it). Refused, so that they never reach a resolver:
+    empty names, bytes that are not UTF-8, control characters and spaces,
+    and whatever :func:`~tproxy.protocols.hostname.host_name_problem`
+    refuses (empty or over-long labels, names over 253 bytes, non-IDNA).
+    The phrase names the problem and a short, quoted start of the name.
     """
-    if not raw:
-        return None
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
+        return f"host name is not UTF-8 ({shown_name(raw)})"
+    problem = host_name_problem(name)
+    return None if problem is None else f"{problem} ({shown_name(raw)})"
+
+
+def shown_name(raw: bytes | str, limit: int = 40) -> str:
+    """A client's name as safe for a log line: quoted, escaped, at most ``limit`` characters."""
+    text = ascii(raw[:limit])
+    return text + ("..." if len(raw) > limit else "")
+
+
+def decode_host_name(raw: bytes) -> str | None:
+    """A host name sent by the client, or ``None`` if it cannot name a host.
+
+    See :func:`host_name_refusal` for what is refused.
+    """
+    if host_name_refusal(raw) is not None:
         return None
-    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in name):
-        return None
-    return name
+    return raw.decode("utf-8")
