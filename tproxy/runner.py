@@ -21,8 +21,9 @@ from . import explicit, loading, routing, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
-from .server import Door, Handler, Server
+from .server import Door, Handler
 from .sockets import SourcePolicy
+from .udp import door as udp
 
 log = logging.getLogger("tproxy")
 
@@ -39,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         type=_mode,
         metavar="MODE@HOST:PORT",
-        help="a listener: transparent, socks, http or forward:HOST:PORT, at HOST:PORT "
+        help="a listener: transparent (TCP and UDP), transparent-udp, socks, http or "
+        "forward:HOST:PORT, at HOST:PORT "
         "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
         "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
     )
@@ -102,6 +104,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     routing.add_run_arguments(p)
     explicit.add_arguments(p)
     workers.add_arguments(p)
+    udp.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -137,11 +140,17 @@ def main(args: argparse.Namespace) -> int:
         worker.configure()  # flow ids, log prefix, exit with the supervisor
         routing = None
     engine = Engine(config, factories)
-    doors = open_doors(specs, engine, args, reuse_port=worker is not None)
+    udp_config = udp.config_from(args)
+    doors = open_doors(udp.tcp_specs(specs), engine, args, reuse_port=worker is not None)
+    try:
+        udp_listeners = udp.open_listeners(specs, args, reuse_port=worker is not None)
+    except BaseException:
+        for door in doors:
+            door.close()
+        raise
     if worker is not None:
         worker.ready()
-    server = Server(engine, doors)
-    trio.run(server.serve, routing)
+    trio.run(udp.serve, engine, doors, udp_listeners, udp_config, routing)
     log.info("stopped after %d flow(s)", engine.total)
     if worker is not None:
         worker.finished(engine.total)
