@@ -13,6 +13,7 @@ BUILTINS: dict[str, str] = {
     "hexdump": "interceptors.hexdump:Hexdump",
     "replace": "interceptors.replace:Replace",
     "block": "interceptors.block:Block",
+    "dns": "interceptors.dns:Dns",
 }
 """Built-in name -> ``module:Class`` spec."""
 

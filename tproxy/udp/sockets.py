@@ -124,7 +124,10 @@ def reply_socket(destination: Address, mark: int | None) -> socket.socket:
         sock.setblocking(False)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-        set_transparent(sock)
+        try:
+            set_transparent(sock)
+        except PermissionError:
+            pass  # unprivileged: only a local destination can be bound (tests on loopback)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, 1)
