@@ -36,7 +36,7 @@ import resource
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,9 +114,17 @@ class UdpRelay:
     total; the relay keeps its own session table (not ``engine.live``).
     """
 
-    def __init__(self, engine: Any, config: UdpConfig) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        config: UdpConfig,
+        *,
+        open_reply: Callable[[Address, int | None], socket.socket] = reply_socket,
+    ) -> None:
         self.engine = engine
         self.config = config
+        self._open_reply = open_reply
+        """Makes the reply socket of a destination (replaceable in unprivileged tests)."""
         self.sessions: OrderedDict[SessionKey, Session] = OrderedDict()
         """Live sessions, least recently active first."""
         self.replies: dict[Address, _Reply] = {}
@@ -390,7 +398,7 @@ class UdpRelay:
     def _acquire_reply(self, destination: Address) -> socket.socket:
         reply = self.replies.get(destination)
         if reply is None:
-            reply = _Reply(reply_socket(destination, self.config.mark))
+            reply = _Reply(self._open_reply(destination, self.config.mark))
             self.replies[destination] = reply
             assert self._nursery is not None
             self._nursery.start_soon(self._read_reply, destination, reply)
