@@ -38,6 +38,10 @@ MAX_DATAGRAM = 65535
 ANCILLARY_SPACE = socket.CMSG_SPACE(28)
 """Room for one ``sockaddr_in6`` (28 bytes), the larger of the two."""
 
+LISTENER_BUFFER = 4 * 2**20
+"""Receive buffer of a listener: a burst of new sessions' first datagrams queues here."""
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
 _SOCKADDR_IN = struct.Struct("!2xH4s")
 _SOCKADDR_IN6 = struct.Struct("!2xH4x16s")
 
@@ -60,6 +64,10 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
         else:
             sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
         set_transparent(sock)
+        try:  # beyond net.core.rmem_max, which needs the privilege TPROXY needs anyway
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, LISTENER_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_BUFFER)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:
