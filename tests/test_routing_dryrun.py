@@ -122,3 +122,56 @@ def test_missing_interface_and_not_root_are_exit_2(
     for command in (["teardown"], ["status"]):
         assert main(command) == 2
         assert "must be root" in capsys.readouterr().err
+
+
+EXPECTED_UDP_V6 = """\
+ip -6 route add local ::/0 dev lo table 100 proto 116
+ip -6 rule add fwmark 0x1/0xffffffff lookup 100 priority 100 protocol 116
+ip6tables-legacy -t mangle -N TPROXY_DIVERT
+ip6tables-legacy -t mangle -N TPROXY_PRE
+ip6tables-legacy -t mangle -A TPROXY_DIVERT -m comment --comment tproxy:default -j MARK --set-xmark 0x1/0xffffffff
+ip6tables-legacy -t mangle -A TPROXY_DIVERT -m comment --comment tproxy:default -j ACCEPT
+ip6tables-legacy -t mangle -A TPROXY_PRE -i eth1 -p udp -m udp --sport 53 -m socket --transparent -m comment --comment tproxy:default -j TPROXY_DIVERT
+ip6tables-legacy -t mangle -A TPROXY_PRE -i eth0 -p udp -m udp --dport 53 -m comment --comment tproxy:default -j TPROXY --on-port 9091 --on-ip ::1 --tproxy-mark 0x1/0xffffffff
+ip6tables-legacy -t mangle -I PREROUTING 1 -m comment --comment tproxy:default -j TPROXY_PRE
+ip6tables-legacy -t filter -I FORWARD 1 -i eth0 -p udp -m udp --dport 443 -m comment --comment tproxy:default -j REJECT --reject-with icmp6-port-unreachable
+"""  # noqa: E501
+
+
+def test_setup_dry_run_udp_and_block_quic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["setup", "eth0", "eth1", "--udp-port", "53", "--block-quic", "--ipv6",
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out == EXPECTED_UDP_V6
+    plan = make_plan(build_request("eth0", "eth1", None, udp_ports="53", block_quic=True,
+                                   ipv6=True))
+    undo = teardown_commands(plan)
+    assert undo[1] == ("ip6tables-legacy -t filter -D FORWARD -i eth0 -p udp -m udp --dport 443"
+                       " -m comment --comment tproxy:default -j REJECT --reject-with "
+                       "icmp6-port-unreachable")
+
+
+def test_tcp_and_udp_ports_together(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["setup", "eth0", "eth1", "-p", "80", "--udp-port", "53", "--udp-port", "123",
+                 "--ipv4", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tproxy = [line.split(" -m comment")[0].split("TPROXY_PRE ")[1] for line in lines
+              if "-j TPROXY --on-port" in line]
+    assert tproxy == ["-i eth0 -p tcp -m tcp --dport 80", "-i eth0 -p udp -m udp --dport 53",
+                      "-i eth0 -p udp -m udp --dport 123"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--udp-port", "65536"], "out of range"),
+        (["--udp-port", "53,abc"], "not a number"),
+        (["--udp-port", "443", "--block-quic"], "block-quic"),
+        (["--block-quic"], "no ports"),
+    ],
+)
+def test_bad_udp_input_is_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["setup", "eth0", "eth1", *argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -14,6 +14,7 @@ from tproxy.routing.plan import (
     MangleRule,
     PlanError,
     PlanRequest,
+    Reject,
     SetMark,
     Tproxy,
     build_request,
@@ -152,5 +153,65 @@ def test_request_and_items_survive_json() -> None:
     request = build_request("eth0", "eth1", "80,1000-2000", mark="3/0xf", ipv6=True)
     again = PlanRequest.from_json(json.loads(json.dumps(request.to_json())))
     assert again == request
+    for item in make_plan(request).items:
+        assert item_from_json(json.loads(json.dumps(item_to_json(item)))) == item
+
+
+def test_udp_ports_divert_to_the_same_proxy_port() -> None:
+    items = make_plan(build_request("eth0", "eth1", "80", udp_ports="53,5000-5100",
+                                    ipv4=True)).items
+    rules = [i for i in items if isinstance(i, MangleRule) and i.chain == "TPROXY_PRE"]
+    assert [(r.protocol, r.in_interface, r.dport, r.sport, type(r.target).__name__,
+             r.socket_transparent, r.not_syn) for r in rules] == [
+        ("tcp", "eth0", PortRange(80, 80), None, "Jump", True, True),
+        ("tcp", "eth1", None, PortRange(80, 80), "Jump", True, False),
+        # UDP: only servers' replies take the socket shortcut; clients' datagrams meet TPROXY
+        ("udp", "eth1", None, PortRange(53, 53), "Jump", True, False),
+        ("udp", "eth1", None, PortRange(5000, 5100), "Jump", True, False),
+        ("tcp", "eth0", PortRange(80, 80), None, "Tproxy", False, False),
+        ("udp", "eth0", PortRange(53, 53), None, "Tproxy", False, False),
+        ("udp", "eth0", PortRange(5000, 5100), None, "Tproxy", False, False),
+    ]
+    tproxies = {r.target for r in rules if isinstance(r.target, Tproxy)}
+    assert tproxies == {Tproxy("127.0.0.1", 9091, 1, 0xFFFFFFFF)}
+
+
+def test_udp_only_plan_both_families() -> None:
+    items = make_plan(build_request("eth0", "eth1", None, udp_ports="53")).items
+    assert {i.protocol for i in items if isinstance(i, MangleRule) and i.protocol} == {"udp"}
+    tproxies = [i for i in items if isinstance(i, MangleRule) and isinstance(i.target, Tproxy)]
+    assert [(t.family, t.target.on_ip) for t in tproxies] == [  # type: ignore[union-attr]
+        (4, "127.0.0.1"), (6, "::1")]
+    with pytest.raises(PlanError, match="no ports"):
+        build_request("eth0", "eth1", None)
+    with pytest.raises(PlanError, match="no ports"):
+        build_request("eth0", "eth1", [], udp_ports=[])
+    with pytest.raises(PlanError, match="out of range"):
+        build_request("eth0", "eth1", None, udp_ports="65536")
+
+
+def test_block_quic_rejects_udp_443_in_filter_forward() -> None:
+    items = make_plan(build_request("eth0", "eth1", "80,443", block_quic=True)).items
+    rejects = [i for i in items if isinstance(i, MangleRule) and isinstance(i.target, Reject)]
+    assert rejects == [
+        MangleRule(f, "FORWARD", Reject(), "tproxy:default", "eth0", "udp",
+                   dport=PortRange(443, 443), first=True, table="filter")
+        for f in (4, 6)
+    ]
+    assert all(i.table == "mangle" for i in items if isinstance(i, MangleRule)
+               and not isinstance(i.target, Reject))
+    with pytest.raises(PlanError, match="block-quic"):
+        build_request("eth0", "eth1", "80", udp_ports="400-500", block_quic=True)
+
+
+def test_records_without_udp_fields_still_load() -> None:
+    request = build_request("eth0", "eth1", "80", udp_ports="53", block_quic=True)
+    data = json.loads(json.dumps(request.to_json()))
+    assert data["udp_ports"] == [[53, 53]] and data["block_quic"] is True
+    assert PlanRequest.from_json(data) == request
+    for key in ("udp_ports", "block_quic"):
+        del data[key]
+    old = PlanRequest.from_json(data)
+    assert old.udp_ports == () and old.block_quic is False
     for item in make_plan(request).items:
         assert item_from_json(json.loads(json.dumps(item_to_json(item)))) == item

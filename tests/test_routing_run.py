@@ -86,3 +86,13 @@ def test_leftover_of_a_killed_run_is_adopted_setup_one_is_left(kernel: MemoryKer
     with installed_for_run(args, 9091):
         pass
     assert kernel.items == list(plan.items)
+
+
+def test_udp_port_and_block_quic_pass_through() -> None:
+    args = run_args("--setup", "in0", "out0", "--port", "80", "--udp-port", "53",
+                    "--block-quic")
+    request = plan_for_run(args, 9091, "127.0.0.1", "::1").request
+    assert [str(p) for p in request.udp_ports] == ["53"] and request.block_quic
+    udp_only = plan_for_run(run_args("--setup", "in0", "out0", "--udp-port", "53"), 9091,
+                            "127.0.0.1", None).request
+    assert udp_only.ports == () and udp_only.families == (4,)

@@ -46,7 +46,12 @@ def add_plan_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> Non
     """
     group = parser.add_argument_group("routing plan")
     group.add_argument("-p", "--port", dest="route_ports", action="append", metavar="PORTS",
-                       help="destination ports to divert: 80,443,8000-8100 (repeatable)")
+                       help="TCP destination ports to divert: 80,443,8000-8100 (repeatable)")
+    group.add_argument("--udp-port", dest="route_udp_ports", action="append", metavar="PORTS",
+                       help="UDP destination ports to divert to the same proxy port "
+                            "(alongside or instead of --port; repeatable)")
+    group.add_argument("--block-quic", dest="route_block_quic", action="store_true",
+                       help="reject UDP/443 from IN so browsers fall back to TCP")
     group.add_argument(f"--{prefix}instance", dest="route_instance", default=DEFAULT_INSTANCE,
                        metavar="NAME",
                        help="name of this installation; several may coexist (default: default)")
@@ -69,11 +74,13 @@ def request_from_args(args: argparse.Namespace, in_interface: str, out_interface
     """Build the request from parsed plan options; :class:`UsageError` if bad."""
     from .plan import build_request
 
-    if not args.route_ports:
-        raise UsageError("no ports to divert: give --port PORTS")
+    if not args.route_ports and not args.route_udp_ports:
+        raise UsageError("no ports to divert: give --port PORTS and/or --udp-port PORTS")
     try:
         return build_request(
             in_interface, out_interface, args.route_ports,
+            udp_ports=args.route_udp_ports,
+            block_quic=args.route_block_quic,
             proxy_port=proxy_port,
             proxy_addresses=proxy_addresses,
             mark=args.route_mark,
@@ -174,8 +181,15 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 
 def _describe_request(request: PlanRequest) -> str:
-    ports = ",".join(str(p) for p in request.ports)
+    parts = []
+    if request.ports:
+        parts.append("tcp " + ",".join(str(p) for p in request.ports))
+    if request.udp_ports:
+        parts.append("udp " + ",".join(str(p) for p in request.udp_ports))
+    ports = " + ".join(parts)
     fams = "+".join(f"IPv{f}" for f in request.families)
+    if request.block_quic:
+        fams += ", QUIC (udp/443) rejected"
     addresses = "/".join(request.proxy_v4 if f == 4 else request.proxy_v6
                          for f in request.families)
     return (f"{request.in_interface} -> {request.out_interface}, ports {ports} -> "
@@ -188,7 +202,7 @@ def _line(item: object) -> str:
     from .plan import UnknownRule
 
     if isinstance(item, UnknownRule):
-        return f"iptables rule in {item.chain}: {item.text}"
+        return f"iptables rule in {item.table} {item.chain}: {item.text}"
     return describe(item)  # type: ignore[arg-type]
 
 

@@ -22,6 +22,7 @@ from .plan import (
     LocalRoute,
     MangleRule,
     Plan,
+    Reject,
     SetMark,
     Tproxy,
     UnknownRule,
@@ -57,6 +58,9 @@ def rule_spec(rule: MangleRule) -> list[str]:
         args += ["-j", "ACCEPT"]
     elif isinstance(target, SetMark):
         args += ["-j", "MARK", "--set-xmark", f"{target.mark:#x}/{target.mask:#x}"]
+    elif isinstance(target, Reject):
+        icmp = "icmp6" if rule.family == 6 else "icmp"
+        args += ["-j", "REJECT", "--reject-with", f"{icmp}-port-unreachable"]
     elif isinstance(target, Tproxy):
         args += [
             "-j", "TPROXY",
@@ -77,7 +81,7 @@ def add_command(item: Item) -> list[str]:
         return [IPTABLES[item.family], "-t", "mangle", "-N", item.name]
     if isinstance(item, MangleRule):
         where = ["-I", item.chain, "1"] if item.first else ["-A", item.chain]
-        return [IPTABLES[item.family], "-t", "mangle", *where, *rule_spec(item)]
+        return [IPTABLES[item.family], "-t", item.table, *where, *rule_spec(item)]
     if isinstance(item, IpRule):
         return [*_ip(item.family), "rule", "add", *_rule_args(item)]
     if isinstance(item, LocalRoute):
@@ -88,13 +92,13 @@ def add_command(item: Item) -> list[str]:
 def remove_commands(item: Item | UnknownRule) -> list[list[str]]:
     """The argv(s) that remove one item (a chain is flushed, then deleted)."""
     if isinstance(item, UnknownRule):
-        return [[IPTABLES[item.family], "-t", "mangle", "-D", item.chain,
+        return [[IPTABLES[item.family], "-t", item.table, "-D", item.chain,
                  *shlex.split(item.text)]]
     if isinstance(item, Chain):
         base = [IPTABLES[item.family], "-t", "mangle"]
         return [[*base, "-F", item.name], [*base, "-X", item.name]]
     if isinstance(item, MangleRule):
-        return [[IPTABLES[item.family], "-t", "mangle", "-D", item.chain, *rule_spec(item)]]
+        return [[IPTABLES[item.family], "-t", item.table, "-D", item.chain, *rule_spec(item)]]
     if isinstance(item, IpRule):
         return [[*_ip(item.family), "rule", "del", *_rule_args(item)]]
     if isinstance(item, LocalRoute):

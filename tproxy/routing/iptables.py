@@ -47,6 +47,7 @@ from .plan import (
     Item,
     Jump,
     MangleRule,
+    Reject,
     SetMark,
     Target,
     Tproxy,
@@ -60,6 +61,8 @@ from .ports import PortRange
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 _ANY4 = "0.0.0.0/0.0.0.0"
 _ANY6 = "::/0"
+#: Tables besides mangle where rules of ours may be (``--block-quic``'s REJECT).
+OTHER_TABLES = ("filter",)
 #: ``! --syn`` as python-iptables spells it (``--syn`` is ``--tcp-flags FIN,SYN,RST,ACK SYN``).
 _NOT_SYN = ("!", "FIN,SYN,RST,ACK", "SYN")
 
@@ -87,6 +90,16 @@ def xtables_lock() -> Iterator[None]:
         os.close(fd)
 
 
+def instantiated_tables(family: int) -> set[str]:
+    """The legacy tables that exist in this namespace (opening one would create it)."""
+    name = "/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names"
+    try:
+        with open(name) as handle:
+            return {line.strip() for line in handle if line.strip()}
+    except OSError:
+        return set()
+
+
 class FamilyTables:
     """Chains and mangle rules of one family via python-iptables (runs in a worker)."""
 
@@ -102,15 +115,15 @@ class FamilyTables:
         return self._mod.Table6, self._mod.Rule6
 
     @contextlib.contextmanager
-    def _table(self, family: Family, write: bool) -> Iterator[Any]:
+    def _table(self, family: Family, write: bool, which: str = "mangle") -> Iterator[Any]:
         table_cls, _ = self._classes(family)
         known = table_cls.existing_table_names
         saved = dict(known)
         for name in table_cls.ALL:
-            known[name] = name == "mangle"
+            known[name] = name == which
         try:
             with xtables_lock() if write else contextlib.nullcontext():
-                table = table_cls(table_cls.MANGLE)
+                table = table_cls(which)
                 table.autocommit = False
                 table.refresh()
                 yield table
@@ -146,6 +159,9 @@ class FamilyTables:
             built.create_target("ACCEPT")
         elif isinstance(target, SetMark):
             built.create_target("MARK").set_xmark = f"{target.mark:#x}/{target.mask:#x}"
+        elif isinstance(target, Reject):
+            icmp = "icmp6" if rule.family == 6 else "icmp"
+            built.create_target("REJECT").reject_with = f"{icmp}-port-unreachable"
         elif isinstance(target, Tproxy):
             made = built.create_target("TPROXY")
             made.on_port = str(target.on_port)
@@ -160,8 +176,9 @@ class FamilyTables:
 
     def add(self, item: Item) -> None:
         step = describe(item)
+        which = item.table if isinstance(item, MangleRule) else "mangle"
         try:
-            with self._table(item.family, write=True) as table:
+            with self._table(item.family, write=True, which=which) as table:
                 if isinstance(item, Chain):
                     if table.is_chain(item.name):
                         raise StepError(step, f"chain {item.name} already exists")
@@ -182,8 +199,11 @@ class FamilyTables:
 
     def remove(self, item: Item | UnknownRule) -> bool:
         step = describe(item) if not isinstance(item, UnknownRule) else item.text
+        which = "mangle" if isinstance(item, Chain) else item.table
+        if which != "mangle" and which not in instantiated_tables(item.family):
+            return False  # never instantiate a table just to look for our rule in it
         try:
-            with self._table(item.family, write=True) as table:
+            with self._table(item.family, write=True, which=which) as table:
                 if isinstance(item, Chain):
                     if not table.is_chain(item.name):
                         return False
@@ -194,7 +214,7 @@ class FamilyTables:
                     return False
                 chain = self._mod.Chain(table, item.chain)
                 for live in chain.rules:
-                    if self._parse(item.family, item.chain, live) == item:
+                    if self._parse(item.family, item.chain, live, which) == item:
                         chain.delete_rule(live)
                         return True
                 return False
@@ -205,22 +225,24 @@ class FamilyTables:
 
     def installed(self) -> list[Item | UnknownRule]:
         found: list[Item | UnknownRule] = []
-        for family in (self.family,):
+        family = self.family
+        tables = ["mangle"] + [t for t in OTHER_TABLES if t in instantiated_tables(family)]
+        for which in tables:
             try:
-                with self._table(family, write=False) as table:
+                with self._table(family, write=False, which=which) as table:
                     for chain in table.chains:
-                        ours = instance_of_chain(chain.name) is not None
+                        ours = which == "mangle" and instance_of_chain(chain.name) is not None
                         if ours:
                             found.append(Chain(family, chain.name))
                         for live in chain.rules:
-                            parsed = self._parse(family, chain.name, live)
+                            parsed = self._parse(family, chain.name, live, which)
                             comment = parsed.comment
                             if ours or (comment or "").startswith(COMMENT_PREFIX):
                                 found.append(parsed)
             except StepError:
                 raise
             except Exception as exc:
-                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables mangle",
+                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables {which}",
                                 _error_text(exc)) from exc
         return found
 
@@ -231,7 +253,8 @@ class FamilyTables:
 
     # -- reading rules back
 
-    def _parse(self, family: Family, chain: str, live: Any) -> MangleRule | UnknownRule:
+    def _parse(self, family: Family, chain: str, live: Any,
+               which: str = "mangle") -> MangleRule | UnknownRule:
         """Turn a live rule into a :class:`MangleRule`, or an :class:`UnknownRule`."""
         matches = [(m.name, m.get_all_parameters()) for m in live.matches]
         target_name = live.target.name if live.target else ""
@@ -241,7 +264,7 @@ class FamilyTables:
             if name == "comment":
                 comment = " ".join(params.get("comment", []))
         text = _rule_text(live, matches, target_name, target_params)
-        unknown = UnknownRule(family, chain, text, comment)
+        unknown = UnknownRule(family, chain, text, comment, which)
         any_addr = _ANY4 if family == 4 else _ANY6
         if (live.src not in (any_addr, None) or live.dst not in (any_addr, None)
                 or live.out_interface or comment is None):
@@ -263,14 +286,15 @@ class FamilyTables:
                 transparent = True
             elif name != "comment":
                 return unknown
-        target = _parse_target(target_name, target_params)
+        target = _parse_target(family, target_name, target_params)
         if target is None or (dport is False or sport is False):
             return unknown
         return MangleRule(
             family, chain, target, comment, live.in_interface or None, protocol,
             dport=dport or None, sport=sport or None, not_syn=not_syn,
             socket_transparent=transparent,
-            first=chain == "PREROUTING",
+            first=chain in ("PREROUTING", "FORWARD"),
+            table=which,
         )
 
 
@@ -294,9 +318,12 @@ def _mark(values: list[str]) -> tuple[int, int] | None:
         return None
 
 
-def _parse_target(name: str, params: dict[str, list[str]]) -> Target | None:
+def _parse_target(family: Family, name: str, params: dict[str, list[str]]) -> Target | None:
     if name == "ACCEPT" and not params:
         return Accept()
+    icmp = "icmp6" if family == 6 else "icmp"
+    if name == "REJECT" and params == {"reject-with": [f"{icmp}-port-unreachable"]}:
+        return Reject()
     if name == "MARK" and set(params) == {"set-xmark"}:
         mark = _mark(params["set-xmark"])
         return SetMark(*mark) if mark else None

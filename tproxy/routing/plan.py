@@ -97,6 +97,15 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Reject:
+    """``-j REJECT --reject-with icmp-port-unreachable`` (``icmp6-`` for IPv6).
+
+    Only valid in the filter table; used by ``--block-quic`` so a browser's
+    QUIC attempt fails at once and it falls back to TCP.
+    """
+
+
+@dataclass(frozen=True)
 class Tproxy:
     """``-j TPROXY --on-port PORT --on-ip IP --tproxy-mark MARK/MASK``."""
 
@@ -106,7 +115,7 @@ class Tproxy:
     mask: int
 
 
-Target = Jump | SetMark | Accept | Tproxy
+Target = Jump | SetMark | Accept | Tproxy | Reject
 
 
 @dataclass(frozen=True)
@@ -119,10 +128,11 @@ class Chain:
 
 @dataclass(frozen=True)
 class MangleRule:
-    """One rule in the mangle table; matches are in iptables-save order.
+    """One rule in the mangle table (or ``table``); matches are in iptables-save order.
 
     ``first`` means "insert at the top of the chain" (our PREROUTING jump);
-    otherwise the rule is appended.
+    otherwise the rule is appended. ``table`` is ``filter`` only for the
+    ``--block-quic`` reject rule (REJECT is not allowed in mangle).
     """
 
     family: Family
@@ -137,6 +147,7 @@ class MangleRule:
     not_syn: bool = False
     socket_transparent: bool = False
     first: bool = False
+    table: str = "mangle"
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,7 @@ class UnknownRule:
     chain: str
     text: str
     comment: str | None
+    table: str = "mangle"
 
     @property
     def instance(self) -> str | None:
@@ -209,21 +221,32 @@ class PlanRequest:
     priority: int = DEFAULT_PRIORITY
     families: tuple[Family, ...] = (4, 6)
     instance: str = DEFAULT_INSTANCE
+    #: UDP destination ports diverted to the same proxy port (``--udp-port``).
+    udp_ports: tuple[PortRange, ...] = ()
+    #: Reject UDP/443 from IN (``--block-quic``), so browsers fall back to TCP.
+    block_quic: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (ports as ``[first, last]`` pairs)."""
         data = asdict(self)
-        data["ports"] = [[r.first, r.last] for r in self.ports]
+        for key in _PORT_FIELDS:
+            data[key] = [[r.first, r.last] for r in getattr(self, key)]
         data["families"] = list(self.families)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PlanRequest:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json` (fields missing from older records keep defaults)."""
         data = dict(data)
-        data["ports"] = tuple(PortRange(a, b) for a, b in data["ports"])
+        for key in _PORT_FIELDS:
+            if key in data:
+                data[key] = tuple(PortRange(a, b) for a, b in data[key])
         data["families"] = tuple(data["families"])
         return cls(**data)
+
+
+_PORT_FIELDS = ("ports", "udp_ports")
+QUIC_PORT = PortRange(443, 443)
 
 
 @dataclass(frozen=True)
@@ -284,13 +307,25 @@ def make_plan(request: PlanRequest) -> Plan:
                 MangleRule(family, pre, Jump(divert), comment, request.out_interface, "tcp",
                            sport=ports, socket_transparent=True)
             )
-        for ports in request.ports:
+        # UDP: only the servers' replies take the socket shortcut. The client's
+        # datagrams always meet TPROXY, whose own socket lookup finds a session
+        # socket (transparent, bound to the original destination) before the listener.
+        for ports in request.udp_ports:
             items.append(
-                MangleRule(family, pre,
-                           Tproxy(on_ip, request.proxy_port, request.mark, request.mask),
-                           comment, request.in_interface, "tcp", dport=ports)
+                MangleRule(family, pre, Jump(divert), comment, request.out_interface, "udp",
+                           sport=ports, socket_transparent=True)
             )
+        tproxy = Tproxy(on_ip, request.proxy_port, request.mark, request.mask)
+        for ports in request.ports:
+            items.append(MangleRule(family, pre, tproxy, comment, request.in_interface, "tcp",
+                                    dport=ports))
+        for ports in request.udp_ports:
+            items.append(MangleRule(family, pre, tproxy, comment, request.in_interface, "udp",
+                                    dport=ports))
         items.append(MangleRule(family, "PREROUTING", Jump(pre), comment, first=True))
+        if request.block_quic:
+            items.append(MangleRule(family, "FORWARD", Reject(), comment, request.in_interface,
+                                    "udp", dport=QUIC_PORT, first=True, table="filter"))
     return Plan(request, tuple(items))
 
 
@@ -310,8 +345,11 @@ def validate_request(request: PlanRequest) -> None:
     for name in (request.in_interface, request.out_interface):
         if not _IFNAME_RE.match(name):
             raise PlanError(f"bad interface name {name!r}")
-    if not request.ports:
+    if not request.ports and not request.udp_ports:
         raise PlanError("no ports given")
+    if request.block_quic and any(r.first <= 443 <= r.last for r in request.udp_ports):
+        raise PlanError("--block-quic rejects UDP port 443, which --udp-port diverts: "
+                        "drop one of them")
     if not 1 <= request.proxy_port <= 65535:
         raise PlanError(f"proxy port {request.proxy_port} is out of range 1-65535")
     if not request.families or set(request.families) - {4, 6}:
@@ -362,8 +400,10 @@ def parse_mark(text: str) -> tuple[int, int]:
 def build_request(
     in_interface: str,
     out_interface: str,
-    ports: str | list[str],
+    ports: str | list[str] | None,
     *,
+    udp_ports: str | list[str] | None = None,
+    block_quic: bool = False,
     proxy_port: int | str = DEFAULT_PROXY_PORT,
     proxy_addresses: list[str] | None = None,
     mark: str = str(DEFAULT_MARK),
@@ -378,8 +418,11 @@ def build_request(
     ``ipv4``/``ipv6`` select families (neither means both). ``proxy_addresses``
     holds at most one address per family; a family not given keeps its default.
     """
+    if not ports and not udp_ports:
+        raise PlanError("no ports to divert: give --port and/or --udp-port")
     try:
-        port_ranges = parse_ports(ports)
+        port_ranges = parse_ports(ports) if ports else ()
+        udp_ranges = parse_ports(udp_ports) if udp_ports else ()
         proxy = parse_port(str(proxy_port), "proxy port")
     except PortSpecError as exc:
         raise PlanError(str(exc)) from None
@@ -412,6 +455,8 @@ def build_request(
         priority=parse_number(str(priority), "rule priority"),
         families=families,
         instance=instance,
+        udp_ports=udp_ranges,
+        block_quic=block_quic,
     )
     validate_request(request)
     return request
@@ -421,7 +466,7 @@ def build_request(
 
 _CODEC_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Jump, SetMark, Accept, Tproxy, Chain, MangleRule, IpRule, LocalRoute,
+    for cls in (Jump, SetMark, Accept, Tproxy, Reject, Chain, MangleRule, IpRule, LocalRoute,
                 UnknownRule, PortRange)
 }
 
