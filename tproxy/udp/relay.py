@@ -31,6 +31,7 @@ readability; one task expires idle sessions.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import resource
 import socket
@@ -170,7 +171,9 @@ class UdpRelay:
                     log.debug("udp: receive on %s failed: %s", format_address(own), exc)
                     continue
                 destination = original_destination(ancdata)
-                if destination is None or destination == own:
+                if destination is None or _is_self(destination, own):
+                    # Sent straight to the listener, not diverted: a session
+                    # toward the listener would feed it its own datagrams.
                     log.debug("udp: dropped a datagram from %s sent to the proxy itself",
                               source[:2])
                     continue
@@ -444,6 +447,18 @@ class UdpRelay:
                         await trio.lowlevel.checkpoint()
             except trio.ClosedResourceError:
                 return
+
+
+def _is_self(destination: Address, listener: Address) -> bool:
+    """Whether ``destination`` is the listener's own address (a wildcard covers loopback)."""
+    if destination[1] != listener[1]:
+        return False
+    if destination[0] == listener[0]:
+        return True
+    if listener[0] in ("0.0.0.0", "::"):
+        ip = ipaddress.ip_address(destination[0])
+        return ip.is_loopback or ip.is_unspecified
+    return False
 
 
 def raise_descriptor_limit(wanted: int) -> None:
