@@ -190,3 +190,20 @@ def _fmt(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+
+
+def test_workers_keep_each_session_in_one_process(topology: Topology) -> None:
+    """``--workers 2``: SO_REUSEPORT spreads clients, but a client's datagrams stay together."""
+    echo_server(topology.server, "::", ECHO_PORT, udp=True)
+    proxy = start_proxy(topology, ECHO_PORT, "--workers", "2")
+    socks = [topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
+    for round_ in range(3):
+        for s in socks:
+            s.settimeout(5)
+            s.sendto(b"r%d" % round_, (topology.server_ip4, ECHO_PORT))
+            data, _ = s.recvfrom(65535)
+            assert data.endswith(b"r%d" % round_)
+    log = topology.gateway.read_log(proxy)
+    opens = [line for line in log.splitlines() if "open mode=transparent-udp" in line]
+    assert len(opens) == 40  # one session per client, not one per worker it reached
+    assert any(" w0 " in line for line in opens) and any(" w1 " in line for line in opens)
