@@ -57,7 +57,7 @@ def start_proxy(topology: Topology, udp_port: int, *extra: str) -> subprocess.Po
     wait_until(
         lambda: proxy.poll() is None
         and gw.run(sys.executable, "-m", "tproxy", "status", check=False).returncode == 0,
-        15, "tproxy run --setup to install its routing",
+        60, "tproxy run --setup to install its routing",
     )
     assert proxy.poll() is None, gw.read_log(proxy)
     return proxy

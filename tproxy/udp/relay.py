@@ -24,21 +24,25 @@ have their own cap, which evicts instead of refusing).
 
 Everything but waiting is synchronous: sends are non-blocking and a
 datagram that does not fit a full socket buffer is dropped, as the network
-would drop it. One task per session socket and per reply socket waits for
-readability; one task expires idle sessions.
+would drop it. Listeners, session sockets and reply sockets sit in one
+epoll set of the relay's own, which a single task waits on through trio
+(an epoll descriptor is readable while any of its sockets is): a session
+costs one ``epoll_ctl`` and no task. One more task expires idle sessions.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import resource
+import select
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -88,7 +92,6 @@ class Session:
     sock: socket.socket
     chain: DatagramChain | None
     last: float
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reply: socket.socket | None = None
     ended: bool = False
 
@@ -105,7 +108,6 @@ class Session:
 class _Reply:
     sock: socket.socket
     users: int = 0
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class UdpRelay:
@@ -130,7 +132,9 @@ class UdpRelay:
         """Live sessions, least recently active first."""
         self.replies: dict[Address, _Reply] = {}
         self.evicted = 0
-        self._nursery: trio.Nursery | None = None
+        self._poll: select.epoll | None = None
+        self._readers: dict[int, Callable[[], None]] = {}
+        """What to call when a descriptor in the epoll set is readable."""
         self._wake = trio.Event()
 
     # -- running --------------------------------------------------------------
@@ -142,44 +146,74 @@ class UdpRelay:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve the listeners until cancelled; then end every session (``shutdown``)."""
+        self._poll = select.epoll()
         try:
+            for sock in listeners:
+                self._watch(sock, functools.partial(self._on_listener, sock, _local(sock)))
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for sock in listeners:
-                    nursery.start_soon(self._listen, sock)
                 nursery.start_soon(self._expire)
+                nursery.start_soon(self._dispatch)
                 task_status.started()
         finally:
-            self._nursery = None
             for session in list(self.sessions.values()):
                 self._end(session, EndReason.SHUTDOWN, "cancelled")
             for reply in self.replies.values():
                 reply.sock.close()
             self.replies.clear()
+            self._readers.clear()
+            poll, self._poll = self._poll, None
+            poll.close()
 
-    async def _listen(self, sock: socket.socket) -> None:
-        local = sock.getsockname()
-        own = (local[0], local[1])
+    def _watch(self, sock: socket.socket, reader: Callable[[], None]) -> None:
+        assert self._poll is not None
+        fd = sock.fileno()
+        self._poll.register(fd, select.EPOLLIN)
+        self._readers[fd] = reader
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self._readers.pop(fd, None) is not None and self._poll is not None:
+            self._poll.unregister(fd)
+
+    async def _dispatch(self) -> None:
+        """Wait for the epoll set; call the reader of every ready descriptor.
+
+        Level-triggered: a reader takes at most ``BATCH`` datagrams, and
+        what it leaves makes its descriptor ready again at the next round.
+        A descriptor closed (and its number reused) during a round gets a
+        call for nothing: readers only do non-blocking reads.
+        """
+        poll = self._poll
+        assert poll is not None
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(BATCH):
+            await trio.lowlevel.wait_readable(poll.fileno())
+            for fd, _events in poll.poll(0, 1024):
+                reader = self._readers.get(fd)
+                if reader is None:
+                    continue
                 try:
-                    data, ancdata, _flags, source = sock.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    log.debug("udp: receive on %s failed: %s", format_address(own), exc)
-                    continue
-                destination = original_destination(ancdata)
-                if destination is None or _is_self(destination, own):
-                    # Sent straight to the listener, not diverted: a session
-                    # toward the listener would feed it its own datagrams.
-                    log.debug("udp: dropped a datagram from %s sent to the proxy itself",
-                              source[:2])
-                    continue
-                self.from_client((source[0], source[1]), destination, data)
-            else:
-                await trio.lowlevel.checkpoint()
+                    reader()
+                except Exception:
+                    # a bug, not a peer: keep serving the other sessions
+                    log.exception("udp: reading descriptor %d failed", fd)
+            await trio.lowlevel.checkpoint()
+
+    def _on_listener(self, sock: socket.socket, own: Address) -> None:
+        for _ in range(BATCH):
+            try:
+                data, ancdata, _flags, source = sock.recvmsg(MAX_DATAGRAM, ANCILLARY_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("udp: receive on %s failed: %s", format_address(own), exc)
+                continue
+            destination = original_destination(ancdata)
+            if destination is None or _is_self(destination, own):
+                # Sent straight to the listener, not diverted: a session
+                # toward the listener would feed it its own datagrams.
+                log.debug("udp: dropped a datagram from %s sent to the proxy itself", source[:2])
+                continue
+            self.from_client((source[0], source[1]), destination, data)
 
     async def _expire(self) -> None:
         """End sessions idle for ``idle`` seconds, oldest first, when they are due."""
@@ -299,8 +333,7 @@ class UdpRelay:
         session = Session((client, destination), record, sock, chain, trio.current_time())
         self.sessions[session.key] = session
         self._wake.set()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._read_server, session)
+        self._watch(sock, functools.partial(self._on_session, session))
         if chain is not None:
             self._run_chain(session, "start")
         return session
@@ -342,8 +375,7 @@ class UdpRelay:
         session.ended = True
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
-        session.scope.cancel()
-        trio.lowlevel.notify_closing(session.sock)
+        self._unwatch(session.sock)
         session.sock.close()
         if session.reply is not None:
             self._release_reply(session.destination)
@@ -364,37 +396,27 @@ class UdpRelay:
         except InterceptorError as exc:
             log.error("flow %d: %s", session.record.info.id, exc, exc_info=exc.error)
 
-    async def _read_server(self, session: Session) -> None:
-        """Relay what the destination answers, until the session ends."""
+    def _on_session(self, session: Session) -> None:
+        """Relay what the destination answered on the session socket."""
         sock = session.sock
         destination = session.destination
-        with session.scope:
-            try:
-                while not session.ended:
-                    await trio.lowlevel.wait_readable(sock)
-                    for _ in range(BATCH):
-                        try:
-                            data, source = sock.recvfrom(MAX_DATAGRAM)
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:
-                            # ICMP errors (port unreachable...) of datagrams sent earlier
-                            log.debug("flow %d: %s", session.record.info.id, exc)
-                            continue
-                        if (source[0], source[1]) != destination:
-                            # queued between bind and connect: another session's
-                            log.debug(
-                                "flow %d: dropped a datagram from %s", session.record.info.id,
-                                source[:2],
-                            )
-                            continue
-                        self.from_server(session, data)
-                        if session.ended:
-                            return
-                    else:
-                        await trio.lowlevel.checkpoint()
-            except trio.ClosedResourceError:
+        for _ in range(BATCH):
+            if session.ended:
                 return
+            try:
+                data, source = sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # ICMP errors (port unreachable...) of datagrams sent earlier
+                log.debug("flow %d: %s", session.record.info.id, exc)
+                continue
+            if (source[0], source[1]) != destination:
+                # queued between bind and connect: not this session's
+                log.debug("flow %d: dropped a datagram from %s", session.record.info.id,
+                          source[:2])
+                continue
+            self.from_server(session, data)
 
     # -- reply sockets ------------------------------------------------------------------
 
@@ -403,8 +425,7 @@ class UdpRelay:
         if reply is None:
             reply = _Reply(self._open_reply(destination, self.config.mark))
             self.replies[destination] = reply
-            assert self._nursery is not None
-            self._nursery.start_soon(self._read_reply, destination, reply)
+            self._watch(reply.sock, functools.partial(self._on_reply, destination, reply))
         reply.users += 1
         return reply.sock
 
@@ -415,38 +436,36 @@ class UdpRelay:
         reply.users -= 1
         if reply.users <= 0:
             del self.replies[destination]
-            reply.scope.cancel()
-            trio.lowlevel.notify_closing(reply.sock)
+            self._unwatch(reply.sock)
             reply.sock.close()
 
-    async def _read_reply(self, destination: Address, reply: _Reply) -> None:
+    def _on_reply(self, destination: Address, reply: _Reply) -> None:
         """Datagrams that land on a reply socket are clients' datagrams to its destination.
 
         A firewall rule that marks packets of sockets we own (``-m socket``)
-        finds the reply socket bound to the destination for the client's
-        next datagrams, and the kernel delivers them there instead of
-        diverting them to the listener: they belong to a session all the same.
+        on the client side would find the reply socket bound to the
+        destination for the client's next datagrams, and the kernel would
+        deliver them there instead of diverting them to the listener
+        (``tproxy setup`` installs no such rule for UDP): they belong to a
+        session all the same.
         """
         sock = reply.sock
-        with reply.scope:
+        for _ in range(BATCH):
+            if self.replies.get(destination) is not reply:
+                return  # closed with its last session while we were reading
             try:
-                while True:
-                    await trio.lowlevel.wait_readable(sock)
-                    for _ in range(BATCH):
-                        try:
-                            data, source = sock.recvfrom(MAX_DATAGRAM)
-                        except BlockingIOError:
-                            break
-                        except OSError as exc:
-                            log.debug("udp: reply socket %s: %s", format_address(destination), exc)
-                            continue
-                        self.from_client((source[0], source[1]), destination, data)
-                        if self.replies.get(destination) is not reply:
-                            return
-                    else:
-                        await trio.lowlevel.checkpoint()
-            except trio.ClosedResourceError:
+                data, source = sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
                 return
+            except OSError as exc:
+                log.debug("udp: reply socket %s: %s", format_address(destination), exc)
+                continue
+            self.from_client((source[0], source[1]), destination, data)
+
+
+def _local(sock: socket.socket) -> Address:
+    local = sock.getsockname()
+    return local[0], local[1]
 
 
 def _is_self(destination: Address, listener: Address) -> bool:
