@@ -9,7 +9,8 @@ logged on ``tproxy.dns`` (INFO)::
 
 Options:
 
-- ``rewrite=NAME=ADDRESS[;NAME=ADDRESS...]``: answers to A/AAAA questions
+- ``rewrite=NAME=ADDRESS[;NAME=ADDRESS...]`` (more under suffixed keys:
+  ``-o rewrite.2=...``, since ``-o`` takes each key once): answers to A/AAAA questions
   for NAME carry ADDRESS instead of what the server said (several entries
   for one name give several addresses; ``*.example.com`` covers every name
   below example.com). A question of the other family gets an empty answer
@@ -45,8 +46,6 @@ import dns.rrset
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Interceptor, OptionError
 
-from ._options import normalize, parse_choice
-
 NAME = "dns"
 log = logging.getLogger("tproxy.dns")
 
@@ -55,6 +54,9 @@ DEFAULT_TTL = 60
 MAX_LOGGED_RECORDS = 8
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_REWRITE_KEY = re.compile(r"rewrite(?:[._-].+)?")
+"""``rewrite``, or ``rewrite.2``, ``rewrite-www``...: -o takes a key once, so more
+rules than one option holds come under suffixed keys."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,17 @@ class Dns(Interceptor):
 
     @classmethod
     def parse_options(cls, options: Mapping[str, str]) -> DnsOptions:
-        opts = normalize(NAME, options, {"rewrite", "block", "log"})
+        opts: dict[str, str] = {}
+        rewrites: list[str] = []
+        for key, value in options.items():
+            if _REWRITE_KEY.fullmatch(key):
+                rewrites.append(value)
+            elif key in ("block", "log"):
+                opts[key] = value
+            else:
+                raise OptionError(
+                    f"{NAME}: unknown option {key!r} (accepted: block, log, rewrite)"
+                )
         block = None
         if "block" in opts:
             try:
@@ -128,9 +140,9 @@ class Dns(Interceptor):
             except re.error as exc:
                 raise OptionError(f"{NAME}: block is not a valid regex: {exc}") from None
         return DnsOptions(
-            rewrite=parse_rewrite(opts["rewrite"]) if "rewrite" in opts else (),
+            rewrite=parse_rewrite(";".join(rewrites)) if rewrites else (),
             block=block,
-            log=parse_choice(NAME, "log", opts.get("log", "yes"), ("yes", "no")) == "yes",
+            log=_yes_no(opts.get("log", "yes")),
         )
 
     def __init__(self, flow: FlowInfo, options: DnsOptions | None = None) -> None:
@@ -199,6 +211,13 @@ class Dns(Interceptor):
             "flow %d dns answer id=%d %s %s%s %s", self.flow.id, answer.id, question,
             dns.rcode.to_text(answer.rcode()), " (rewritten)" if rewritten else "", shown,
         )
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("yes", "no"):
+        raise OptionError(f"{NAME}: log must be yes or no, not {text!r}")
+    return value == "yes"
 
 
 def _parse(data: bytes) -> dns.message.Message | None:

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from interceptors.dns import Dns
 from tproxy.interceptor import OptionError
-from tproxy.loading import load_interceptor
+from tproxy.loading import load_interceptor, resolve
 from tproxy.testing import Driver
+
+Dns = resolve("dns")  # by its built-in name, wherever the built-ins are installed
 
 
 def query(name: str, rdtype: str = "A") -> dns.message.QueryMessage:
@@ -38,7 +39,7 @@ def addresses(wire: bytes) -> list[str]:
 
 def test_is_a_builtin() -> None:
     factory = load_interceptor("dns", {"rewrite": "a.test=192.0.2.1"})
-    assert factory.cls is Dns
+    assert factory.cls is Dns and Dns.__name__ == "Dns"
 
 
 def test_without_options_forwards_and_logs(caplog: pytest.LogCaptureFixture) -> None:
@@ -93,6 +94,17 @@ def test_rewrite_of_one_family_answers_the_other_with_nodata() -> None:
     assert out.answer == [] and out.rcode() == dns.rcode.NOERROR
 
 
+def test_rewrite_rules_under_several_keys() -> None:
+    d = Driver.datagrams((Dns, {"rewrite": "a.test=192.0.2.1", "rewrite.2": "a.test=192.0.2.2",
+                                "rewrite_b": "b.test=192.0.2.3"}))
+    q = query("a.test")
+    assert addresses(d.server_datagram(answer(q, "a.test. 5 A 10.0.0.1")).to_client[0]) == [
+        "192.0.2.1", "192.0.2.2"]
+    q = query("b.test")
+    assert addresses(d.server_datagram(answer(q, "b.test. 5 A 10.0.0.1")).to_client[0]) == [
+        "192.0.2.3"]
+
+
 def test_wildcard_covers_names_below_not_the_name_itself() -> None:
     d = Driver.datagrams(Dns, rewrite="*.corp.test=192.0.2.77")
     q = query("a.b.corp.test")
@@ -131,8 +143,9 @@ def test_block_answers_nxdomain_and_never_asks_the_server() -> None:
         ({"rewrite": ";"}, "rewrite is empty"),
         ({"rewrite": "a.*.test=192.0.2.1"}, "bad name"),
         ({"block": "("}, "not a valid regex"),
-        ({"log": "maybe"}, "log must be one of"),
+        ({"log": "maybe"}, "log must be yes or no"),
         ({"colour": "red"}, "unknown option"),
+        ({"rewriter": "a.test=192.0.2.1"}, "unknown option"),
     ],
 )
 def test_bad_options(options: dict[str, str], message: str) -> None:
