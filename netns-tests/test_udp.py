@@ -207,3 +207,40 @@ def test_workers_keep_each_session_in_one_process(topology: Topology) -> None:
     opens = [line for line in log.splitlines() if "open mode=transparent-udp" in line]
     assert len(opens) == 40  # one session per client, not one per worker it reached
     assert any(" w0 " in line for line in opens) and any(" w1 " in line for line in opens)
+
+
+@pytest.mark.parametrize("source", ["client-ip", "gateway"])
+def test_source_choices(topology: Topology, source: str) -> None:
+    dns_server(topology.server)
+    start_proxy(topology, DNS_PORT, "--source", source)
+    with topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+    ip, _ = _whoami(topology, port)
+    if source == "gateway":
+        assert ip == topology.gw_out_ip4
+    else:
+        assert ip == topology.client_ip4
+
+
+def test_client_port_taken_on_the_gateway_falls_back_to_a_free_port(topology: Topology) -> None:
+    dns_server(topology.server)
+    start_proxy(topology, DNS_PORT)
+    with topology.gateway.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        # a local socket on the client's address and port, without SO_REUSEADDR
+        holder.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+        holder.bind((topology.client_ip4, 0))
+        taken = holder.getsockname()[1]
+        ip, port = _whoami(topology, taken)
+    assert ip == topology.client_ip4 and port != taken
+
+
+def _whoami(topology: Topology, client_port: int) -> tuple[str, int]:
+    """Ask the DNS peer who it sees, from ``client_port`` in the client namespace."""
+    q = dns.message.make_query("whoami.test", "TXT")
+    with topology.client.enter():
+        reply = dns.query.udp(q, topology.server_ip4, port=DNS_PORT, timeout=5,
+                              source="0.0.0.0", source_port=client_port)
+    (txt,) = [rd for rrset in reply.answer for rd in rrset]
+    ip, port = txt.strings[0].decode().split()
+    return ip, int(port)

@@ -93,6 +93,8 @@ class Session:
     chain: DatagramChain | None
     last: float
     reply: socket.socket | None = None
+    reply_failed: bool = False
+    """The reply socket could not be opened (warned once; later answers are dropped)."""
     ended: bool = False
 
     @property
@@ -291,12 +293,15 @@ class UdpRelay:
     def _send_client(self, session: Session, data: bytes) -> None:
         sock = session.reply
         if sock is None:
+            if session.reply_failed:
+                return
             try:
                 sock = session.reply = self._acquire_reply(session.destination)
             except OSError as exc:
+                session.reply_failed = True
                 log.warning(
-                    "flow %d: cannot send from %s: %s", session.record.info.id,
-                    format_address(session.destination), exc,
+                    "flow %d: cannot answer from %s (answers are dropped): %s",
+                    session.record.info.id, format_address(session.destination), exc,
                 )
                 return
         try:
