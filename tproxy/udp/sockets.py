@@ -1,7 +1,7 @@
 """UDP sockets for transparent proxying: the diverted listener, session and reply sockets.
 
-Python 3.11 names none of the options this needs (DESIGN facts, see
-``docs/udp.md``): ``IP_RECVORIGDSTADDR`` (20 at ``SOL_IP``) and
+Python 3.11 names none of the options this needs (the README's
+"Transparent UDP" section tells the whole story): ``IP_RECVORIGDSTADDR`` (20 at ``SOL_IP``) and
 ``IPV6_RECVORIGDSTADDR`` (74 at ``IPPROTO_IPV6``) make ``recvmsg`` return a
 diverted datagram's original destination as ancillary data, a
 ``sockaddr_in``/``sockaddr_in6`` whose cmsg type equals the option number.
