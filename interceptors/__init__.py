@@ -24,6 +24,7 @@ BUILTINS: dict[str, str] = {
     "reset": "tproxy.interceptors.reset:Reset",
     "blackhole": "tproxy.interceptors.blackhole:Blackhole",
     "slow-close": "tproxy.interceptors.slow_close:SlowClose",
+    "dns": "tproxy.interceptors.dns:Dns",
 }
 """Built-in name -> ``module:Class`` spec."""
 

@@ -10,9 +10,9 @@ import pytest
 from cryptography import x509
 from tls_helpers import Endpoint, Upstream, client_context
 
-from interceptors.replace import Replace
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import AbortFlow, Chain, Interceptor, Output
+from tproxy.interceptors.replace import Replace
 from tproxy.tls import ca
 from tproxy.tls.certs import LeafForge, names_of
 from tproxy.tls.layer import (

@@ -32,6 +32,10 @@ class EndReason(StrEnum):
     ERROR = "error"
     SHUTDOWN = "shutdown"
     REJECTED = "rejected"
+    IDLE = "idle"
+    """A UDP session saw no datagram either way for ``--udp-idle`` seconds."""
+    EVICTED = "evicted"
+    """A UDP session made room for a new one (``--udp-max-sessions``)."""
 
 
 _ids = itertools.count(1)

@@ -243,6 +243,35 @@ class Interceptor:
         return self._flow_timers("run_in_thread()").run_in_thread(
             self._tproxy_index, fn, then, hold
         )
+    # -- datagrams (UDP sessions) ----------------------------------------------
+    #
+    # In a UDP session (one per client address and original destination) the
+    # engine calls these instead of the stream hooks; ``start`` and ``end``
+    # mark the session's beginning and end as they do a flow pair's. A
+    # datagram keeps its boundaries: each hook gets one whole datagram and
+    # returns one (``b""`` is an empty datagram) or ``None`` to drop it.
+
+    def client_datagram(self, data: bytes) -> bytes | None:
+        """A datagram from the client toward the server; return it, a new one, or ``None``."""
+        return data
+
+    def server_datagram(self, data: bytes) -> bytes | None:
+        """A datagram from the server toward the client; return it, a new one, or ``None``."""
+        return data
+
+    def inject_datagram_to_client(self, data: bytes) -> None:
+        """Send one datagram toward the client, as if it came from this interceptor."""
+        self.__dict__.setdefault("_datagrams_to_client", []).append(bytes(data))
+
+    def inject_datagram_to_server(self, data: bytes) -> None:
+        """Send one datagram toward the server, as if it came from this interceptor."""
+        self.__dict__.setdefault("_datagrams_to_server", []).append(bytes(data))
+
+    def _take_datagrams(self) -> tuple[list[bytes], list[bytes]]:
+        """Remove and return the datagrams injected so far: (to the server, to the client)."""
+        to_server: list[bytes] = self.__dict__.pop("_datagrams_to_server", [])
+        to_client: list[bytes] = self.__dict__.pop("_datagrams_to_client", [])
+        return to_server, to_client
 
 
 class InterceptorError(Exception):

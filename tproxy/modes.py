@@ -1,9 +1,10 @@
 """``--mode MODE@HOST:PORT``: which front door listens where.
 
-Pure parsing, no I/O. ``MODE`` is ``transparent``, ``socks``, ``http`` or
-``forward:TARGET_HOST:TARGET_PORT``; the part after the *last* ``@`` is the
-listen address (an IPv6 host in brackets); ``@:PORT`` keeps the mode's
-default host and a missing ``@...`` keeps host and port.
+Pure parsing, no I/O. ``MODE`` is ``transparent``, ``transparent-udp``
+(UDP only), ``socks``, ``http`` or ``forward:TARGET_HOST:TARGET_PORT``; the
+part after the *last* ``@`` is the listen address (an IPv6 host in
+brackets); ``@:PORT`` keeps the mode's default host and a missing ``@...``
+keeps host and port.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import ipaddress
 from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORTS = {"transparent": 9091, "socks": 1080, "http": 8080, "forward": 9000}
+DEFAULT_PORTS = {
+    "transparent": 9091,
+    "socks": 1080,
+    "http": 8080,
+    "forward": 9000,
+    "transparent-udp": 9091,
+}
 KINDS = tuple(DEFAULT_PORTS)
 
 
@@ -31,7 +38,7 @@ class ModeSpec:
 
     @property
     def transparent(self) -> bool:
-        return self.kind == "transparent"
+        return self.kind in ("transparent", "transparent-udp")
 
     def __str__(self) -> str:
         kind = self.kind

@@ -21,9 +21,10 @@ from . import explicit, keepalive, loading, routing, watchdog, workers
 from .engine import Engine, EngineConfig
 from .errors import UsageError
 from .modes import ModeError, ModeSpec, parse_mode
-from .server import Door, Handler, Server
+from .server import Door, Handler
 from .sockets import SourcePolicy
 from .tls import options as tls_options
+from .udp import door as udp
 
 log = logging.getLogger("tproxy")
 
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         type=_mode,
         metavar="MODE@HOST:PORT",
-        help="a listener: transparent, socks, http or forward:HOST:PORT, at HOST:PORT "
+        help="a listener: transparent (TCP and UDP), transparent-udp, socks, http or "
+        "forward:HOST:PORT, at HOST:PORT "
         "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
         "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
     )
@@ -106,6 +108,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     tls_options.add_arguments(p)
     watchdog.add_arguments(p)
     keepalive.add_arguments(p)
+    udp.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -146,11 +149,25 @@ def main(args: argparse.Namespace) -> int:
         routing = None
     engine = Engine(config, factories)
     tls_options.attach(engine, args)  # --tls intercept: the engine wraps chains in TLS
-    doors = open_doors(specs, engine, args, reuse_port=worker is not None)
+    udp_config = udp.config_from(args)
+    doors = open_doors(udp.tcp_specs(specs), engine, args, reuse_port=worker is not None)
+    try:
+        udp_listeners = udp.open_listeners(specs, args, reuse_port=worker is not None)
+    except BaseException:
+        for door in doors:
+            door.close()
+        raise
     if worker is not None:
         worker.ready()
-    server = Server(engine, doors)
-    trio.run(server.serve, routing, instruments=watchdog.instruments())
+    trio.run(
+        udp.serve,
+        engine,
+        doors,
+        udp_listeners,
+        udp_config,
+        routing,
+        instruments=watchdog.instruments(),
+    )
     log.info("stopped after %d flow(s)", engine.total)
     watchdog.summary()
     if worker is not None:

@@ -21,6 +21,7 @@ from .flow import FlowInfo
 from .interceptor import AbortFlow, Chain, Interceptor, InterceptorError, Output
 from .options import normalize_keys
 from .timers import ThreadJob
+from .udp.chain import DatagramChain, DatagramOutput
 
 InterceptorLike = type[Interceptor] | Interceptor | tuple[type[Interceptor], Mapping[str, Any]]
 
@@ -249,6 +250,71 @@ class Driver:
         """Hand back a job taken with :meth:`take_thread_jobs` after its ``run()``."""
         out = self._run("on_thread_done", job)
         self._closed_check()
+        return out
+
+    # -- datagrams (UDP sessions) ---------------------------------------------
+
+    @classmethod
+    def datagrams(
+        cls, *interceptors: InterceptorLike, flow: FlowInfo | None = None, **options: str
+    ) -> Driver:
+        """A driver for a UDP session: built like ``Driver(...)``, started as a session.
+
+            >>> d = Driver.datagrams(Interceptor)
+            >>> d.client_datagram(b"ping").to_server
+            [b'ping']
+        """
+        driver = cls(*interceptors, flow=flow, start=False, **options)
+        driver.datagram_start()
+        return driver
+
+    @property
+    def datagram_chain(self) -> DatagramChain:
+        """The session's chain over the same interceptors as :attr:`chain`."""
+        chain = self.__dict__.get("_datagram_chain")
+        if chain is None:
+            chain = self.__dict__["_datagram_chain"] = DatagramChain(self.interceptors)
+        return chain
+
+    @property
+    def datagrams_to_server(self) -> list[bytes]:
+        """Every datagram forwarded or injected toward the server so far, in order."""
+        sent: list[bytes] = self.__dict__.setdefault("_datagrams_to_server", [])
+        return sent
+
+    @property
+    def datagrams_to_client(self) -> list[bytes]:
+        """Every datagram forwarded or injected toward the client so far, in order."""
+        sent: list[bytes] = self.__dict__.setdefault("_datagrams_to_client", [])
+        return sent
+
+    def datagram_start(self) -> DatagramOutput:
+        """Start the session (every interceptor's ``start``), as the UDP engine does."""
+        return self._run_datagrams("start")
+
+    def client_datagram(self, data: bytes | str) -> DatagramOutput:
+        """Feed one datagram that the client sent."""
+        return self._run_datagrams("client_datagram", _b(data))
+
+    def server_datagram(self, data: bytes | str) -> DatagramOutput:
+        """Feed one datagram that the server sent."""
+        return self._run_datagrams("server_datagram", _b(data))
+
+    def _run_datagrams(self, method: str, *args: Any) -> DatagramOutput:
+        if self.done:
+            raise RuntimeError("the session already ended (aborted or failed)")
+        try:
+            out: DatagramOutput = getattr(self.datagram_chain, method)(*args)
+        except AbortFlow as exc:
+            self.aborted = exc.reason
+            self.end("interceptor-abort")
+            return DatagramOutput()
+        except InterceptorError as exc:
+            self.error = exc
+            self.end("error")
+            return DatagramOutput()
+        self.datagrams_to_server.extend(out.to_server)
+        self.datagrams_to_client.extend(out.to_client)
         return out
 
 
