@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tproxy.cli import main
-from tproxy.routing import installer, nft
+from tproxy.routing import installer, nft, nftrules
 from tproxy.routing.plan import (
     IpRule,
     LocalRoute,
@@ -65,7 +65,7 @@ def test_batch_replaces_the_table_atomically_and_is_deterministic() -> None:
 def test_rule_rendering() -> None:
     tproxy = MangleRule(6, "TPROXY_PRE", Tproxy("::1", 9091, 0x10, 0xF0), "tproxy:x", "in0",
                         "udp", dport=PortRange(5000, 5100))
-    assert nft.rule_exprs(tproxy) == [
+    assert nftrules.rule_exprs(tproxy) == [
         {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
         {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "in0"}},
         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
@@ -77,11 +77,11 @@ def test_rule_rendering() -> None:
         {"accept": None},
     ]
     skip = MangleRule(4, "TPROXY_OUT", Return(), "tproxy:x", match_mark=0x7470)
-    assert nft.rule_exprs(skip) == [
+    assert nftrules.rule_exprs(skip) == [
         {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7470}},
         {"return": None}]
     uid = MangleRule(4, "TPROXY_OUT", Return(), "tproxy:x", uid_owner=0)
-    assert nft.rule_exprs(uid)[0]["match"]["left"] == {"meta": {"key": "skuid"}}
+    assert nftrules.rule_exprs(uid)[0]["match"]["left"] == {"meta": {"key": "skuid"}}
 
 
 def test_local_plan_items_for_both_backends() -> None:
@@ -130,10 +130,10 @@ def test_bad_local_and_backend_arguments(kw: dict, message: str) -> None:
 def test_read_table_back() -> None:
     table = nft_plan().items[-1]
     rules = [{"rule": c["add"]["rule"]} for c in batch(table) if "rule" in c.get("add", {})]
-    assert nft.read_table(rules, "tproxy_default") == table
-    assert nft.read_table(rules[1:], "tproxy_default") != table  # a rule gone: not equal
+    assert nftrules.read_table(rules, "tproxy_default") == table
+    assert nftrules.read_table(rules[1:], "tproxy_default") != table  # a rule gone: not equal
     foreign = [{"rule": {"comment": "someone else"}}]
-    assert nft.read_table(foreign, "tproxy_default") is None
+    assert nftrules.read_table(foreign, "tproxy_default") is None
 
 
 def test_auto_keeps_iptables_where_legacy_works(monkeypatch: pytest.MonkeyPatch) -> None:

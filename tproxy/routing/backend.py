@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .plan import Item
+from .items import Item
 
 
 class StepError(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 
+from .nftrules import setup_lines
 from .plan import (
     RT_PROTO,
     Accept,
@@ -147,8 +148,6 @@ def describe(item: Item) -> str:
 
 def setup_commands(plan: Plan) -> list[str]:
     """Shell lines that install ``plan``, in order (an nft table as a ``nft -j -f -`` heredoc)."""
-    from .nft import setup_lines
-
     lines: list[str] = []
     for item in plan.items:
         if isinstance(item, NftTable):

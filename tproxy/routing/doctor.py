@@ -8,25 +8,15 @@ that work but surprise people (nft rules next to ours, rp_filter, ...).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .installer import has_net_admin
+from . import installer, nft, nftrules
+from .capabilities import has_net_admin, plugins_problem, xtables_dirs
 from .plan import DEFAULT_MARK, DEFAULT_MASK, DEFAULT_PROXY_MARK, DEFAULT_TABLE, RT_PROTO
-
-XTABLES_DIRS = (
-    "/usr/lib/x86_64-linux-gnu/xtables",
-    "/usr/lib/aarch64-linux-gnu/xtables",
-    "/usr/lib/xtables",
-    "/usr/lib64/xtables",
-    "/usr/libexec/xtables",
-    "/lib/xtables",
-)
-PLUGINS = ("libxt_TPROXY.so", "libxt_socket.so", "libxt_MARK.so", "libxt_comment.so")
 
 
 @dataclass(frozen=True)
@@ -89,15 +79,12 @@ def check_rp_filter(interfaces: list[str]) -> list[Finding]:
 
 
 def check_plugins() -> Finding:
-    dirs = [os.environ["XTABLES_LIBDIR"]] if os.environ.get("XTABLES_LIBDIR") else []
-    dirs += [d for d in XTABLES_DIRS if os.path.isdir(d)]
-    missing = [p for p in PLUGINS if not any(os.path.exists(os.path.join(d, p)) for d in dirs)]
-    if not dirs:
-        return Finding("xtables plugins", "fail", "no xtables extension directory found",
-                       "apt install iptables (python-iptables needs its extension plugins)")
-    if missing:
-        return Finding("xtables plugins", "fail", f"missing {', '.join(missing)} in {dirs[0]}",
-                       "apt install iptables")
+    dirs = xtables_dirs()
+    problem = plugins_problem(dirs)
+    if problem is not None:
+        fix = ("apt install iptables" if dirs
+               else "apt install iptables (python-iptables needs its extension plugins)")
+        return Finding("xtables plugins", "fail", problem, fix)
     return Finding("xtables plugins", "ok", f"TPROXY, socket, MARK, comment in {dirs[0]}")
 
 
@@ -207,8 +194,6 @@ def check_mark_and_table(mark: int, mask: int, table: int) -> list[Finding]:
 
 def check_backend(wanted: str, instance: str) -> list[Finding]:
     """Which backend ``setup --backend WANTED`` would use, and why; nft's own checks."""
-    from . import installer, nft
-
     found = []
     try:
         chosen, why = installer.choose_backend(wanted, instance)
@@ -222,16 +207,16 @@ def check_backend(wanted: str, instance: str) -> list[Finding]:
         return found
     found.append(Finding("nftables", "ok", "libnftables answers"
                          + ("" if nft.Nft()._lib is not None else " (through the nft command)")))
-    name = nft.table_name(instance)
+    name = nftrules.table_name(instance)
     objects = nft.Nft().list_json(f"table inet {name}")
-    if objects and nft.read_table(objects, name) is None:
+    if objects and nftrules.read_table(objects, name) is None:
         found.append(Finding(f"nft table {name}", "fail",
                              "exists and is not ours: setup with the nft backend would replace it",
                              "pick another --instance"))
     else:
         found.append(Finding(f"nft table {name}", "ok",
                              "ours (installed)" if objects else "name is free"))
-    ours = {(hook, prio) for _, _, hook, prio in nft.BASE_CHAINS.values()}
+    ours = {(hook, prio) for _, _, hook, prio in nftrules.BASE_CHAINS.values()}
     same = []
     for entry in nft.Nft().list_json("chains"):
         chain = entry.get("chain") or {}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from . import state
 from .backend import Backend, StepError
+from .capabilities import has_net_admin, plugins_problem, xtables_dirs
 from .commands import removal_order
 from .plan import (
     Chain,
@@ -42,8 +43,6 @@ from .plan import (
     instance_of_chain,
     make_plan,
 )
-
-CAP_NET_ADMIN = 12
 
 
 class RoutingError(Exception):
@@ -169,12 +168,7 @@ def legacy_problem() -> str | None:
         return "the kernel has no legacy x_tables (no /proc/net/ip_tables_names)"
     if importlib.util.find_spec("iptc") is None:
         return "python-iptables is not installed"
-    from .doctor import check_plugins
-
-    plugins = check_plugins()
-    if plugins.level != "ok":
-        return plugins.detail
-    return None
+    return plugins_problem(xtables_dirs())
 
 
 def choose_backend(wanted: str, instance: str | None = None) -> tuple[str, str]:
@@ -221,20 +215,6 @@ def _backend_for(backends: list[Backend], item: Found) -> Backend:
 
 
 # ------------------------------------------------------------- checks
-
-
-def has_net_admin() -> bool:
-    """Root, or CAP_NET_ADMIN in the effective set."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return False
 
 
 def check_host(request: PlanRequest) -> None:

@@ -5,8 +5,10 @@ with no I/O, so it can be printed (``--dry-run``), compared with what is
 installed (``status``, refusing a different plan), stored (``/run/tproxy``)
 and handed to a backend (python-iptables or nftables, with pyroute2 for ip
 rules and routes; ``request.backend = "nft"`` renders the chains and rules as
-one :class:`NftTable`, see :mod:`.nft`). The items are in installation order;
-removal is the reverse order.
+one :class:`NftTable`, see :mod:`.nftrules`). The items are in installation
+order; removal is the reverse order. The item classes live in :mod:`.items`
+(so backends and the renderer need not import the plan); they are
+re-exported here.
 
 Per family the plan is the classic TPROXY recipe, made recognisable as ours::
 
@@ -47,15 +49,39 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+# Callers import every item name from here: ``X as X`` marks the re-exports.
+from .items import COMMENT_PREFIX as COMMENT_PREFIX
+from .items import (
+    DEFAULT_INSTANCE,
+    INSTANCE_RE,
+    Accept,
+    Chain,
+    Family,
+    IpRule,
+    Item,
+    Jump,
+    LocalRoute,
+    MangleRule,
+    NftTable,
+    Reject,
+    Return,
+    SetMark,
+    Tproxy,
+    UnknownRule,
+    chain_names,
+    comment_for,
+    out_chain_name,
+)
+from .items import Found as Found
+from .items import Target as Target
+from .items import instance_of_chain as instance_of_chain
+from .nftrules import table_item
 from .ports import PortRange, PortSpecError, parse_port, parse_ports
-
-Family = Literal[4, 6]
 
 #: Protocol number tagging our ip rules and routes (``ip rule ... protocol 116``).
 RT_PROTO = 116
-DEFAULT_INSTANCE = "default"
 DEFAULT_PROXY_PORT = 9091
 DEFAULT_PROXY_V4 = "127.0.0.1"
 DEFAULT_PROXY_V6 = "::1"
@@ -66,183 +92,12 @@ DEFAULT_PRIORITY = 100
 #: SO_MARK of the proxy's outgoing sockets under ``--local`` ("tp"); see ``run --mark``.
 DEFAULT_PROXY_MARK = 0x7470
 BACKENDS = ("iptables", "nft")
-CHAIN_PREFIX_PRE = "TPROXY_PRE"
-CHAIN_PREFIX_DIVERT = "TPROXY_DIVERT"
-CHAIN_PREFIX_OUT = "TPROXY_OUT"
-NFT_TABLE_PREFIX = "tproxy_"
-COMMENT_PREFIX = "tproxy:"
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,13}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
 _RESERVED_TABLES = {0: "unspec", 253: "default", 254: "main", 255: "local"}
 
 
 class PlanError(ValueError):
     """An argument that cannot make a plan (bad port, address, mark, ...)."""
-
-
-# ---------------------------------------------------------------- items
-
-
-@dataclass(frozen=True)
-class Jump:
-    """``-j CHAIN``: continue in one of our chains."""
-
-    chain: str
-
-
-@dataclass(frozen=True)
-class SetMark:
-    """``-j MARK --set-xmark MARK/MASK``: set the bits of MASK to MARK."""
-
-    mark: int
-    mask: int
-
-
-@dataclass(frozen=True)
-class Accept:
-    """``-j ACCEPT``: stop traversing the mangle chain."""
-
-
-@dataclass(frozen=True)
-class Return:
-    """``-j RETURN``: leave our chain (``--local`` skips loopback, the proxy, excluded users)."""
-
-
-@dataclass(frozen=True)
-class Reject:
-    """``-j REJECT --reject-with icmp-port-unreachable`` (``icmp6-`` for IPv6).
-
-    Only valid in the filter table; used by ``--block-quic`` so a browser's
-    QUIC attempt fails at once and it falls back to TCP.
-    """
-
-
-@dataclass(frozen=True)
-class Tproxy:
-    """``-j TPROXY --on-port PORT --on-ip IP --tproxy-mark MARK/MASK``."""
-
-    on_ip: str
-    on_port: int
-    mark: int
-    mask: int
-
-
-Target = Jump | SetMark | Accept | Tproxy | Reject | Return
-
-
-@dataclass(frozen=True)
-class Chain:
-    """A user chain of ours in the mangle table of one family."""
-
-    family: Family
-    name: str
-
-
-@dataclass(frozen=True)
-class MangleRule:
-    """One rule in the mangle table (or ``table``); matches are in iptables-save order.
-
-    ``first`` means "insert at the top of the chain" (our PREROUTING jump);
-    otherwise the rule is appended. ``table`` is ``filter`` only for the
-    ``--block-quic`` reject rule (REJECT is not allowed in mangle).
-    """
-
-    family: Family
-    chain: str
-    target: Target
-    comment: str
-    in_interface: str | None = None
-    protocol: str | None = None
-    dport: PortRange | None = None
-    sport: PortRange | None = None
-    #: ``! --syn``: every TCP packet but a connection's first SYN.
-    not_syn: bool = False
-    socket_transparent: bool = False
-    first: bool = False
-    table: str = "mangle"
-    #: ``-d NET``: destination network (``--local``'s loopback exemption).
-    dst: str | None = None
-    #: ``-m mark --mark MATCH_MARK/MATCH_MASK``.
-    match_mark: int | None = None
-    match_mask: int = 0xFFFFFFFF
-    #: ``-m owner --uid-owner UID``.
-    uid_owner: int | None = None
-    #: ``-m cgroup --path PATH`` (cgroup v2, relative to the cgroup root).
-    cgroup: str | None = None
-
-
-@dataclass(frozen=True)
-class IpRule:
-    """``ip rule add fwmark MARK/MASK lookup TABLE priority PRIO protocol 116``."""
-
-    family: Family
-    fwmark: int
-    fwmask: int
-    table: int
-    priority: int
-
-
-@dataclass(frozen=True)
-class LocalRoute:
-    """``ip route add local 0.0.0.0/0 dev lo table TABLE proto 116`` (``::/0`` for IPv6)."""
-
-    family: Family
-    table: int
-    dev: str = "lo"
-
-    @property
-    def dst(self) -> str:
-        return "0.0.0.0/0" if self.family == 4 else "::/0"
-
-
-@dataclass(frozen=True)
-class NftTable:
-    """The nftables backend's whole share of a plan: one ``inet`` table, applied atomically.
-
-    ``digest`` identifies the rendered batch, ``rules`` counts its rules; both
-    are also written into the comment of the table's first rule, so what is
-    installed can be compared with a plan without parsing rules back.
-    ``mark``/``mask``/``route_table`` let ip rules be attributed without a
-    record. ``script`` (the JSON batch) is not part of equality: a table read
-    back from the kernel has none.
-    """
-
-    name: str
-    instance: str
-    digest: str
-    rules: int
-    mark: int
-    mask: int
-    route_table: int
-    script: str = field(default="", compare=False, hash=False, repr=False)
-
-
-Item = Chain | MangleRule | IpRule | LocalRoute | NftTable
-
-
-@dataclass(frozen=True)
-class UnknownRule:
-    """A rule of ours (in our chain, or tagged with our comment) we cannot parse.
-
-    Never part of a plan: found in the kernel, ``status`` reports it as extra
-    and ``teardown`` removes it by its text like any other rule of ours.
-    """
-
-    family: Family
-    chain: str
-    text: str
-    comment: str | None
-    table: str = "mangle"
-
-    @property
-    def instance(self) -> str | None:
-        if self.comment and self.comment.startswith(COMMENT_PREFIX):
-            return self.comment[len(COMMENT_PREFIX) :]
-        return instance_of_chain(self.chain)
-
-
-#: Anything a backend can report as installed.
-Found = Item | UnknownRule
 
 
 # ---------------------------------------------------------------- plan
@@ -315,34 +170,6 @@ class Plan:
         return self.request.instance
 
 
-def chain_names(instance: str) -> tuple[str, str]:
-    """Our (PREROUTING part, divert) chain names for an instance."""
-    suffix = "" if instance == DEFAULT_INSTANCE else f"_{instance}"
-    return CHAIN_PREFIX_PRE + suffix, CHAIN_PREFIX_DIVERT + suffix
-
-
-def out_chain_name(instance: str) -> str:
-    """Our OUTPUT chain (``--local``) for an instance."""
-    return CHAIN_PREFIX_OUT + ("" if instance == DEFAULT_INSTANCE else f"_{instance}")
-
-
-def instance_of_chain(name: str) -> str | None:
-    """The instance owning a chain called ``name``, or None if it is not ours."""
-    for prefix in (CHAIN_PREFIX_DIVERT, CHAIN_PREFIX_PRE, CHAIN_PREFIX_OUT):
-        if name == prefix:
-            return DEFAULT_INSTANCE
-        if name.startswith(prefix + "_"):
-            rest = name[len(prefix) + 1 :]
-            if _INSTANCE_RE.match(rest) and rest != DEFAULT_INSTANCE:
-                return rest
-    return None
-
-
-def comment_for(instance: str) -> str:
-    """The ``-m comment`` text that tags our rules."""
-    return COMMENT_PREFIX + instance
-
-
 def make_plan(request: PlanRequest) -> Plan:
     """Compute the plan for ``request`` (validated first); no I/O."""
     validate_request(request)
@@ -390,8 +217,6 @@ def make_plan(request: PlanRequest) -> Plan:
             items.append(MangleRule(family, "FORWARD", Reject(), comment, request.in_interface,
                                     "udp", dport=QUIC_PORT, first=True, table="filter"))
     if request.backend == "nft":
-        from .nft import table_item  # the renderer; pure like this module
-
         per_item = [i for i in items if isinstance(i, IpRule | LocalRoute)]
         rules = [i for i in items if isinstance(i, Chain | MangleRule)]
         items = [*per_item, table_item(request, rules)]
@@ -437,7 +262,7 @@ def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy,
 
 def check_instance(name: str) -> str:
     """Return ``name`` if it can name an instance (it becomes part of chain names)."""
-    if not _INSTANCE_RE.match(name):
+    if not INSTANCE_RE.match(name):
         raise PlanError(f"bad instance name {name!r}: 1-14 letters, digits, '_' or '-'")
     return name
 
