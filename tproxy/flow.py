@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 Address = tuple[str, int]
 """A host and a port. The host is an IP literal, or a name in explicit modes."""
@@ -94,6 +95,12 @@ class FlowRecord:
     detail: str = ""
     ended: float | None = None
     outgoing_source: Address | None = field(default=None)
+    interceptors: tuple[str, ...] = ()
+    """Names of the interceptors of this flow's chain (as the flow started)."""
+    delivered_up: int | None = None
+    """Bytes written to the server, where the relay counts them (``None``: not counted)."""
+    delivered_down: int | None = None
+    """Bytes written to the client, where the relay counts them (``None``: not counted)."""
 
     def end(self, reason: EndReason, detail: str = "", *, now: float) -> None:
         """Record the first reason only: later ones are consequences of it."""
@@ -119,3 +126,14 @@ class FlowRecord:
             f"dst={format_address(self.info.destination)} "
             f"up={self.bytes_up} down={self.bytes_down} duration={duration:.3f}s{detail}"
         )
+
+
+class FlowObserver(Protocol):
+    """Told by the engine when a flow record opens and when it ends (metrics, control).
+
+    Both calls run on the event loop and must be quick; they must not raise.
+    """
+
+    def flow_opened(self, record: FlowRecord) -> None: ...
+
+    def flow_ended(self, record: FlowRecord) -> None: ...

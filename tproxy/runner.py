@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from typing import Any
 
 import trio
 
-from . import explicit, loading, routing, workers
+from . import config as config_file
+from . import control, explicit, lifecycle, loading, logformat, metrics, routing, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -102,17 +104,79 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     routing.add_run_arguments(p)
     explicit.add_arguments(p)
     workers.add_arguments(p)
+    config_file.add_arguments(p)
+    metrics.add_arguments(p)
+    logformat.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
-    _configure_logging(args.verbose, args.quiet)
+    lifecycle.hold_signals()  # SIGHUP/SIGQUIT must never end us without the ordered shutdown
+    if args.config:
+        args = config_file.apply(args, config_file.run_argv(args))
+    _configure_logging(args)
     try:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
         raise UsageError(str(exc)) from None
+    config = engine_config(args)
+    specs = args.mode or default_modes()
+    explicit.check_unused(args, specs)
+    routing = routing_for(args, specs)
+    if args.check:
+        print(f"{args.config or 'command line'}: ok ({len(specs)} listener(s), "
+              f"{len(factories)} interceptor(s))")
+        return 0
+    if workers.wants_supervisor(args):
+        # N processes, each with its own listeners (SO_REUSEPORT); the routing is
+        # installed once, by the supervisor, after all of them listen.
+        return workers.run_supervisor(args, sys.argv[1:], routing)
+    worker = workers.current(args)
+    if worker is not None:
+        worker.configure()  # flow ids, log prefix, exit with the supervisor
+        routing = None
+    engine = Engine(config, factories)
+    doors = open_doors(specs, engine, args, reuse_port=worker is not None)
+    stats = metrics.FlowStats(live=lambda: len(engine.live))
+    exposed = None
+    if args.metrics is not None and worker is None:
+        exposed = metrics.MetricsServer(args.metrics, stats.snapshot)
+        try:
+            exposed.start()
+        except OSError as exc:
+            for door in doors:
+                door.close()
+            raise UsageError(f"cannot serve --metrics on {args.metrics[0]}:"
+                             f"{args.metrics[1]}: {exc.strerror or exc}") from None
+    if worker is not None:
+        worker.ready()
+    server = Server(engine, doors)
+    life = lifecycle.Lifecycle(
+        engine,
+        server,
+        stats=stats,
+        reloader=reloader(args, specs),
+        worker=worker,
+        control_path=control.socket_path(
+            os.getppid() if worker is not None else None,
+            worker.index if worker is not None else None,
+        ),
+    )
     try:
-        config = EngineConfig(
+        trio.run(life.run, routing)
+    finally:
+        if exposed is not None:
+            exposed.stop()
+    log.info("stopped after %d flow(s)", engine.total)
+    if worker is not None:
+        worker.finished(engine.total)
+    return 0
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's settings from ``run``'s arguments (a bad value is a usage error)."""
+    try:
+        return EngineConfig(
             read_size=args.read_size,
             connect_timeout=args.connect_timeout,
             source_policy=SourcePolicy(args.source),
@@ -125,27 +189,35 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         # EngineConfig is the one place that knows the valid ranges.
         raise UsageError(str(exc)) from None
-    specs = args.mode or default_modes()
-    explicit.check_unused(args, specs)
-    routing = routing_for(args, specs)
-    if workers.wants_supervisor(args):
-        # N processes, each with its own listeners (SO_REUSEPORT); the routing is
-        # installed once, by the supervisor, after all of them listen.
-        return workers.run_supervisor(args, sys.argv[1:], routing)
-    worker = workers.current(args)
-    if worker is not None:
-        worker.configure()  # flow ids, log prefix, exit with the supervisor
-        routing = None
-    engine = Engine(config, factories)
-    doors = open_doors(specs, engine, args, reuse_port=worker is not None)
-    if worker is not None:
-        worker.ready()
-    server = Server(engine, doors)
-    trio.run(server.serve, routing)
-    log.info("stopped after %d flow(s)", engine.total)
-    if worker is not None:
-        worker.finished(engine.total)
-    return 0
+
+
+def reloader(args: argparse.Namespace, specs: list[ModeSpec]) -> lifecycle.Reloader:
+    """What SIGHUP does: re-read ``-c FILE`` and the interceptor modules; apply both to
+    new flows. Listeners, routing and workers stay as they are (a restart changes them)."""
+
+    def reload(engine: Engine) -> None:
+        new = args
+        if args.config:
+            try:
+                new = config_file.apply(args, config_file.run_argv(args))
+            except UsageError as exc:
+                raise lifecycle.ReloadError(str(exc)) from None
+        factories = lifecycle.reload_factories(new.interceptors)
+        if factories and engine.hub is not None:
+            raise lifecycle.ReloadError(
+                "this process started without interceptors (splice relay): adding some "
+                "needs a restart"
+            )
+        try:
+            config = engine_config(new)
+        except UsageError as exc:
+            raise lifecycle.ReloadError(str(exc)) from None
+        if (new.mode or default_modes()) != specs:
+            log.warning("reload: listeners changed in the file; a restart applies that")
+        engine.config = config
+        engine.factories = factories
+
+    return reload
 
 
 def default_modes() -> list[ModeSpec]:
@@ -221,13 +293,12 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
     return enter
 
 
-def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
+    try:
+        logformat.configure(level, args.log_format, args.log_file)
+    except OSError as exc:
+        raise UsageError(f"cannot open --log-file {args.log_file}: {exc.strerror or exc}") from None
 
 
 def _mode(text: str) -> ModeSpec:
