@@ -309,3 +309,31 @@ def test_workers_sum_metrics_and_list_all_flows(tmp_path: Path, echo: int) -> No
                    what="a flow after the restart")
     finally:
         assert proxy.stop() == 0, proxy.log
+
+
+def test_sighup_rereads_the_config_file(tmp_path: Path, echo: int) -> None:
+    port = free_port()
+    path = tmp_path / "tproxy.toml"
+
+    def write(text: str) -> None:
+        path.write_text(
+            f'mode = ["forward:127.0.0.1:{echo}@127.0.0.1:{port}"]\n'
+            f'[[interceptor]]\nspec = "label"\noptions = {{ text = "{text}" }}\n'
+        )
+
+    write("<a>")
+    proxy = Proxy(tmp_path, "-c", str(path))
+    try:
+        proxy.wait_port(port)
+        assert echo_once(port, b"x") == b"<a>x"
+        write("<b>")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log("reloaded: interceptors for new flows: label")
+        assert echo_once(port, b"x") == b"<b>x"
+        path.write_text(path.read_text() + "nonsense-key = 1\n")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_log(r"reload failed, keeping the running configuration: .*tproxy.toml:5: "
+                       r"unknown key 'nonsense-key'")
+        assert echo_once(port, b"x") == b"<b>x"
+    finally:
+        assert proxy.stop() == 0, proxy.log

@@ -136,6 +136,11 @@ def file_tokens(path: str, parser: argparse.ArgumentParser | None = None) -> lis
         raise ConfigError(f"{path}: {exc}") from None
     parser = parser or run_parser()
     options = _options(parser)
+    negations = {
+        a.dest.replace("_", "-"): a
+        for a in parser._actions
+        if isinstance(a, argparse._StoreFalseAction) and a.dest.replace("_", "-") not in options
+    }
     tokens: list[str] = []
 
     def check(piece: list[str], line: int, key: str) -> None:
@@ -148,6 +153,12 @@ def file_tokens(path: str, parser: argparse.ArgumentParser | None = None) -> lis
         name = _ALIASES.get(key.replace("_", "-"), key.replace("_", "-"))
         line = source.line_of(key, section)
         action = options.get(name)
+        negated = negations.get(name)
+        if action is None and negated is not None:
+            if not isinstance(value, bool):
+                raise source.error(line, f"{key}: expected true or false")
+            # `splice = false` for --no-splice: the destination's name, the flag's sense
+            action, name, value = negated, negated.option_strings[-1][2:], not value
         if action is None or name in _NOT_IN_FILE or action.help == argparse.SUPPRESS:
             raise source.error(line, f"unknown key {key!r}")
         piece = _to_tokens(action, f"--{name}", value)
