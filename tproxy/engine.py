@@ -279,7 +279,7 @@ class Engine:
 
     def _open(self, info: FlowInfo) -> FlowRecord:
         record = FlowRecord(info=info, started=time.monotonic())
-        record.interceptors = tuple(getattr(f, "name", repr(f)) for f in self.factories)
+        record.interceptors = tuple(n for f in self.factories if (n := getattr(f, "name", "")))
         self.live[info.id] = record
         self.total += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle

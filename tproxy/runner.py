@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from . import config as config_file
-from . import control, explicit, lifecycle, loading, logformat, metrics, routing, workers
+from . import control, explicit, lifecycle, loading, logformat, metrics, record, routing, workers
 from .cli import UsageError
 from .engine import Engine, EngineConfig
 from .modes import ModeError, ModeSpec, parse_mode
@@ -107,6 +107,7 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
     config_file.add_arguments(p)
     metrics.add_arguments(p)
     logformat.add_arguments(p)
+    record.add_arguments(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -135,6 +136,15 @@ def main(args: argparse.Namespace) -> int:
     if worker is not None:
         worker.configure()  # flow ids, log prefix, exit with the supervisor
         routing = None
+    recording = None
+    if args.record is not None:
+        try:
+            recording = record.Recording(
+                args.record, args.record_max_bytes, worker.name if worker is not None else None
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
+        factories = recording.wrap(factories)  # until the relay calls taps (record/)
     engine = Engine(config, factories)
     doors = open_doors(specs, engine, args, reuse_port=worker is not None)
     stats = metrics.FlowStats(live=lambda: len(engine.live))
@@ -155,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
         engine,
         server,
         stats=stats,
-        reloader=reloader(args, specs),
+        reloader=reloader(args, specs, recording),
         worker=worker,
         control_path=control.socket_path(
             os.getppid() if worker is not None else None,
@@ -167,6 +177,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if exposed is not None:
             exposed.stop()
+        if recording is not None:
+            recording.close()
     log.info("stopped after %d flow(s)", engine.total)
     if worker is not None:
         worker.finished(engine.total)
@@ -191,7 +203,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(str(exc)) from None
 
 
-def reloader(args: argparse.Namespace, specs: list[ModeSpec]) -> lifecycle.Reloader:
+def reloader(
+    args: argparse.Namespace, specs: list[ModeSpec], recording: record.Recording | None = None
+) -> lifecycle.Reloader:
     """What SIGHUP does: re-read ``-c FILE`` and the interceptor modules; apply both to
     new flows. Listeners, routing and workers stay as they are (a restart changes them)."""
 
@@ -215,7 +229,7 @@ def reloader(args: argparse.Namespace, specs: list[ModeSpec]) -> lifecycle.Reloa
         if (new.mode or default_modes()) != specs:
             log.warning("reload: listeners changed in the file; a restart applies that")
         engine.config = config
-        engine.factories = factories
+        engine.factories = recording.wrap(factories) if recording is not None else factories
 
     return reload
 
