@@ -13,7 +13,6 @@ SIGUSR1, for log rotation (``logrotate``'s ``postrotate``: ``kill -USR1``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import sys
@@ -80,7 +79,7 @@ class JsonFormatter(logging.Formatter):
             out["message"] = record.getMessage()
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, separators=(",", ":"), default=str)
+        return _encode(out)
 
 
 def flow_fields(flow: FlowRecord, ended: bool) -> dict[str, Any]:
@@ -111,8 +110,17 @@ def flow_fields(flow: FlowRecord, ended: bool) -> dict[str, Any]:
     return fields
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_second: list[Any] = [None, ""]
+"""The last whole second formatted, and its text: most records share it."""
+
+
 def _iso(wall: float) -> str:
-    return datetime.datetime.fromtimestamp(wall, datetime.UTC).isoformat(timespec="milliseconds")
+    """UTC ISO 8601 with milliseconds (``2026-12-03T09:38:03.096Z``)."""
+    sec = int(wall)
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((wall - sec) * 1000):03d}Z"
 
 
 class ReopeningFileHandler(logging.FileHandler):
