@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -76,11 +77,11 @@ class FlowStats:
     """
 
     def __init__(self, live: Callable[[], int] | None = None) -> None:
+        self.opened_count = 0
+        self.ended_count = 0
         self._live = live or (lambda: self.opened_count - self.ended_count)
         self.opened: Counter[str] = Counter()
         self.ended: Counter[str] = Counter()
-        self.opened_count = 0
-        self.ended_count = 0
         self.bytes: Counter[str] = Counter()
         self.connect_failures: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
@@ -133,6 +134,7 @@ class FlowStats:
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain JSON-able data (summed with :func:`merge`)."""
         return {
+            "pid": os.getpid(),
             "events": self.opened_count + self.ended_count,
             "opened": dict(self.opened),
             "ended": dict(self.ended),

@@ -229,7 +229,8 @@ def reloader(
         if (new.mode or default_modes()) != specs:
             log.warning("reload: listeners changed in the file; a restart applies that")
         engine.config = config
-        engine.factories = recording.wrap(factories) if recording is not None else factories
+        chain: list[Any] = recording.wrap(factories) if recording is not None else factories
+        engine.factories = chain
 
     return reload
 

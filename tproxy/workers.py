@@ -229,9 +229,15 @@ class _Slot:
     retired: list[dict[str, Any]] = field(default_factory=list)
     """The last snapshots of earlier generations, so their counts never go away."""
 
+    pid: int | None = None
+    """The running worker's pid: snapshots of an earlier generation are not its own."""
+
     def update_stats(self, snapshot: dict[str, Any]) -> None:
-        """Keep ``snapshot`` if it is at least as new as the one held (counters only grow)."""
+        """Keep ``snapshot`` if it is the running worker's and at least as new as the one
+        held (its counters only grow)."""
         with _stats_lock:
+            if self.pid is None or snapshot.get("pid") != self.pid:
+                return
             held = self.stats
             if held is None or snapshot.get("events", 0) >= held.get("events", 0):
                 self.stats = snapshot
@@ -242,6 +248,7 @@ class _Slot:
             if self.stats is not None:
                 self.retired.append({**self.stats, "live": 0})
             self.stats = None
+            self.pid = None
 
 
 _stats_lock = threading.Lock()
@@ -358,8 +365,7 @@ class Supervisor:
         """The sum of every worker's counters, dead generations' included (blocking:
         asks each running worker; call it off the event loop)."""
         for slot in self.slots:
-            process = slot.process
-            if process is None or process.returncode is not None:
+            if slot.pid is None:
                 continue
             try:
                 fresh = control.query(self.worker_socket(slot), {"op": "stats"}, timeout=2.0)
@@ -420,6 +426,8 @@ class Supervisor:
             os.close(write_fd)
             os.close(life_r)
         slot.started = time.monotonic()
+        with _stats_lock:
+            slot.pid = slot.process.pid
         slot.ready = trio.Event()
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
         nursery.start_soon(self._watch, slot, slot.process, read_fd, nursery)
