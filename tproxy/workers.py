@@ -287,6 +287,7 @@ class Supervisor:
         with trio.open_signal_receiver(
             signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1
         ) as signals:
+            _replay_held_signals()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._signals, signals)
@@ -520,6 +521,16 @@ class Supervisor:
         await self._wait_all()
         for slot in self.slots:
             self._close_lifeline(slot)
+
+
+def _replay_held_signals() -> None:
+    """Signals that arrived before the receiver existed (``lifecycle.hold_signals``
+    noted them): send them again, now that the receiver is there to get them."""
+    from . import lifecycle
+
+    held, lifecycle._pending[:] = list(lifecycle._pending), []
+    for signum in held:
+        os.kill(os.getpid(), signum)
 
 
 def run_supervisor(
