@@ -32,7 +32,7 @@ import trio
 
 from . import control, loading, logformat, notify
 from .engine import Engine
-from .metrics import FlowStats
+from .metrics import FlowStats, empty_snapshot
 from .server import Server
 
 log = logging.getLogger("tproxy")
@@ -93,7 +93,7 @@ class Lifecycle:
         engine: Engine,
         server: Server,
         *,
-        stats: FlowStats,
+        stats: FlowStats | None,
         reloader: Reloader | None = None,
         worker: Any = None,
         control_path: Path | None = None,
@@ -108,11 +108,12 @@ class Lifecycle:
         self.table = control.FlowTable(
             engine.live,
             engine.kills,
-            stats.snapshot,
+            stats.snapshot if stats is not None else empty_snapshot,
             hub_kill=control.hub_killer(engine),
             worker=worker.name if worker is not None else None,
         )
-        engine.observers.append(stats)
+        if stats is not None:  # only with --metrics: counting costs a little per flow
+            engine.observers.append(stats)
 
     async def run(
         self, routing: Callable[[], AbstractContextManager[object]] | None = None
@@ -130,7 +131,7 @@ class Lifecycle:
                 )
             with trio.open_signal_receiver(*HANDLED) as signals:
                 nursery.start_soon(self._signals, signals)
-                if self.worker is not None:
+                if self.worker is not None and self.stats is not None:
                     nursery.start_soon(self._report_stats)
                 async with trio.open_nursery() as serving:
                     await serving.start(
@@ -144,7 +145,7 @@ class Lifecycle:
                         self._on_signal(signum)
                     _pending.clear()
             nursery.cancel_scope.cancel()
-        if self.worker is not None:
+        if self.worker is not None and self.stats is not None:
             self._tell_stats()
 
     async def _signals(self, signals: Any) -> None:
@@ -193,7 +194,7 @@ class Lifecycle:
 
     def _tell_stats(self) -> None:
         tell = getattr(self.worker, "tell", None)
-        if tell is not None:
+        if tell is not None and self.stats is not None:
             tell(b"stats " + json.dumps(self.stats.snapshot()).encode() + b"\n")
 
 

@@ -147,9 +147,10 @@ def main(args: argparse.Namespace) -> int:
         factories = recording.wrap(factories)  # until the relay calls taps (record/)
     engine = Engine(config, factories)
     doors = open_doors(specs, engine, args, reuse_port=worker is not None)
-    stats = metrics.FlowStats(live=lambda: len(engine.live))
+    stats = metrics.FlowStats(live=lambda: len(engine.live)) if args.metrics else None
     exposed = None
     if args.metrics is not None and worker is None:
+        assert stats is not None
         exposed = metrics.MetricsServer(args.metrics, stats.snapshot)
         try:
             exposed.start()
