@@ -139,11 +139,19 @@ def samples(text: str, name: str) -> dict[str, float]:
 
 
 def echo_once(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data``, half-close, read until EOF."""
+    """Send ``data`` (from a thread, so large data cannot deadlock), half-close, read
+    until EOF."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        out = bytearray()
         while chunk := s.recv(65536):
             out += chunk
-        return out
+        sender.join(timeout)
+        return bytes(out)

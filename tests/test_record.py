@@ -133,6 +133,36 @@ def test_changed_bytes_give_two_marked_conversations(tmp_path: Path) -> None:
     assert sorted(resets) == ["0", "1"]
 
 
+def test_interceptors_that_changed_nothing_give_one_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "flow.pcapng"
+    info = FlowInfo(id=2, client=("192.0.2.10", 40000), destination=("198.51.100.20", 80))
+    with path.open("wb") as out:
+        rec = Recorder(PcapngWriter(out), info, ["hexdump"])
+        for chunk in (b"abc", b"defg"):
+            rec.feed("client", "read", chunk)
+            rec.feed("client", "delivered", chunk)
+        rec.feed("server", "read", b"xyz")
+        rec.feed("server", "delivered", b"xy")
+        rec.feed("server", "delivered", b"z")
+        rec.end("eof")
+    streams = set(_tshark("-r", str(path), "-T", "fields", "-e", "tcp.stream").split())
+    assert streams == {"0"}
+    assert follow(path, 0)[:2] == (b"abcdefg", b"xyz")
+    assert "changed no byte" in _tshark("-r", str(path), "-T", "fields", "-e", "frame.comment")
+
+
+def test_a_long_unchanged_server_side_is_written_once_held_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "flow.pcapng"
+    info = FlowInfo(id=2, client=("192.0.2.10", 40000), destination=("198.51.100.20", 80))
+    data = random.Random(3).randbytes(5 * 2**20)
+    with path.open("wb") as out:
+        rec = Recorder(PcapngWriter(out), info, ["hexdump"])
+        rec.feed("client", "read", data)
+        rec.feed("client", "delivered", data)
+        rec.end("eof")
+    assert follow(path, 1)[0] == data == follow(path, 0)[0]
+
+
 def test_max_bytes_caps_what_is_recorded(tmp_path: Path) -> None:
     path = tmp_path / "flow.pcapng"
     info = FlowInfo(id=1, client=("192.0.2.10", 40000), destination=("198.51.100.20", 80))
@@ -194,9 +224,9 @@ def test_run_record_writes_what_was_relayed(tmp_path: Path) -> None:
         )
         try:
             proxy.wait_port(port)
-            payload = random.Random(1).randbytes(300_000)
-            reply = echo_once(port, payload)
-            assert reply.endswith(payload[-10:])
+            payload = random.Random(1).randbytes(10 * 2**20)
+            reply = echo_once(port, payload, timeout=60)
+            assert reply.endswith(payload[-10:]) and reply.startswith(b"[tproxy] ")
             proxy.wait_log(r"flow \d+ end reason=eof")
         finally:
             assert proxy.stop() == 0, proxy.log
@@ -204,7 +234,8 @@ def test_run_record_writes_what_was_relayed(tmp_path: Path) -> None:
     assert len(files) == 1
     client_up, client_down, _, _ = follow(files[0], 0)
     server_up, server_down, _, _ = follow(files[0], 1)
-    assert client_up == payload == server_up  # label changes only the server's direction
-    assert server_down == payload  # the echo server sent back what it got
-    assert client_down == reply  # the client got the labelled bytes
-    assert client_down != server_down
+    sha = _sha(payload)
+    assert _sha(client_up) == sha == _sha(server_up)  # label changes only the way back
+    assert _sha(server_down) == sha  # the echo server sent back what it got
+    assert _sha(client_down) == _sha(reply)  # the client got the labelled bytes
+    assert _sha(client_down) != sha

@@ -9,11 +9,15 @@ The tap interface (what a relay calls for each flow it records):
 - ``end(reason)``: the flow ended with this end reason (``eof`` closes both
   conversations with FIN, anything else with RST).
 
-A flow without interceptors is one TCP conversation (client to
-destination). A flow with interceptors is two, each marked in its first
+A flow whose bytes no interceptor changed is one TCP conversation (client
+to destination). A flow with changed bytes is two, each marked in its first
 packet's comment: the *client side* (what the client sent, and what it was
 delivered) and the *server side* (what the server was delivered, and what it
 sent), so a change made by an interceptor shows as a difference between them.
+The server side is held back (up to :data:`HOLD_MAX` bytes of packets) until
+the flow ends or the two sides differ; a server side equal to its client side
+is dropped at the end. (Held packets keep their timestamps, so the file may
+hold them out of time order.)
 The server side's client address is the outgoing flow's source; where that
 equals the client's address and port (transparent mode's default) its port
 is changed (top bit flipped) so that readers keep the two streams apart.
@@ -22,6 +26,7 @@ is changed (top bit flipped) so that readers keep the two streams apart.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import logging
 import os
@@ -40,6 +45,9 @@ log = logging.getLogger("tproxy.record")
 
 Side = Literal["client", "server"]
 Stage = Literal["read", "delivered"]
+
+HOLD_MAX = 4 * 2**20
+"""How much of a server side that equals its client side is held back (then written)."""
 
 UNKNOWN_HOST_V4 = "240.0.0.1"
 """The server address written for a destination given by name (reserved space)."""
@@ -151,6 +159,13 @@ class Recorder:
             )
         else:
             self._first[id(self.client_side)] = about
+        self._held: list[tuple[bytes, float, str | None]] | None = None
+        """The server side's packets, held back while it still equals the client side."""
+        self._held_bytes = 0
+        self._digests: list[Any] = []
+        if self.server_side is not None:
+            self._held = []
+            self._digests = [hashlib.sha256() for _ in range(4)]
         for conv in self._conversations():
             self._emit(conv, conv.handshake())
 
@@ -159,11 +174,25 @@ class Recorder:
 
     def _emit(self, conv: Conversation, packets: Any, comment: str | None = None) -> None:
         now = self.clock()
+        held = self._held if conv is self.server_side else None
         for pkt in packets:
             first = self._first.pop(id(conv), None)
             note = "; ".join(n for n in (first, comment) if n) or None
             comment = None
-            self.sink.packet(pkt, now, note)
+            if held is None:
+                self.sink.packet(pkt, now, note)
+                continue
+            held.append((pkt, now, note))
+            self._held_bytes += len(pkt)
+            if self._held_bytes > HOLD_MAX:
+                self._release()
+                held = None
+
+    def _release(self) -> None:
+        """Write the held server side: it differs, or holding it costs too much memory."""
+        held, self._held = self._held, None
+        for pkt, ts, note in held or ():
+            self.sink.packet(pkt, ts, note)
 
     # -- the tap --------------------------------------------------------------
 
@@ -181,6 +210,9 @@ class Recorder:
         else:
             conv = self.server_side
         data = bytes(data)
+        if self._held is not None:
+            index = (0 if from_client else 2) + (stage == "delivered")
+            self._digests[index].update(data)
         room = len(data) if self.max_bytes is None else max(0, self.max_bytes - self.recorded)
         keep, skip = data[:room], len(data) - min(room, len(data))
         if keep:
@@ -198,6 +230,16 @@ class Recorder:
             return
         self.ended = True
         note = f"flow {self.info.id} ended: {reason}"
+        if self._held is not None:
+            up_read, up_delivered, down_read, down_delivered = (
+                d.digest() for d in self._digests
+            )
+            if up_read == up_delivered and down_read == down_delivered:
+                self._held = None  # the interceptors changed nothing: one conversation
+                self.server_side = None
+                note += "; the interceptors changed no byte (one conversation)"
+            else:
+                self._release()
         if self.truncated:
             note += f"; recording truncated at {self.max_bytes} bytes (--record-max-bytes)"
         for conv, client_view in ((self.client_side, True), (self.server_side, False)):
