@@ -133,6 +133,60 @@ def one_round(name: str, extra: list[str], echo_port: int, args: argparse.Namesp
         proxy.wait(30)
 
 
+SINK = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        while conn.recv(1 << 20):
+            pass
+"""
+
+
+def stream(mib: int, rounds: int, tmp: Path) -> None:
+    """One stream's Gbit/s through the proxy: spliced, copied, and copied + --record."""
+    sink_port = _port()
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)], stdout=subprocess.PIPE)
+    configs = {
+        "spliced (default)": [],
+        "--no-splice": ["--no-splice"],
+        "--record FILE": ["--record", str(tmp / "rec.pcapng")],
+    }
+    results: dict[str, list[float]] = {name: [] for name in configs}
+    block = os.urandom(1 << 20)
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+        for _ in range(rounds):
+            for name, extra in configs.items():
+                port = _port()
+                proxy = subprocess.Popen(
+                    [sys.executable, "-m", "tproxy", "run", "--log-file", str(tmp / "p.log"),
+                     "--mode", f"forward:127.0.0.1:{sink_port}@127.0.0.1:{port}", *extra],
+                    cwd=ROOT, env={**os.environ, "TPROXY_RUN_DIR": str(tmp / "run")},
+                )
+                try:
+                    _wait_listening(port, proxy)
+                    with socket.create_connection(("127.0.0.1", port)) as conn:
+                        start = time.perf_counter()
+                        for _ in range(mib):
+                            conn.sendall(block)
+                        conn.shutdown(socket.SHUT_WR)
+                        conn.recv(1)  # the proxy closes once the sink has it all
+                        elapsed = time.perf_counter() - start
+                    results[name].append(mib * 8 * 2**20 / elapsed / 1e9)
+                finally:
+                    proxy.send_signal(signal.SIGTERM)
+                    proxy.wait(60)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+    for name, values in results.items():
+        print(f"  {name:<20} {statistics.median(values):6.2f} Gbit/s  "
+              f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
+
+
 def micro(count: int = 20000) -> None:
     """CPU per flow of what the options add, measured in-process (steadier than conn/s
     on a shared machine): the metrics observer, and a flow's two log records formatted
@@ -179,9 +233,16 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--micro-only", action="store_true",
                         help="only the in-process per-flow costs")
+    parser.add_argument("--stream-mib", type=int, default=0,
+                        help="instead of conn/s: one stream of this many MiB, spliced, "
+                        "copied and recorded")
     args = parser.parse_args()
     micro()
     if args.micro_only:
+        return 0
+    if args.stream_mib:
+        with tempfile.TemporaryDirectory() as tmp:
+            stream(args.stream_mib, args.rounds, Path(tmp))
         return 0
     echo_port = _port()
     echo = subprocess.Popen([sys.executable, "-c", ECHO, str(echo_port)],

@@ -16,7 +16,7 @@ from ops_harness import Proxy, echo_once, echo_server, free_port
 from tproxy.flow import FlowInfo
 from tproxy.record.pcapng import PcapngWriter
 from tproxy.record.recorder import Recorder, Recording
-from tproxy.record.tcp import Conversation, checksum
+from tproxy.record.tcp import Conversation, _checksum_by_words, checksum
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
 
@@ -55,6 +55,14 @@ def _chunks(rng: random.Random, data: bytes) -> list[bytes]:
         out.append(data[i : i + n])
         i += n
     return out
+
+
+def test_checksum_equals_the_word_by_word_sum() -> None:
+    rng = random.Random(5)
+    cases = [b"", b"\0", b"\0\0\0", b"\xff\xff", b"\xff\xff\xff\xff", b"\x01",
+             b"\xfe\xff\x01\x00"] + [rng.randbytes(rng.randint(1, 1600)) for _ in range(2000)]
+    for data in cases:
+        assert checksum(data) == _checksum_by_words(data), data
 
 
 def test_checksum_of_a_packet_with_its_checksum_is_zero() -> None:

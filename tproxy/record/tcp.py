@@ -7,6 +7,7 @@ sequence and acknowledgement numbers that add up, and FIN or RST at the end.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterator
@@ -18,13 +19,36 @@ WINDOW = 65535
 
 
 def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
+    """The Internet checksum (RFC 1071) of ``data``.
+
+    The one's complement sum of 16-bit words is the number the bytes spell,
+    modulo 0xFFFF (as 2**16 = 1 mod 0xFFFF), which Python computes in C: far
+    faster than summing words one by one. A sum that is 0 modulo 0xFFFF is
+    0xFFFF unless every byte is zero.
+    """
+    if len(data) % 2:
+        data += b"\0"
+    number = int.from_bytes(data, "big")
+    folded = number % 0xFFFF
+    if folded == 0 and number:
+        folded = 0xFFFF
+    return ~folded & 0xFFFF
+
+
+def _checksum_by_words(data: bytes) -> int:
+    """RFC 1071 word by word: the reference the tests hold :func:`checksum` to."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(host: str) -> tuple[int, bytes]:
+    ip = ipaddress.ip_address(host)
+    return ip.version, ip.packed
 
 
 def tcp_packet(
@@ -38,33 +62,33 @@ def tcp_packet(
     ident: int = 0,
 ) -> bytes:
     """One IP packet carrying one TCP segment (IPv4 or IPv6 as the addresses are)."""
-    s_ip = ipaddress.ip_address(src[0])
-    d_ip = ipaddress.ip_address(dst[0])
-    if s_ip.version != d_ip.version:
+    s_version, s_packed = _address(src[0])
+    d_version, d_packed = _address(dst[0])
+    if s_version != d_version:
         raise ValueError("both ends must be of one address family")
     opts = b""
     if flags & SYN:  # MSS option, so the reader knows the segment size
-        opts = struct.pack("!BBH", 2, 4, MSS_V4 if s_ip.version == 4 else MSS_V6)
+        opts = struct.pack("!BBH", 2, 4, MSS_V4 if s_version == 4 else MSS_V6)
     offset = (20 + len(opts)) // 4
     header = struct.pack(
         "!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF if flags & ACK else 0,
         offset << 4, flags, WINDOW, 0, 0,
     ) + opts
     segment = header + payload
-    if s_ip.version == 4:
-        pseudo = s_ip.packed + d_ip.packed + struct.pack("!BBH", 0, 6, len(segment))
+    if s_version == 4:
+        pseudo = s_packed + d_packed + struct.pack("!BBH", 0, 6, len(segment))
     else:
-        pseudo = s_ip.packed + d_ip.packed + struct.pack("!IxxxB", len(segment), 6)
+        pseudo = s_packed + d_packed + struct.pack("!IxxxB", len(segment), 6)
     csum = checksum(pseudo + segment)
     segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
-    if s_ip.version == 4:
+    if s_version == 4:
         ip = struct.pack(
             "!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), ident & 0xFFFF, 0x4000, 64, 6, 0,
-            s_ip.packed, d_ip.packed,
+            s_packed, d_packed,
         )
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
         return ip + segment
-    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(segment), 6, 64, s_ip.packed, d_ip.packed)
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(segment), 6, 64, s_packed, d_packed)
     return ip6 + segment
 
 
