@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from . import keepalive
-from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
+from .flow import Address, EndReason, FlowInfo, FlowObserver, FlowRecord, next_flow_id
 from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
@@ -103,6 +103,10 @@ class Engine:
         """Outgoing connects under way: flows past the capacity check, not live yet."""
         self._idle = trio.Event()
         self._idle.set()
+        self.observers: list[FlowObserver] = []
+        """Told of every flow's open and end (metrics, control socket): see FlowObserver."""
+        self.kills: dict[int, Callable[[], None]] = {}
+        """Flow id -> how to end that flow now (``tproxy flows --kill``)."""
         self.hub: SpliceHub | None = None
         """Relays every pair with sockets, all from one task (:mod:`tproxy.hub`);
         in use while its ``run`` runs (the server starts it)."""
@@ -223,6 +227,8 @@ class Engine:
                     await reset_stream(incoming)
                     await reset_stream(outgoing)
                 return record
+            scope = trio.CancelScope()
+            self.kills[info.id] = scope.cancel
             relay = StreamRelay(
                 incoming,
                 outgoing,
@@ -233,7 +239,8 @@ class Engine:
                 tap=tap,
             )
             try:
-                await relay.run(client_prefix=client_prefix)
+                with scope:
+                    await relay.run(client_prefix=client_prefix)
             except Exception as exc:
                 log.error("flow %d: unexpected error", info.id, exc_info=exc)
             return record
@@ -265,6 +272,7 @@ class Engine:
         flow = hub.adopt(
             _unwrap(incoming), _unwrap(outgoing), record, chain, prefix=client_prefix, tap=tap
         )
+        self.kills[info.id] = functools.partial(hub.abort, flow, EndReason.SHUTDOWN, "killed")
         try:
             assert flow.done is not None
             await flow.done.wait()
@@ -278,7 +286,7 @@ class Engine:
         record = self._open(info)
         record.outgoing_source = source
         if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line())
+            log.info(record.open_line(), extra={"flow_event": ("open", record)})
         return record
 
     @contextlib.contextmanager
@@ -292,7 +300,7 @@ class Engine:
         """
         record = self._open(info)
         if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line())
+            log.info(record.open_line(), extra={"flow_event": ("open", record)})
         try:
             yield record
         except BaseException as exc:
@@ -320,17 +328,23 @@ class Engine:
 
     def _open(self, info: FlowInfo) -> FlowRecord:
         record = FlowRecord(info=info, started=time.monotonic())
+        record.interceptors = tuple(n for f in self.factories if (n := getattr(f, "name", "")))
         self.live[info.id] = record
         self.total += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        for observer in self.observers:
+            observer.flow_opened(record)
         return record
 
     def _close(self, record: FlowRecord) -> None:
         if record.reason is None:
             record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
         self.live.pop(record.info.id, None)
+        self.kills.pop(record.info.id, None)
+        for observer in self.observers:
+            observer.flow_ended(record)
         if log.isEnabledFor(logging.INFO):
-            log.info(record.close_line())
+            log.info(record.close_line(), extra={"flow_event": ("end", record)})
         if not self.live:
             self._idle.set()
 
