@@ -88,6 +88,8 @@ class EngineConfig:
 class Engine:
     """Opens outgoing flows and relays flow pairs; keeps the set of live flows."""
 
+    recording: Any = None
+    """``--record``: makes each flow's tap (tproxy.record.Recording; the runner sets it)."""
     tls: Any = None
     """``--tls intercept``: wraps every flow's chain (tproxy.tls.options.attach sets it)."""
 
@@ -153,8 +155,20 @@ class Engine:
         return Chain(built)
 
     def tap_for(self, info: FlowInfo) -> FlowTap | None:
-        """The tap that watches one flow's bytes (recording), or ``None``: none by default."""
-        return None
+        """The tap that watches one flow's bytes (``--record``), or ``None``.
+
+        A tapped flow is copied through user space, never spliced, so the
+        recording holds what was read and what was delivered each way.
+        """
+        if self.recording is None:
+            return None
+        names = [
+            str(getattr(f, "name", type(f).__name__))
+            for f in self.factories
+            if getattr(f, "selects", None) is None or f.selects(info)
+        ]
+        tap: FlowTap = self.recording.relay_tap(info, names)
+        return tap
 
     # -- flows --------------------------------------------------------------
 

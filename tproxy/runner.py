@@ -85,8 +85,8 @@ def main(args: argparse.Namespace) -> int:
             )
         except OSError as exc:
             raise UsageError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
-        factories = recording.wrap(factories)  # until the relay calls taps (record/)
     engine = Engine(config, factories)
+    engine.recording = recording  # --record: every flow gets a tap
     tls_options.attach(engine, args)  # --tls intercept: the engine wraps chains in TLS
     udp_config = udp.config_from(args)
     doors = open_doors(udp.tcp_specs(specs), engine, args, reuse_port=worker is not None)
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         engine,
         server,
         stats=stats,
-        reloader=reloader(args, specs, recording),
+        reloader=reloader(args, specs),
         worker=worker,
         control_path=control.socket_path(
             os.getppid() if worker is not None else None,
@@ -158,7 +158,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def reloader(
-    args: argparse.Namespace, specs: list[ModeSpec], recording: record.Recording | None = None
+    args: argparse.Namespace, specs: list[ModeSpec]
 ) -> lifecycle.Reloader:
     """What SIGHUP does: re-read ``-c FILE`` and the interceptor modules; apply both to
     new flows. Listeners, routing and workers stay as they are (a restart changes them)."""
@@ -178,8 +178,7 @@ def reloader(
         if (new.mode or default_modes()) != specs:
             log.warning("reload: listeners changed in the file; a restart applies that")
         engine.config = config
-        chain: list[Any] = recording.wrap(factories) if recording is not None else factories
-        engine.factories = chain
+        engine.factories = factories
 
     return reload
 

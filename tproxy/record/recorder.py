@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 
 from ..flow import Address, FlowInfo, format_address
-from ..interceptor import Interceptor
 from .pcapng import PcapngWriter
 from .tcp import Conversation
 
@@ -271,7 +270,6 @@ class Recording:
         self.max_bytes = max_bytes
         self.per_flow = not (path.endswith(".pcapng") or self.path.is_file())
         self._shared: PcapngWriter | None = None
-        self._pending: dict[int, Recorder] = {}
         if self.per_flow:
             self.path.mkdir(parents=True, exist_ok=True)
         else:
@@ -298,12 +296,9 @@ class Recording:
             self._shared.close()
             self._shared = None
 
-    # -- until the relay calls taps: two interceptors around the chain ----------
-
-    def wrap(self, factories: Sequence[Any]) -> list[Any]:
-        """``factories`` with a recording interceptor first and last in every chain."""
-        names = [getattr(f, "name", type(f).__name__) for f in factories]
-        return [_Head(self, names), *factories, _Tail(self)]
+    def relay_tap(self, info: FlowInfo, interceptors: Sequence[str]) -> RelayTap:
+        """The recorder of one flow as the relay's tap (the engine's ``tap_for``)."""
+        return RelayTap(self.tap_for(info, interceptors, via=info.via))
 
 
 def _open(path: Path) -> BinaryIO:
@@ -311,61 +306,29 @@ def _open(path: Path) -> BinaryIO:
     return os.fdopen(fd, "wb")
 
 
-class _Head:
-    """Makes the first interceptor of a recorded chain (and the flow's recorder)."""
-
-    name = ""  # not listed among the flow's interceptors
-
-    def __init__(self, recording: Recording, names: list[str]) -> None:
-        self.recording = recording
-        self.names = names
-
-    def __call__(self, info: FlowInfo) -> Interceptor:
-        recorder = self.recording.tap_for(info, self.names)
-        self.recording._pending[info.id] = recorder
-        return _HeadInterceptor(info, recorder)
+_SIDE_NAMES: tuple[Side, Side] = ("client", "server")
+"""The relay's side numbers (:data:`tproxy.relay.core.CLIENT` 0, ``SERVER`` 1) as names."""
 
 
-class _Tail:
-    name = ""
+class RelayTap:
+    """A :class:`Recorder` fed by the relay core (:class:`tproxy.relay.core.FlowTap`).
 
-    def __init__(self, recording: Recording) -> None:
-        self.recording = recording
+    The core reports bytes read from a side, and bytes handed to a side for
+    writing (after the interceptors); the recorder wants where bytes came
+    *from*, so what is delivered to one side came from the other. A tapped
+    flow is copied through user space, never spliced.
+    """
 
-    def __call__(self, info: FlowInfo) -> Interceptor:
-        return _TailInterceptor(info, self.recording._pending.pop(info.id))
+    __slots__ = ("recorder",)
 
-
-class _HeadInterceptor(Interceptor):
-    """First in the chain: sees what the client sent and what the client is delivered."""
-
-    def __init__(self, flow: FlowInfo, recorder: Recorder) -> None:
-        super().__init__(flow)
+    def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
 
-    def client_data(self, data: bytes) -> bytes:
-        self.recorder.feed("client", "read", data)
-        return data
+    def on_read(self, side: int, data: bytes) -> None:
+        self.recorder.feed(_SIDE_NAMES[side], "read", data)
 
-    def server_data(self, data: bytes) -> bytes:
-        self.recorder.feed("server", "delivered", data)
-        return data
+    def on_deliver(self, side: int, data: bytes) -> None:
+        self.recorder.feed(_SIDE_NAMES[1 - side], "delivered", data)
 
-    def end(self, reason: str) -> None:
+    def on_end(self, reason: str) -> None:
         self.recorder.end(reason)
-
-
-class _TailInterceptor(Interceptor):
-    """Last in the chain: sees what the server sent and what the server is delivered."""
-
-    def __init__(self, flow: FlowInfo, recorder: Recorder) -> None:
-        super().__init__(flow)
-        self.recorder = recorder
-
-    def client_data(self, data: bytes) -> bytes:
-        self.recorder.feed("client", "delivered", data)
-        return data
-
-    def server_data(self, data: bytes) -> bytes:
-        self.recorder.feed("server", "read", data)
-        return data

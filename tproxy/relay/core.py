@@ -567,6 +567,10 @@ class FlowCore:
         self.phase = ENDED
         self.reason = reason
         self.detail = detail
+        record = self.record
+        if record is not None:  # what each side was given, beside what was read from it
+            record.delivered_up = self.delivered[SERVER]
+            record.delivered_down = self.delivered[CLIENT]
         if self.chain is not None:
             try:
                 self.chain.end(str(reason))
