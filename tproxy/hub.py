@@ -70,8 +70,8 @@ from .relay.core import (
     Send,
     ShutdownWrite,
 )
-from .sockets import connect_error_from, reset_socket
 from .relay.threads import run_job
+from .sockets import connect_error_from, reset_socket
 from .splice import DEFAULT_CHUNK, SPLICE, SPLICE_FLAGS, at_urgent_mark, close_idle_pipes, pipes
 from .timers import ThreadJob
 
