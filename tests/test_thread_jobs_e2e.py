@@ -52,9 +52,7 @@ class Slow(Interceptor):
 def _hook(tmp_path: Path) -> tuple[str, Path, Path, Path]:
     started, release, finished = (tmp_path / n for n in ("started", "release", "finished"))
     path = tmp_path / "slowhook.py"
-    path.write_text(
-        HOOK.format(started=str(started), release=str(release), finished=str(finished))
-    )
+    path.write_text(HOOK.format(started=str(started), release=str(release), finished=str(finished)))
     return f"{path}:Slow", started, release, finished
 
 
@@ -69,9 +67,10 @@ def test_a_blocked_job_does_not_stall_other_flows_and_its_result_comes_in_order(
     tmp_path: Path,
 ) -> None:
     spec, started, release, finished = _hook(tmp_path)
-    with echo_server() as echo, running_proxy(
-        tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec) as proxy,
+    ):
         port = proxy.port("forward")
         try:
             with connect(port) as first:
@@ -95,9 +94,12 @@ def test_a_blocked_job_does_not_stall_other_flows_and_its_result_comes_in_order(
 
 def test_a_job_that_never_returns_does_not_hold_up_shutdown(tmp_path: Path) -> None:
     spec, started, _release, finished = _hook(tmp_path)
-    with echo_server() as echo, running_proxy(
-        tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec, "--grace", "0.5"
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(
+            tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec, "--grace", "0.5"
+        ) as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.sendall(b"slow")
             _wait_file(started)
@@ -118,9 +120,10 @@ def test_a_job_that_never_returns_does_not_hold_up_shutdown(tmp_path: Path) -> N
 
 def test_the_echo_of_a_plain_flow_is_unchanged(tmp_path: Path) -> None:
     spec, *_ = _hook(tmp_path)
-    with echo_server() as echo, running_proxy(
-        tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(tmp_path, [f"forward:127.0.0.1:{echo}"], "-i", spec) as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for i in range(5):
