@@ -228,7 +228,7 @@ async def _hub() -> AsyncIterator[tuple[SpliceHub, Closed, trio.Nursery]]:
 @pytest.mark.trio
 async def test_hub_runs_a_job_off_the_loop_and_relays_other_flows_meanwhile() -> None:
     gate = Gate()
-    async with _hub() as (hub, closed, _):
+    async with _hub() as (hub, _closed, _):
         slow, other = Pair(), Pair()
         hub.adopt(slow.incoming, slow.outgoing, slow.record, Chain([_slow(gate)(slow.record.info)]))
         hub.adopt(
@@ -265,7 +265,7 @@ async def test_hub_drops_a_job_whose_flow_ended_and_stops_without_waiting() -> N
                 ended.incoming,
                 ended.outgoing,
                 ended.record,
-                Chain([_slow(gate)(other.record.info)]),
+                Chain([_slow(gate)(ended.record.info)]),
             )
             hub.adopt(
                 running.incoming,
