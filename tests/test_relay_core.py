@@ -137,6 +137,11 @@ def test_read_and_delivered_counters_differ_when_an_interceptor_rewrites():
     assert core.sent(SERVER, 4, 1.0) == []
     assert core.read == [2, 0] and core.delivered == [0, 4]
     assert core.record is not None and core.record.bytes_up == 2  # the record counts reads
+    assert core.record.delivered_up is None  # said only once the flow has ended
+    assert core.eof(CLIENT, 2.0) == [ShutdownWrite(SERVER)]
+    ended = core.eof(SERVER, 3.0)
+    assert [type(a) for a in ended] == [ShutdownWrite, End]
+    assert (core.record.delivered_up, core.record.delivered_down) == (4, 0)
 
 
 def test_passthrough_mid_flow_allows_splice_once_the_queue_is_written():

@@ -101,16 +101,91 @@ def test_a_blackhole_timeout_closes_both_sides() -> None:
     ]
 
 
-def test_a_thread_job_runs_and_its_callback_injects() -> None:
-    class Lookup(Interceptor):
-        def client_data(self, data: bytes) -> bytes:
-            self.run_in_thread(lambda: data.upper(), then=self.inject_to_server)
-            return b""
+class Lookup(Interceptor):
+    """Holds the client's first chunk while a thread job upper-cases it."""
 
+    def client_data(self, data: bytes) -> bytes:
+        self.run_in_thread(lambda: data.upper(), then=self.inject_to_server, hold="client")
+        return b""
+
+
+def test_a_thread_job_is_handed_out_not_run_and_holds_reading() -> None:
     core = _core(Lookup(INFO))
-    assert core.received(CLIENT, b"abc", 0.0) == [Send(SERVER, b"ABC")]
-    core.sent(SERVER, 3, 0.1)
-    assert core.may_read(CLIENT)  # the job's hold was released
+    assert core.received(CLIENT, b"abc", 0.0) == []  # not run inline: nothing yet
+    (job,) = core.take_thread_jobs()
+    assert not job.done
+    assert core.take_thread_jobs() == []  # taken once
+    assert not core.may_read(CLIENT) and core.may_read(SERVER)  # the job's hold
+    job.run()  # what the shell does in a worker thread
+    assert core.thread_done(job, 0.5) == [Send(SERVER, b"ABC")]
+    core.sent(SERVER, 3, 0.6)
+    assert core.may_read(CLIENT)  # the hold was released
+
+
+def test_a_thread_jobs_callback_sees_the_time_of_its_completion() -> None:
+    seen: list[float] = []
+
+    class Timed(Interceptor):
+        def start(self) -> None:
+            self.run_in_thread(lambda: None, then=lambda _: seen.append(self.now()))
+
+    core = _core(Timed(INFO))
+    (job,) = core.take_thread_jobs()
+    job.run()
+    assert core.thread_done(job, 7.5) == []
+    assert seen == [7.5]
+
+
+def test_a_thread_job_back_after_the_flow_ended_is_dropped() -> None:
+    core = _core(Lookup(INFO))
+    core.received(CLIENT, b"abc", 0.0)
+    (job,) = core.take_thread_jobs()
+    assert core.failed(SERVER, "server: reset", 0.1) == [
+        End(EndReason.RESET, "server: reset", (True, True))
+    ]
+    job.run()
+    assert core.thread_done(job, 0.2) == []  # nothing is written to closed sockets
+
+
+def test_jobs_not_taken_when_the_flow_ends_are_never_handed_out() -> None:
+    core = _core(Lookup(INFO))
+    core.received(CLIENT, b"abc", 0.0)
+    core.cancel()
+    assert core.take_thread_jobs() == []
+
+
+def test_a_failing_thread_job_without_callback_ends_the_flow_as_error() -> None:
+    class Fails(Interceptor):
+        def client_data(self, data: bytes) -> bytes:
+            self.run_in_thread(lambda: 1 / 0)
+            return data
+
+    core = _core(Fails(INFO))
+    assert core.received(CLIENT, b"x", 0.0) == [Send(SERVER, b"x")]
+    (job,) = core.take_thread_jobs()
+    job.run()
+    (end,) = core.thread_done(job, 1.0)
+    assert isinstance(end, End) and end.reason == EndReason.ERROR and end.reset == (True, True)
+    assert "ZeroDivisionError" in end.detail or "run_in_thread" in end.detail
+
+
+def test_a_thread_jobs_callback_may_start_another_job_and_abort() -> None:
+    class Twice(Interceptor):
+        def start(self) -> None:
+            self.run_in_thread(lambda: 1, then=self.again)
+
+        def again(self, n: object) -> None:
+            self.run_in_thread(lambda: 2, then=lambda m: self.abort(f"done {n} {m}"))
+
+    core = _core(Twice(INFO))
+    (first,) = core.take_thread_jobs()
+    first.run()
+    assert core.thread_done(first, 1.0) == []
+    (second,) = core.take_thread_jobs()
+    second.run()
+    assert core.thread_done(second, 2.0) == [
+        End(EndReason.INTERCEPTOR_ABORT, "done 1 2", (True, True))
+    ]
 
 
 def test_a_timer_abort_resets_both() -> None:

@@ -24,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    from . import __version__, runner
+    from . import __version__, control, runner
     from .routing import cli as routing_cli
     from .tls import cli as tls_cli
 
@@ -34,6 +34,7 @@ def build_parser() -> ArgumentParser:
     runner.register(sub)
     routing_cli.register(sub)
     tls_cli.register(sub)
+    control.register(sub)
     return parser
 
 
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `run -c` (tproxy.config)
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from . import keepalive
-from .flow import Address, EndReason, FlowInfo, FlowRecord, next_flow_id
+from .flow import Address, EndReason, FlowInfo, FlowObserver, FlowRecord, next_flow_id
 from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
@@ -88,6 +88,8 @@ class EngineConfig:
 class Engine:
     """Opens outgoing flows and relays flow pairs; keeps the set of live flows."""
 
+    recording: Any = None
+    """``--record``: makes each flow's tap (tproxy.record.Recording; the runner sets it)."""
     tls: Any = None
     """``--tls intercept``: wraps every flow's chain (tproxy.tls.options.attach sets it)."""
 
@@ -103,6 +105,10 @@ class Engine:
         """Outgoing connects under way: flows past the capacity check, not live yet."""
         self._idle = trio.Event()
         self._idle.set()
+        self.observers: list[FlowObserver] = []
+        """Told of every flow's open and end (metrics, control socket): see FlowObserver."""
+        self.kills: dict[int, Callable[[], None]] = {}
+        """Flow id -> how to end that flow now (``tproxy flows --kill``)."""
         self.hub: SpliceHub | None = None
         """Relays every pair with sockets, all from one task (:mod:`tproxy.hub`);
         in use while its ``run`` runs (the server starts it)."""
@@ -149,8 +155,20 @@ class Engine:
         return Chain(built)
 
     def tap_for(self, info: FlowInfo) -> FlowTap | None:
-        """The tap that watches one flow's bytes (recording), or ``None``: none by default."""
-        return None
+        """The tap that watches one flow's bytes (``--record``), or ``None``.
+
+        A tapped flow is copied through user space, never spliced, so the
+        recording holds what was read and what was delivered each way.
+        """
+        if self.recording is None:
+            return None
+        names = [
+            str(getattr(f, "name", type(f).__name__))
+            for f in self.factories
+            if getattr(f, "selects", None) is None or f.selects(info)
+        ]
+        tap: FlowTap = self.recording.relay_tap(info, names)
+        return tap
 
     # -- flows --------------------------------------------------------------
 
@@ -223,6 +241,8 @@ class Engine:
                     await reset_stream(incoming)
                     await reset_stream(outgoing)
                 return record
+            scope = trio.CancelScope()
+            self.kills[info.id] = scope.cancel
             relay = StreamRelay(
                 incoming,
                 outgoing,
@@ -233,7 +253,8 @@ class Engine:
                 tap=tap,
             )
             try:
-                await relay.run(client_prefix=client_prefix)
+                with scope:
+                    await relay.run(client_prefix=client_prefix)
             except Exception as exc:
                 log.error("flow %d: unexpected error", info.id, exc_info=exc)
             return record
@@ -265,6 +286,7 @@ class Engine:
         flow = hub.adopt(
             _unwrap(incoming), _unwrap(outgoing), record, chain, prefix=client_prefix, tap=tap
         )
+        self.kills[info.id] = functools.partial(hub.abort, flow, EndReason.SHUTDOWN, "killed")
         try:
             assert flow.done is not None
             await flow.done.wait()
@@ -278,7 +300,7 @@ class Engine:
         record = self._open(info)
         record.outgoing_source = source
         if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line())
+            log.info(record.open_line(), extra={"flow_event": ("open", record)})
         return record
 
     @contextlib.contextmanager
@@ -292,7 +314,7 @@ class Engine:
         """
         record = self._open(info)
         if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line())
+            log.info(record.open_line(), extra={"flow_event": ("open", record)})
         try:
             yield record
         except BaseException as exc:
@@ -320,17 +342,23 @@ class Engine:
 
     def _open(self, info: FlowInfo) -> FlowRecord:
         record = FlowRecord(info=info, started=time.monotonic())
+        record.interceptors = tuple(n for f in self.factories if (n := getattr(f, "name", "")))
         self.live[info.id] = record
         self.total += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        for observer in self.observers:
+            observer.flow_opened(record)
         return record
 
     def _close(self, record: FlowRecord) -> None:
         if record.reason is None:
             record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
         self.live.pop(record.info.id, None)
+        self.kills.pop(record.info.id, None)
+        for observer in self.observers:
+            observer.flow_ended(record)
         if log.isEnabledFor(logging.INFO):
-            log.info(record.close_line())
+            log.info(record.close_line(), extra={"flow_event": ("end", record)})
         if not self.live:
             self._idle.set()
 

@@ -12,7 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .tls.info import TlsInfo
@@ -114,6 +114,12 @@ class FlowRecord:
     detail: str = ""
     ended: float | None = None
     outgoing_source: Address | None = field(default=None)
+    interceptors: tuple[str, ...] = ()
+    """Names of the interceptors of this flow's chain (as the flow started)."""
+    delivered_up: int | None = None
+    """Bytes written to the server, where the relay counts them (``None``: not counted)."""
+    delivered_down: int | None = None
+    """Bytes written to the client, where the relay counts them (``None``: not counted)."""
 
     def end(self, reason: EndReason, detail: str = "", *, now: float) -> None:
         """Record the first reason only: later ones are consequences of it."""
@@ -139,3 +145,14 @@ class FlowRecord:
             f"dst={format_address(self.info.destination)} "
             f"up={self.bytes_up} down={self.bytes_down} duration={duration:.3f}s{detail}"
         )
+
+
+class FlowObserver(Protocol):
+    """Told by the engine when a flow record opens and when it ends (metrics, control).
+
+    Both calls run on the event loop and must be quick; they must not raise.
+    """
+
+    def flow_opened(self, record: FlowRecord) -> None: ...
+
+    def flow_ended(self, record: FlowRecord) -> None: ...

@@ -28,7 +28,18 @@ budget, a small message) is simply reported again by the next poll, and an
 error or hang-up nobody asked about ends the flow instead of spinning.
 Idle and connect timeouts are checked by a sweep every quarter of the
 shortest one; the chain's timers and an abort's linger by a heap of exact
-deadlines. See docs/architecture.md.
+deadlines.
+
+Interceptors' thread jobs (``run_in_thread``) run off the loop: the hub
+takes them from the core after every event and runs each in a task of a
+nursery it owns (:func:`tproxy.relay.threads.run_job`: a worker thread,
+bounded by that module's limiter). The completion comes back in that task,
+in the hub's own trio thread, and is carried out like a readiness event:
+trio runs it only while the hub task waits (at its checkpoint between
+epoll batches, or asleep on the epoll descriptor), never in the middle of
+a batch, and then wakes the hub so the next poll sees the flow's new
+state. When the hub stops, running jobs are abandoned (their threads run
+on until ``fn`` returns; the result is dropped). See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -59,8 +70,10 @@ from .relay.core import (
     Send,
     ShutdownWrite,
 )
+from .relay.threads import run_job
 from .sockets import connect_error_from, reset_socket
 from .splice import DEFAULT_CHUNK, SPLICE, SPLICE_FLAGS, at_urgent_mark, close_idle_pipes, pipes
+from .timers import ThreadJob
 
 log = logging.getLogger("tproxy.flow")
 
@@ -210,6 +223,10 @@ class SpliceHub:
         self._timer_seq = itertools.count()
         self._sleep: trio.CancelScope | None = None
         """The scope of the hub's wait for readiness, while it waits."""
+        self._jobs: trio.Nursery | None = None
+        """Where thread jobs run (one task each), while the hub runs."""
+        self.jobs_running = 0
+        """Thread jobs handed to worker threads and not back yet."""
 
     def __len__(self) -> int:
         """Flow pairs in the hub, connecting ones included."""
@@ -224,8 +241,15 @@ class SpliceHub:
         self._epoll = select.epoll()
         self.running = True
         try:
-            task_status.started()
-            await self._loop()
+            async with trio.open_nursery() as jobs:
+                self._jobs = jobs
+                task_status.started()
+                try:
+                    await self._loop()
+                finally:
+                    # Abandon running jobs (run_job): their threads finish on their own.
+                    self._jobs = None
+                    jobs.cancel_scope.cancel()
         finally:
             self.running = False
             self._now = time.monotonic()
@@ -679,6 +703,8 @@ class SpliceHub:
     # -- carrying out the core's actions ----------------------------------------------------
 
     def _apply(self, flow: HubFlow, actions: list[Action]) -> None:
+        if flow.core.thread_jobs:
+            self._start_jobs(flow)
         for action in actions:
             if not flow.live:
                 return
@@ -695,6 +721,40 @@ class SpliceHub:
             else:
                 assert isinstance(action, End)
                 self._end(flow, action)
+
+    def _start_jobs(self, flow: HubFlow) -> None:
+        """Hand the thread jobs a core call asked for to worker threads (see run_job)."""
+        jobs = flow.core.take_thread_jobs()
+        nursery = self._jobs
+        if nursery is None:
+            return  # the hub is stopping: the flow is about to be cancelled
+        for job in jobs:
+            self.jobs_running += 1
+            nursery.start_soon(self._job, flow, job)
+
+    async def _job(self, flow: HubFlow, job: ThreadJob) -> None:
+        """Run one job off the loop; carry out its completion like a readiness event.
+
+        This task runs in the hub's trio thread, only while the hub task waits
+        (between epoll batches or asleep), so the hub's state is consistent.
+        """
+        try:
+            await run_job(job)
+        finally:
+            self.jobs_running -= 1
+        if not flow.live or not self.running:
+            return  # the flow ended meanwhile: the result is dropped
+        self._now = now = time.monotonic()
+        try:
+            self._apply(flow, flow.core.thread_done(job, now))
+            if flow.live:
+                self._settle(flow)
+        except Exception as exc:
+            self._failed(flow, exc)
+        # The flow's masks and timer changed under a hub that may sleep on the epoll
+        # descriptor with a deadline computed before: let it poll once more.
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     def _send(self, flow: HubFlow, side: int, data: bytes) -> None:
         out = flow.out

@@ -236,9 +236,8 @@ class Interceptor:
         the data that triggered the job is not overtaken by more. ``fn``
         must not touch the interceptor's state unguarded: it runs in
         another thread. In :class:`tproxy.testing.Driver` jobs run when the
-        test calls ``run_threads()``. (Until the relay's shells hand jobs to
-        worker threads, the flow core runs them inline: the outcome and the
-        callback are the same, but the loop waits meanwhile.)
+        test calls ``run_threads()``; the relay runs them in worker threads
+        (see tproxy/relay/threads.py: bounded, abandoned at shutdown).
         """
         return self._flow_timers("run_in_thread()").run_in_thread(
             self._tproxy_index, fn, then, hold

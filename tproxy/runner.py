@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -17,10 +18,23 @@ from typing import Any
 
 import trio
 
-from . import explicit, keepalive, loading, routing, watchdog, workers
+from . import config as config_file
+from . import (
+    control,
+    explicit,
+    lifecycle,
+    loading,
+    logformat,
+    metrics,
+    record,
+    routing,
+    run_options,
+    watchdog,
+    workers,
+)
 from .engine import Engine, EngineConfig
 from .errors import UsageError
-from .modes import ModeError, ModeSpec, parse_mode
+from .modes import ModeSpec, parse_mode
 from .server import Door, Handler
 from .sockets import SourcePolicy
 from .tls import options as tls_options
@@ -30,98 +44,104 @@ log = logging.getLogger("tproxy")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``run`` to the ``tproxy`` parser."""
-    p = sub.add_parser(
-        "run",
-        help="run the proxy engine",
-        description=__doc__.splitlines()[0],
-    )
-    p.add_argument(
-        "--mode",
-        action="append",
-        type=_mode,
-        metavar="MODE@HOST:PORT",
-        help="a listener: transparent (TCP and UDP), transparent-udp, socks, http or "
-        "forward:HOST:PORT, at HOST:PORT "
-        "(IPv6 in brackets; @:PORT keeps the default host). Repeatable. "
-        "Default: transparent@127.0.0.1:9091 and transparent@[::1]:9091",
-    )
-    loading.add_interceptor_arguments(p)
-    g = p.add_argument_group("flows")
-    g.add_argument(
-        "--source",
-        choices=[s.value for s in SourcePolicy],
-        default=SourcePolicy.CLIENT_PORT.value,
-        help="outgoing source address in transparent mode: the client's address and port "
-        "(default; falls back to a free port when the port is taken), the client's address "
-        "with a kernel-chosen port, or the gateway's own address (no spoofing)",
-    )
-    g.add_argument(
-        "--mark",
-        type=_mark,
-        default=None,
-        help="SO_MARK for outgoing sockets, so that firewall rules can exempt the proxy's own "
-        "traffic (e.g. from OUTPUT interception)",
-    )
-    g.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    g.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="end a flow pair with no data either way for this long (default: never)",
-    )
-    g.add_argument(
-        "--grace",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="on SIGINT/SIGTERM, how long open flows may go on before they are reset (default 5)",
-    )
-    g.add_argument("--max-flows", type=int, default=None, metavar="N")
-    g.add_argument(
-        "--read-size",
-        type=int,
-        default=256 * 1024,
-        metavar="BYTES",
-        help="largest read per chunk (default 262144; larger reads relay faster)",
-    )
-    g.add_argument(
-        "--no-splice",
-        dest="splice",
-        action="store_false",
-        help="copy through user space even where no interceptor watches (default: splice(2))",
-    )
-    p.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    _add_optional_arguments(p)
-    p.set_defaults(handler=main)
-
-
-def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of parts that register their own flags (routing, explicit modes, workers)."""
-    routing.add_run_arguments(p)
-    explicit.add_arguments(p)
-    workers.add_arguments(p)
-    tls_options.add_arguments(p)
-    watchdog.add_arguments(p)
-    keepalive.add_arguments(p)
-    udp.add_arguments(p)
+    """Add ``run`` to the ``tproxy`` parser (its options: :mod:`tproxy.run_options`)."""
+    run_options.add_parser(sub).set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tproxy run``."""
-    _configure_logging(args.verbose, args.quiet)
+    lifecycle.hold_signals()  # SIGHUP/SIGQUIT must never end us without the ordered shutdown
+    if args.config:
+        args = config_file.apply(args, config_file.run_argv(args))
+    _configure_logging(args)
     watchdog.configure_from(args)
     try:
         factories = loading.load_all(args.interceptors)
     except loading.LoadError as exc:
         raise UsageError(str(exc)) from None
     prepare_routing_args(args)  # --setup --local: the proxy's sockets get a mark
+    config = engine_config(args)
+    specs = args.mode or default_modes()
+    explicit.check_unused(args, specs)
+    loading.warn_unmatchable(factories, specs)
+    routing = routing_for(args, specs)
+    if args.check:
+        print(f"{args.config or 'command line'}: ok ({len(specs)} listener(s), "
+              f"{len(factories)} interceptor(s))")
+        return 0
+    if workers.wants_supervisor(args):
+        # N processes, each with its own listeners (SO_REUSEPORT); the routing is
+        # installed once, by the supervisor, after all of them listen.
+        return workers.run_supervisor(args, sys.argv[1:], routing)
+    worker = workers.current(args)
+    if worker is not None:
+        worker.configure()  # flow ids, log prefix, exit with the supervisor
+        routing = None
+    recording = None
+    if args.record is not None:
+        try:
+            recording = record.Recording(
+                args.record, args.record_max_bytes, worker.name if worker is not None else None
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot record to {args.record}: {exc.strerror or exc}") from None
+    engine = Engine(config, factories)
+    engine.recording = recording  # --record: every flow gets a tap
+    tls_options.attach(engine, args)  # --tls intercept: the engine wraps chains in TLS
+    udp_config = udp.config_from(args)
+    doors = open_doors(udp.tcp_specs(specs), engine, args, reuse_port=worker is not None)
     try:
-        config = EngineConfig(
+        udp_listeners = udp.open_listeners(specs, args, reuse_port=worker is not None)
+    except BaseException:
+        for door in doors:
+            door.close()
+        raise
+    stats = metrics.FlowStats(live=lambda: len(engine.live)) if args.metrics else None
+    exposed = None
+    if args.metrics is not None and worker is None:
+        assert stats is not None
+        exposed = metrics.MetricsServer(args.metrics, stats.snapshot)
+        try:
+            exposed.start()
+        except OSError as exc:
+            for door in doors:
+                door.close()
+            for sock in udp_listeners:
+                sock.close()
+            raise UsageError(f"cannot serve --metrics on {args.metrics[0]}:"
+                             f"{args.metrics[1]}: {exc.strerror or exc}") from None
+    if worker is not None:
+        worker.ready()
+    server = udp.UdpServer(engine, doors, udp_listeners, udp_config)
+    life = lifecycle.Lifecycle(
+        engine,
+        server,
+        stats=stats,
+        reloader=reloader(args, specs),
+        worker=worker,
+        control_path=control.socket_path(
+            os.getppid() if worker is not None else None,
+            worker.index if worker is not None else None,
+        ),
+    )
+    try:
+        trio.run(life.run, routing, instruments=watchdog.instruments())
+    finally:
+        if exposed is not None:
+            exposed.stop()
+        if recording is not None:
+            recording.close()
+    log.info("stopped after %d flow(s)", engine.total)
+    watchdog.summary()
+    if worker is not None:
+        worker.finished(engine.total)
+    return 0
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's settings from ``run``'s arguments (a bad value is a usage error)."""
+    try:
+        return EngineConfig(
             read_size=args.read_size,
             connect_timeout=args.connect_timeout,
             source_policy=SourcePolicy(args.source),
@@ -135,44 +155,32 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         # EngineConfig is the one place that knows the valid ranges.
         raise UsageError(str(exc)) from None
-    specs = args.mode or default_modes()
-    explicit.check_unused(args, specs)
-    loading.warn_unmatchable(factories, specs)
-    routing = routing_for(args, specs)
-    if workers.wants_supervisor(args):
-        # N processes, each with its own listeners (SO_REUSEPORT); the routing is
-        # installed once, by the supervisor, after all of them listen.
-        return workers.run_supervisor(args, sys.argv[1:], routing)
-    worker = workers.current(args)
-    if worker is not None:
-        worker.configure()  # flow ids, log prefix, exit with the supervisor
-        routing = None
-    engine = Engine(config, factories)
-    tls_options.attach(engine, args)  # --tls intercept: the engine wraps chains in TLS
-    udp_config = udp.config_from(args)
-    doors = open_doors(udp.tcp_specs(specs), engine, args, reuse_port=worker is not None)
-    try:
-        udp_listeners = udp.open_listeners(specs, args, reuse_port=worker is not None)
-    except BaseException:
-        for door in doors:
-            door.close()
-        raise
-    if worker is not None:
-        worker.ready()
-    trio.run(
-        udp.serve,
-        engine,
-        doors,
-        udp_listeners,
-        udp_config,
-        routing,
-        instruments=watchdog.instruments(),
-    )
-    log.info("stopped after %d flow(s)", engine.total)
-    watchdog.summary()
-    if worker is not None:
-        worker.finished(engine.total)
-    return 0
+
+
+def reloader(
+    args: argparse.Namespace, specs: list[ModeSpec]
+) -> lifecycle.Reloader:
+    """What SIGHUP does: re-read ``-c FILE`` and the interceptor modules; apply both to
+    new flows. Listeners, routing and workers stay as they are (a restart changes them)."""
+
+    def reload(engine: Engine) -> None:
+        new = args
+        if args.config:
+            try:
+                new = config_file.apply(args, config_file.run_argv(args))
+            except UsageError as exc:
+                raise lifecycle.ReloadError(str(exc)) from None
+        factories = lifecycle.reload_factories(new.interceptors)
+        try:
+            config = engine_config(new)
+        except UsageError as exc:
+            raise lifecycle.ReloadError(str(exc)) from None
+        if (new.mode or default_modes()) != specs:
+            log.warning("reload: listeners changed in the file; a restart applies that")
+        engine.config = config
+        engine.factories = factories
+
+    return reload
 
 
 def default_modes() -> list[ModeSpec]:
@@ -256,25 +264,11 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
     return enter
 
 
-def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _mode(text: str) -> ModeSpec:
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose >= 2 else logging.INFO
     try:
-        return parse_mode(text)
-    except ModeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        logformat.configure(level, args.log_format, args.log_file)
+    except OSError as exc:
+        raise UsageError(f"cannot open --log-file {args.log_file}: {exc.strerror or exc}") from None
 
 
-def _mark(text: str) -> int:
-    """A mark in decimal or 0x hex; its range is EngineConfig's to check."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None

@@ -36,6 +36,9 @@ object without them has no timers):
 - ``take_thread_jobs() -> list[ThreadJob]`` and ``on_thread_done(job) ->
   Output``: run each job's :meth:`ThreadJob.run` in a worker thread
   (``trio.to_thread.run_sync(job.run)``), then hand it back on the loop.
+  The flow core passes jobs on to its shell (``FlowCore.take_thread_jobs``,
+  ``FlowCore.thread_done``); both shells run them with
+  :func:`tproxy.relay.threads.run_job`.
 - ``has_requests``: a cheap check, after every call, of whether ``closing``
   or thread jobs need a look at all.
 

@@ -36,6 +36,7 @@ I+1, I+1+N, I+1+2N, ...; a restarted worker continues in a fresh range
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -45,10 +46,12 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from . import control, logformat, metrics, notify
 from .flow import set_flow_ids
 
 log = logging.getLogger("tproxy.workers")
@@ -122,23 +125,23 @@ class Worker:
         _watch_lifeline(self.lifeline_fd)
         start = self.index + 1 + self.count * (self.generation << 32)
         set_flow_ids(start, self.count)
-        prefix = f"{self.name} "
+        name = self.name
         make_record = logging.getLogRecordFactory()
 
-        def prefixed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        def named(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = make_record(*args, **kwargs)
-            record.msg = prefix + str(record.msg)
+            record.worker = name  # the formatters of tproxy.logformat show it
             return record
 
-        logging.setLogRecordFactory(prefixed)
+        logging.setLogRecordFactory(named)
 
     def ready(self) -> None:
         """The listeners are bound: tell the supervisor (it may now install routing)."""
-        self._tell(b"ready\n")
+        self.tell(b"ready\n")
 
     def finished(self, flows: int) -> None:
         """The engine stopped after ``flows`` flows: tell the supervisor, for its total."""
-        self._tell(f"flows {flows}\n".encode())
+        self.tell(f"flows {flows}\n".encode())
         if self.ready_fd is not None:
             try:
                 os.close(self.ready_fd)
@@ -146,7 +149,8 @@ class Worker:
                 pass
             self.ready_fd = None
 
-    def _tell(self, line: bytes) -> None:
+    def tell(self, line: bytes) -> None:
+        """Send one line to the supervisor (``ready``, ``stats {...}``, ``flows N``)."""
         if self.ready_fd is None:
             return
         try:
@@ -220,6 +224,34 @@ class _Slot:
     lifeline: int | None = None
     """The write end of this worker's lifeline pipe (held, never written)."""
     ready: trio.Event = field(default_factory=trio.Event)
+    stats: dict[str, Any] | None = None
+    """The newest metrics snapshot of the running generation (pushed or asked for)."""
+    retired: list[dict[str, Any]] = field(default_factory=list)
+    """The last snapshots of earlier generations, so their counts never go away."""
+
+    pid: int | None = None
+    """The running worker's pid: snapshots of an earlier generation are not its own."""
+
+    def update_stats(self, snapshot: dict[str, Any]) -> None:
+        """Keep ``snapshot`` if it is the running worker's and at least as new as the one
+        held (its counters only grow)."""
+        with _stats_lock:
+            if self.pid is None or snapshot.get("pid") != self.pid:
+                return
+            held = self.stats
+            if held is None or snapshot.get("events", 0) >= held.get("events", 0):
+                self.stats = snapshot
+
+    def retire_stats(self) -> None:
+        """The worker is gone: keep its last counts, with no live flows."""
+        with _stats_lock:
+            if self.stats is not None:
+                self.retired.append({**self.stats, "live": 0})
+            self.stats = None
+            self.pid = None
+
+
+_stats_lock = threading.Lock()
 
 
 class Supervisor:
@@ -252,10 +284,14 @@ class Supervisor:
     async def run(self) -> int:
         """Run until a signal (or :meth:`stop`), then stop the workers; the exit status."""
         failed: list[StartupError] = []
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1
+        ) as signals:
+            _replay_held_signals()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._signals, signals)
+                    await nursery.start(self._control)
                     try:
                         await self._serve(nursery)
                     finally:
@@ -279,6 +315,8 @@ class Supervisor:
 
     def stop(self) -> None:
         """Begin the shutdown: forward SIGTERM (again: the workers skip their grace)."""
+        if not self.stopping:
+            notify.stopping()
         self.stopping = True
         self._stop.set()
         self._signal_all(signal.SIGTERM)
@@ -294,17 +332,77 @@ class Supervisor:
             raise StartupError(not_ready[0], None)
         log.info("%d workers listening", self.count)
         if self.routing is None:
+            notify.ready(f"{self.count} workers")
             await self._stop.wait()
         else:
             with self.routing():
+                notify.ready(f"{self.count} workers")
                 await self._stop.wait()
                 await self._wait_all()  # routing stays until every worker stopped
         # (without routing, _stop_all waits for the workers)
 
     async def _signals(self, signals: Any) -> None:
         async for signum in signals:
-            log.info("received %s: stopping %d worker(s)", signal.Signals(signum).name, self.count)
-            self.stop()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("received SIGHUP: the workers reload")
+                notify.reloading()
+                self._signal_all(signal.SIGHUP)
+                notify.ready(f"{self.count} workers")
+            elif signum == signal.SIGUSR1:
+                logformat.reopen()
+                log.info("received SIGUSR1: log file reopened, workers told")
+                self._signal_all(signal.SIGUSR1)
+            else:
+                log.info("received %s: stopping %d worker(s)", name, self.count)
+                self.stop()
+
+    # -- what the workers count, and their flows --------------------------------
+
+    def worker_socket(self, slot: _Slot) -> Path:
+        return control.socket_path(os.getpid(), slot.index)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The sum of every worker's counters, dead generations' included (blocking:
+        asks each running worker; call it off the event loop)."""
+        for slot in self.slots:
+            if slot.pid is None:
+                continue
+            try:
+                fresh = control.query(self.worker_socket(slot), {"op": "stats"}, timeout=2.0)
+            except (OSError, ValueError):
+                continue  # busy or gone: its last pushed counts stand in
+            if isinstance(fresh, dict) and "opened" in fresh:
+                slot.update_stats(fresh)
+        with _stats_lock:
+            parts = [snap for slot in self.slots for snap in slot.retired]
+            parts += [slot.stats for slot in self.slots if slot.stats is not None]
+        return metrics.merge(parts)
+
+    def _ask_all(self, request: dict[str, Any]) -> list[Any]:
+        answers = []
+        for slot in self.slots:
+            try:
+                answers.append(control.query(self.worker_socket(slot), request))
+            except (OSError, ValueError):
+                continue
+        return answers
+
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "stats":
+            return await trio.to_thread.run_sync(self.snapshot)
+        answers = await trio.to_thread.run_sync(self._ask_all, request)
+        if op == "flows":
+            flows = [f for a in answers for f in a.get("flows", [])]
+            return {"flows": sorted(flows, key=lambda f: f["id"])}
+        if op == "kill":
+            return {"killed": any(a.get("killed") for a in answers)}
+        return {"error": f"unknown op {op!r}"}
+
+    async def _control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+        await control.serve(control.socket_path(), self._answer, task_status=task_status)
 
     async def _spawn(self, slot: _Slot, nursery: trio.Nursery) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -312,6 +410,7 @@ class Supervisor:
         self._close_lifeline(slot)
         slot.lifeline = life_w
         env = dict(os.environ)
+        env.pop(notify.ENV, None)  # only the supervisor talks to the service manager
         env[CONTROL_ENV] = f"{write_fd}:{slot.generation}:{life_r}"
         try:
             slot.process = await trio.lowlevel.open_process(
@@ -328,6 +427,8 @@ class Supervisor:
             os.close(write_fd)
             os.close(life_r)
         slot.started = time.monotonic()
+        with _stats_lock:
+            slot.pid = slot.process.pid
         slot.ready = trio.Event()
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
         nursery.start_soon(self._watch, slot, slot.process, read_fd, nursery)
@@ -352,9 +453,15 @@ class Supervisor:
                         slot.ready.set()
                     elif line.startswith(b"flows "):
                         slot.flows += int(line.split()[1])
+                    elif line.startswith(b"stats "):
+                        try:
+                            slot.update_stats(json.loads(line[6:]))
+                        except ValueError:
+                            log.warning("worker %d sent unreadable counters", slot.index)
         finally:
             await stream.aclose()
         returncode = await process.wait()
+        slot.retire_stats()
         if self.stopping:
             log.info("worker %d exited with status %d", slot.index, returncode)
             return
@@ -416,6 +523,16 @@ class Supervisor:
             self._close_lifeline(slot)
 
 
+def _replay_held_signals() -> None:
+    """Signals that arrived before the receiver existed (``lifecycle.hold_signals``
+    noted them): send them again, now that the receiver is there to get them."""
+    from . import lifecycle
+
+    held, lifecycle._pending[:] = list(lifecycle._pending), []
+    for signum in held:
+        os.kill(os.getpid(), signum)
+
+
 def run_supervisor(
     args: argparse.Namespace,
     argv: Sequence[str],
@@ -428,4 +545,20 @@ def run_supervisor(
     (``runner.routing_for``), entered once every worker listens.
     """
     supervisor = Supervisor(argv, args.workers, grace=args.grace, routing=routing)
-    return trio.run(supervisor.run)
+    exposed = None
+    if getattr(args, "metrics", None) is not None:
+        exposed = metrics.MetricsServer(args.metrics, supervisor.snapshot)
+        try:
+            exposed.start()
+        except OSError as exc:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"cannot serve --metrics on {args.metrics[0]}:{args.metrics[1]}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    try:
+        return trio.run(supervisor.run)
+    finally:
+        if exposed is not None:
+            exposed.stop()

@@ -35,8 +35,14 @@ and carries out the actions the core returns. The rules, written once here:
   still reads no clock. An end of stream the chain holds back
   (``holds_client_eof``/``holds_server_eof``) is passed on once released; a
   polite close the chain asks for (``closing``) stops reading and
-  half-closes both sides; thread jobs (``take_thread_jobs``) run inline
-  until the shells run them in worker threads. See tproxy/timers.py.
+  half-closes both sides.
+- *Thread jobs* (``run_in_thread``): the core never runs them. It keeps the
+  jobs a call asked for; the shell takes them with
+  :meth:`FlowCore.take_thread_jobs` after every event, runs each
+  ``job.run()`` in a worker thread and hands it back as the event
+  :meth:`FlowCore.thread_done`. The job's read hold stays meanwhile; a job
+  that comes back after the flow ended is dropped (no callback, no action).
+  See tproxy/timers.py and :mod:`tproxy.relay.threads`.
 
 Events return a list of actions, in order: :class:`Send`,
 :class:`ShutdownWrite`, :class:`Reset`, :class:`End` (always last, at most
@@ -111,6 +117,7 @@ Action = Send | ShutdownWrite | Reset | End
 _BOTH = (True, True)
 _NEITHER = (False, False)
 _NONE: list[Action] = []
+_NO_JOBS: list[Any] = []  # shared and never filled: see FlowCore.take_thread_jobs
 
 
 class FlowTap(Protocol):
@@ -162,6 +169,7 @@ class FlowCore:
         "small",
         "splice",
         "tap",
+        "thread_jobs",
         "timed",
         "watching",
     )
@@ -191,6 +199,8 @@ class FlowCore:
         """The time of the event being handled: the chain's clock."""
         self.timed = False
         """The chain has the timer members beyond timers and read holds (eof holds, close)."""
+        self.thread_jobs: list[Any] = []
+        """Thread jobs the chain asked for that the shell has not taken yet."""
         self.closed_by_chain = ""
         """Why the chain closed the flow politely ("" while it did not): the end's detail."""
         self._set_chain(chain)
@@ -450,6 +460,31 @@ class FlowCore:
                 return actions
         return _NONE
 
+    def take_thread_jobs(self) -> list[Any]:
+        """The thread jobs asked for since the last call (take them after every event).
+
+        Run each one's ``run()`` off the loop, then hand it back with
+        :meth:`thread_done`. Empty once the flow has ended.
+        """
+        jobs = self.thread_jobs
+        if not jobs:
+            return _NO_JOBS
+        self.thread_jobs = []
+        return jobs
+
+    def thread_done(self, job: Any, now: float) -> list[Action]:
+        """A job taken with :meth:`take_thread_jobs` has run: release its hold, call back.
+
+        The chain's ``on_thread_done`` runs the interceptor's callback, whose
+        injections, abort or close come back as actions. A job back after the
+        flow ended (or while an abort's reply lingers) is dropped.
+        """
+        if self.phase != OPEN or self.chain is None:
+            return _NONE
+        actions: list[Action] = []
+        self._run(actions, now, self.chain.on_thread_done, job)
+        return actions
+
     def cancel(
         self, reason: EndReason = EndReason.SHUTDOWN, detail: str = "cancelled"
     ) -> list[Action]:
@@ -524,12 +559,8 @@ class FlowCore:
                     if not self.queued[side]:
                         self._shut(actions, side)
         jobs = chain.take_thread_jobs()
-        for job in jobs:
-            # Inline until the shells hand jobs to worker threads: the results and
-            # their callbacks are right, but the loop waits while a job runs.
-            job.run()
-            if self.phase == OPEN:
-                self._run(actions, now, chain.on_thread_done, job)
+        if jobs and self.phase == OPEN:
+            self.thread_jobs.extend(jobs)  # the shell takes them (take_thread_jobs)
 
     def _aborted(self, actions: list[Action], exc: AbortFlow, now: float) -> None:
         reply = exc.to_client
@@ -565,8 +596,13 @@ class FlowCore:
         if self.phase == LINGERING and self.reason is not None:
             reason, detail = self.reason, self.detail
         self.phase = ENDED
+        self.thread_jobs = []  # not taken yet: never run (what is running is dropped on return)
         self.reason = reason
         self.detail = detail
+        record = self.record
+        if record is not None:  # what each side was given, beside what was read from it
+            record.delivered_up = self.delivered[SERVER]
+            record.delivered_down = self.delivered[CLIENT]
         if self.chain is not None:
             try:
                 self.chain.end(str(reason))

@@ -4,9 +4,11 @@ Only for flows that have no descriptor to hand to the hub (:mod:`tproxy.hub`):
 the TLS listener of ``http`` mode, memory streams in tests. The rules are
 the core's; this shell only reads (one task per side, while the core lets
 that side be read), writes (one task per side, draining what the core
-sent it, in order, end of stream included) and keeps time (one task that
-ticks the core at its next wake-up). A stream without ``send_eof`` (TLS)
-cannot half-close: the core ends the pair at that point.
+sent it, in order, end of stream included), keeps time (one task that
+ticks the core at its next wake-up) and runs the interceptors' thread jobs
+(one task per job, in the pair's nursery, see :mod:`.threads`: abandoned
+when the pair ends). A stream without ``send_eof`` (TLS) cannot
+half-close: the core ends the pair at that point.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import trio
 
 from ..flow import EndReason, FlowRecord
 from ..sockets import reset_stream
+from ..timers import ThreadJob
 from .core import CLIENT, SERVER, Action, End, FlowCore, FlowTap, Reset, Send, ShutdownWrite
+from .threads import run_job
 
 log = logging.getLogger("tproxy.flow")
 
@@ -159,6 +163,12 @@ class StreamRelay:
             if now >= at:
                 self._apply(core.tick(now))
 
+    async def _job(self, job: ThreadJob) -> None:
+        """Run one thread job off the loop, then hand it back to the core (which drops it
+        if the pair ended; the pair's end cancels this task, abandoning the thread)."""
+        await run_job(job)
+        self._apply(self.core.thread_done(job, trio.current_time()))
+
     # -- actions -------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
@@ -179,6 +189,10 @@ class StreamRelay:
                 self._end = action
                 if self._nursery is not None:
                     self._nursery.cancel_scope.cancel()
+        jobs = self.core.take_thread_jobs()
+        if jobs and self._nursery is not None:
+            for job in jobs:
+                self._nursery.start_soon(self._job, job)
         self._changed.set()
         self._changed = trio.Event()
 

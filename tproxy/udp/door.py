@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,49 +101,55 @@ def config_from(args: argparse.Namespace) -> UdpConfig:
         raise UsageError(str(exc)) from None
 
 
-async def serve(
-    engine: Any,
-    doors: list[Door],
-    listeners: list[socket.socket],
-    config: UdpConfig,
-    routing: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the TCP doors (:class:`Server`) and the UDP listeners until a signal.
+class UdpServer:
+    """The TCP :class:`Server` and the UDP listeners, behind the Server's own interface.
 
-    Without UDP listeners this is exactly ``Server(engine, doors).serve``.
+    ``serve``, ``stop`` and ``doors`` mean what they mean for a :class:`Server`,
+    so the process's lifecycle (signals, reload, shutdown) drives both alike.
+    Without UDP listeners this is exactly the Server; with UDP listeners and no
+    TCP door, the Server only holds the routing and waits for its stop.
     """
-    if not listeners:
-        await Server(engine, doors).serve(routing, task_status=task_status)
-        return
-    relay = UdpRelay(engine, config)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(relay.run, listeners)
-            for sock in listeners:
-                log.info("listening: udp %s", _where(sock))
-            if doors:
-                await Server(engine, doors).serve(routing, task_status=task_status)
-            else:
-                await _serve_udp_only(routing, task_status)
-            nursery.cancel_scope.cancel()
-    finally:
-        for sock in listeners:
-            sock.close()
 
+    def __init__(
+        self, engine: Any, doors: list[Door], listeners: list[socket.socket], config: UdpConfig
+    ) -> None:
+        self.engine = engine
+        self.server = Server(engine, doors)
+        self.listeners = listeners
+        self.config = config
 
-async def _serve_udp_only(
-    routing: Callable[[], contextlib.AbstractContextManager[object]] | None,
-    task_status: trio.TaskStatus[None],
-) -> None:
-    """No TCP listener: hold the routing until SIGINT/SIGTERM, as the server would."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        with routing() if routing is not None else contextlib.nullcontext():
-            task_status.started()
-            async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                break
+    @property
+    def doors(self) -> list[Door]:
+        return self.server.doors
+
+    def stop(self) -> None:
+        """Begin the shutdown, as :meth:`Server.stop` does."""
+        self.server.stop()
+
+    async def serve(
+        self,
+        routing: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Relay UDP sessions while the Server serves; both stop together."""
+        if not self.listeners:
+            await self.server.serve(routing, handle_signals=handle_signals, task_status=task_status)
+            return
+        relay = UdpRelay(self.engine, self.config)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run, self.listeners)
+                for sock in self.listeners:
+                    log.info("listening: udp %s", _where(sock))
+                await self.server.serve(
+                    routing, handle_signals=handle_signals, task_status=task_status
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            for sock in self.listeners:
+                sock.close()
 
 
 def _where(sock: socket.socket) -> str:
