@@ -1,9 +1,12 @@
 """Out of descriptors (EMFILE): the accept loop says so once per interval, with a count.
 
-``tproxy run`` runs with a low ``RLIMIT_NOFILE``; clients hold enough flows
-open to use the descriptors up, so every accept fails while more clients
-wait in the queue. The log gets one line for the whole episode (the loop
-retries ten times a second), and one when accepting works again.
+``tproxy run`` runs a SOCKS door with a low ``RLIMIT_NOFILE``; clients open
+connections and say nothing, so each holds one descriptor (its handshake
+waits) and the descriptors run out at ``accept`` itself, while more clients
+wait in the queue. (Flows that fail at once, such as a connect refused for
+want of a descriptor, give theirs back and let the next accept through.)
+The log gets one line for the whole episode (the loop retries ten times a
+second), and one when accepting works again.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from explicit_harness import HANG_GUARD, REPLACE, echo_server, free_port, stop, wait_port
+from explicit_harness import HANG_GUARD, REPLACE, free_port, stop, wait_port
 
 from tproxy.server import ACCEPT_ERROR_INTERVAL, AcceptErrors
 
@@ -36,26 +39,26 @@ def low_limit() -> None:
 def test_emfile_is_logged_once_per_interval_with_a_count(tmp_path: Path) -> None:
     log_path = tmp_path / "tproxy.log"
     port = free_port()
-    with echo_server() as echo, contextlib.ExitStack() as clients:
+    with contextlib.ExitStack() as clients:
         argv = [sys.executable, "-m", "tproxy", "run", *REPLACE]
-        argv += ["--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}"]
+        argv += ["--mode", f"socks@127.0.0.1:{port}"]
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
                 argv, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=low_limit
             )
         try:
             wait_port("127.0.0.1", port, proc)
-            # Each flow holds two descriptors; LIMIT clients are more than enough.
+            # Each waiting handshake holds one descriptor: LIMIT clients use them up.
             for _ in range(LIMIT):
                 sock = clients.enter_context(socket.create_connection(("127.0.0.1", port)))
                 sock.settimeout(HANG_GUARD)
             deadline = time.monotonic() + HANG_GUARD
-            while "Too many open files" not in log_path.read_text():
+            while "Too many open files; retrying" not in log_path.read_text():
                 assert time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.05)
             time.sleep(2.5)  # some 25 retries of the accept loop
             during = log_path.read_text()
-            clients.close()  # descriptors come back: the next accepts work
+            clients.close()  # the handshakes end, descriptors come back: accepts work
             # The recovery is said at the first accept once the interval has passed.
             deadline = time.monotonic() + ACCEPT_ERROR_INTERVAL + HANG_GUARD
             while "works again" not in log_path.read_text():

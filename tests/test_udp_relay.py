@@ -202,3 +202,38 @@ def test_config_is_checked() -> None:
         UdpConfig(idle=0)
     with pytest.raises(ValueError, match="cap"):
         UdpConfig(max_sessions=0)
+
+
+class Observer:
+    """Collects what the engine tells its flow observers (metrics, the control socket)."""
+
+    def __init__(self) -> None:
+        self.opened: list[int] = []
+        self.ended: list[tuple[int, str]] = []
+
+    def flow_opened(self, record: object) -> None:
+        self.opened.append(record.info.id)  # type: ignore[attr-defined]
+
+    def flow_ended(self, record: object) -> None:
+        self.ended.append((record.info.id, str(record.reason)))  # type: ignore[attr-defined]
+
+
+@pytest.mark.trio
+async def test_sessions_reach_the_flow_observers(
+    server: trio.socket.SocketType, autojump_clock: trio.testing.MockClock
+) -> None:
+    relay = make_relay(idle=5.0)
+    observer = Observer()
+    relay.engine.observers.append(observer)
+    client = client_socket()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run, [])
+        relay.from_client(addr(client), addr(server), b"hello")
+        await echo_once(server)
+        assert await client.recv(100) == b"re:hello"
+        (session,) = relay.sessions.values()
+        assert observer.opened == [session.record.info.id] and observer.ended == []
+        await trio.sleep(6)
+        assert observer.ended == [(session.record.info.id, "idle")]
+        nursery.cancel_scope.cancel()
+    client.close()

@@ -322,7 +322,7 @@ class UdpRelay:
             self.engine.reject(info, EndReason.CONNECT_FAILED, str(exc))
             return None
         try:
-            interceptors = self._interceptors(info)
+            interceptors, names = self._interceptors(info)
         except Exception as exc:
             log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
             sock.close()
@@ -331,9 +331,12 @@ class UdpRelay:
         record = FlowRecord(info=info, started=time.monotonic())
         local = sock.getsockname()
         record.outgoing_source = (local[0], local[1])
+        record.interceptors = names
         self.engine.total += 1
+        for observer in self.engine.observers:  # metrics count sessions like TCP flows
+            observer.flow_opened(record)
         if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.open_line())
+            flow_log.info(record.open_line(), extra={"flow_event": ("open", record)})
         chain = DatagramChain(interceptors) if interceptors else None
         session = Session((client, destination), record, sock, chain, trio.current_time())
         self.sessions[session.key] = session
@@ -354,15 +357,19 @@ class UdpRelay:
         self._evict("out of file descriptors")
         return open_session_socket(destination, client, config.source_policy, config.mark)
 
-    def _interceptors(self, info: FlowInfo) -> list[Interceptor]:
-        """The session's interceptors: those whose factory selects it (``--when``)."""
+    def _interceptors(self, info: FlowInfo) -> tuple[list[Interceptor], tuple[str, ...]]:
+        """The session's interceptors, those whose factory selects it (``--when``), and
+        their names as the flow record gives them."""
         built: list[Interceptor] = []
+        names: list[str] = []
         for factory in self.engine.factories:
             selects = getattr(factory, "selects", None)
             if selects is not None and not selects(info):
                 continue
             built.append(factory(info))
-        return built
+            if name := getattr(factory, "name", ""):
+                names.append(str(name))
+        return built, tuple(names)
 
     def _evict(self, why: str) -> None:
         oldest = next(iter(self.sessions.values()))
@@ -387,8 +394,10 @@ class UdpRelay:
             session.reply = None
         record = session.record
         record.end(reason, detail, now=time.monotonic())
+        for observer in self.engine.observers:
+            observer.flow_ended(record)
         if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.close_line())
+            flow_log.info(record.close_line(), extra={"flow_event": ("end", record)})
         self._end_chain(session, str(reason))
 
     def _end_chain(self, session: Session, reason: str) -> None:
