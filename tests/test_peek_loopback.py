@@ -192,3 +192,24 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, pki, args, message) -> No
     done = run_tproxy("run", "--mode", "socks@127.0.0.1:1", *args)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_stalled_hello_is_released_after_the_peek_timeout(tmp_path):
+    """The relay honours the peek's deadline: the first bytes of a ClientHello that never
+    completes reach the server (an echo here) once --peek-timeout passed, in order."""
+    from explicit_harness import echo_server, recv_exact
+
+    start = b"\x16\x03\x01\x00\x80\x01\x00"  # a ClientHello's start, 0x80 bytes announced
+    with echo_server() as echo:
+        with running_proxy(tmp_path, [f"forward:127.0.0.1:{echo}"], "-vv",
+                           "--peek-timeout", "0.3",
+                           "-i", "replace", "-o", "old=\\x80\\x01", "-o", "new=AB",
+                           "--when", f"port={echo}",
+                           "-i", "label", "--when", r"sni=a\.test") as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port("forward")),
+                                          timeout=HANG_GUARD) as sock:
+                sock.sendall(start)
+                assert recv_exact(sock, len(start)) == b"\x16\x03\x01\x00AB\x00"
+                sock.sendall(b"more")
+                assert recv_exact(sock, 4) == b"more"
+            proxy.wait_log("peeked 7 bytes (timeout, sni=None)")
