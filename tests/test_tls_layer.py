@@ -505,5 +505,5 @@ def test_tls_when_passes_unselected_names_untouched_and_builds_nothing(pki):
 
 
 def test_a_bad_tls_when_is_a_value_error_naming_the_option():
-    with pytest.raises(ValueError, match="^--tls-when 'port=x'"):
+    with pytest.raises(ValueError, match=r"^--tls-when 'port=x'"):
         TlsSettings(when=["port=x"])
