@@ -29,6 +29,8 @@ from tproxy.selection import parse_selection
 from tproxy.timers import TimerHandle
 
 BUILT: list[Tag] = []
+ORIGINAL: list[FlowInfo] = []
+"""The FlowInfo the engine got for the flow of the last peek_for."""
 
 
 class Tag(Interceptor):
@@ -85,7 +87,8 @@ def peek_for(*factories: InterceptorFactory, timeout: float = 2.0, mode: str = "
     """The engine's chain for a flow, with a virtual clock, started as a relay starts it."""
     BUILT.clear()
     engine = Engine(EngineConfig(hub=False, peek_timeout=timeout), list(factories))
-    peek = engine.chain_for(flow(mode))
+    ORIGINAL[:] = [flow(mode)]
+    peek = engine.chain_for(ORIGINAL[0])
     assert isinstance(peek, Peek)
     clock = Clock()
     peek.set_clock(clock)
@@ -131,6 +134,7 @@ def test_a_hello_for_another_name_builds_nothing_and_turns_passthrough() -> None
     assert out == Output(to_server=hello)
     assert BUILT == [] and peek.chain is None and peek.passthrough
     assert peek.info.sni == "b.test"
+    assert ORIGINAL[0].sni == "b.test"  # the record's info too (the flow log shows it)
     assert peek.client_data(b"x") == Output(to_server=b"x")
 
 

@@ -187,7 +187,12 @@ class Peek:
         self.decided = True
         self.why = why
         if hello is not None:
-            self.info = dataclasses.replace(self.info, sni=hello.sni, alpn=hello.alpn)
+            original = self.info
+            self.info = dataclasses.replace(original, sni=hello.sni, alpn=hello.alpn)
+            # The flow's record shares the original: the log, metrics and `tproxy flows`
+            # show the name too (FlowInfo is frozen for interceptors, not for the engine).
+            object.__setattr__(original, "sni", hello.sni)
+            object.__setattr__(original, "alpn", hello.alpn)
         held = bytes(self._held)
         self._held.clear()
         log.debug(

@@ -514,6 +514,8 @@ class TlsLayer:
         self.meta = meta
         _set_flow_tls(info, meta)
         selected = replace(info, sni=hello.sni, alpn=hello.alpn)
+        object.__setattr__(info, "sni", hello.sni)  # for the flow's log line, as tls
+        object.__setattr__(info, "alpn", hello.alpn)
         reason = None
         if self.tls.ignored(name):
             reason = "--tls-ignore"
