@@ -270,3 +270,56 @@ def test_16k_held_without_a_whole_hello_is_given_up_on() -> None:
             assert not peek.decided, pos
     assert peek.why == "over-limit"
     assert total == b"START>" + tiny
+
+
+# -- driven by the engine's relay, on trio's clock ------------------------------------
+
+
+@pytest.mark.trio
+async def test_the_relay_releases_a_stalled_hello_at_the_peek_timeout(autojump_clock) -> None:
+    """A relay shell drives the peek's deadline: the first bytes of a hello that never
+    completes reach the server after --peek-timeout, before the client ends anything."""
+    import functools
+
+    import trio
+
+    hello = python_client_hello("a.test")[:10]
+    BUILT.clear()
+    engine = Engine(EngineConfig(peek_timeout=2.0),
+                    [factory(Tag, r"sni=a\.test"), factory(Tag, "port=443")])
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    front = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    arrived = trio.Event()
+    received = b""
+    async with trio.open_nursery() as nursery:
+
+        async def server() -> None:
+            nonlocal received
+            stream = await listener.accept()
+            async with stream:
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+                    if received == b"START>" + hello:
+                        arrived.set()
+            await listener.aclose()
+
+        nursery.start_soon(server)
+        client = await trio.open_tcp_stream("127.0.0.1", front.socket.getsockname()[1])
+        incoming = await front.accept()
+        await front.aclose()
+        outgoing = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        info = engine.new_flow(("127.0.0.1", 1), ("127.0.0.1", 443), "forward")
+        nursery.start_soon(functools.partial(engine.relay, source=("127.0.0.1", 1)),
+                           incoming, outgoing, info)
+        opened = trio.current_time()  # virtual (autojump): the peek's hold, not speed
+        await client.send_all(hello)
+        with trio.fail_after(30):
+            await arrived.wait()
+        assert trio.current_time() >= opened + 2.0
+        assert [t.flow.sni for t in BUILT] == [None]
+        await client.send_eof()
+        with trio.fail_after(30):
+            while await client.receive_some(65536):
+                pass
+        await client.aclose()
+    assert received == b"START>" + hello
