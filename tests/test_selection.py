@@ -227,8 +227,25 @@ def test_tproxy_run_warns_about_block_host_on_transparent_listeners() -> None:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "block host= never matches on transparent listeners" in done.stderr
-    assert "sni= never matches" in done.stderr
+    # sni= can match on a TCP listener: the engine peeks the ClientHello (tproxy.peek)
+    assert "sni= never matches" not in done.stderr
     assert "no listener has mode socks" in done.stderr
+
+
+def test_sni_warnings_only_where_no_client_hello_is_peeked() -> None:
+    sni = parse_selection(["sni=a\\.test"])
+    host = parse_selection(["host=a\\.test"])
+    for modes in (["transparent"], ["forward"], ["transparent", "transparent-udp"]):
+        assert unmatchable(sni, modes, sni_available=True) == [], modes
+        assert unmatchable(host, modes, sni_available=True) == [], modes
+    (line,) = unmatchable(sni, ["transparent-udp"], sni_available=True)
+    assert "sni= never matches" in line and "UDP" in line
+    (line,) = unmatchable(host, ["transparent-udp"], sni_available=True)
+    assert "host= never matches" in line
+    label = load_all([("label", {}, ("sni=a\\.test",))])
+    assert selection_warnings(label, ["transparent"]) == []
+    assert selection_warnings(label, ["forward"]) == []
+    assert selection_warnings(label, ["transparent-udp"])
 
 
 class Via(Interceptor):

@@ -424,3 +424,86 @@ def test_a_server_that_fails_its_handshake_is_an_alert(pki, caplog):
         layer.server_data(b"\x15\x03\x03\x00\x02\x02\x28")  # handshake_failure from the server
     assert info.value.to_client == alert_record(40)
     assert "upstream handshake" in caplog.records[0].message
+
+
+# -- the inner chain built after the hello (--when sni=), --tls-when -------------------
+
+
+class Shout(Interceptor):
+    """Upper-cases what the server sends (visible in the client's plaintext)."""
+
+    def server_data(self, data: bytes) -> bytes:
+        return data.upper()
+
+
+def builder(made: list[FlowInfo], when: str | None = None):
+    """A chain builder like the engine's: records the metadata it was called with."""
+
+    def build(info: FlowInfo) -> Chain | None:
+        made.append(info)
+        if when is not None and info.sni != when:
+            return None
+        return Chain([Shout(info)])
+
+    return build
+
+
+def wire_for(tls, upstream, build, client_ca, sni=NAME) -> Wire:
+    layer = tls.wrap(build, flow())
+    client = Endpoint(client_context(client_ca), server_side=False, name=sni)
+    server = Endpoint(upstream.server_context([NAME, "other.example.test"]), server_side=True)
+    return Wire(layer, client, server).run()
+
+
+def test_a_builder_is_called_after_the_hello_with_sni_and_alpn(pki):
+    authority, upstream = pki
+    made: list[FlowInfo] = []
+    wire = wire_for(interception(pki), upstream, builder(made, NAME), authority.cert_path)
+    assert wire.client.done and wire.aborted is None
+    (info,) = made
+    assert info.sni == NAME and info.alpn == () and info.tls is wire.layer.info.tls
+    wire.server.obj.write(b"hello")
+    wire.run()
+    assert wire.client.received == b"HELLO"  # the selected interceptor sees plaintext
+
+
+def test_a_builder_that_selects_nothing_still_intercepts(pki):
+    authority, upstream = pki
+    made: list[FlowInfo] = []
+    wire = wire_for(interception(pki), upstream, builder(made, "other.example.test"),
+                    authority.cert_path)
+    assert [i.sni for i in made] == [NAME]
+    wire.server.obj.write(b"hello")
+    wire.run()
+    assert wire.client.received == b"hello" and wire.layer.info.tls.intercepted
+
+
+def test_a_builder_sees_a_flow_that_is_not_tls_as_it_is(pki):
+    made: list[FlowInfo] = []
+    layer = interception(pki).wrap(builder(made), flow())
+    assert layer.start() == Output() and made == []  # nothing is built before the first bytes
+    assert layer.client_data(b"GET / HTTP/1.0\r\n\r\n").to_server == b"GET / HTTP/1.0\r\n\r\n"
+    assert [i.sni for i in made] == [None]
+    assert layer.server_data(b"ok").to_client == b"OK"
+
+
+def test_tls_when_passes_unselected_names_untouched_and_builds_nothing(pki):
+    authority, upstream = pki
+    tls = interception(pki, when=[r"sni=other\.example\.test"])
+    made: list[FlowInfo] = []
+    wire = wire_for(tls, upstream, builder(made), upstream.ca_file)
+    assert wire.client.done and wire.aborted is None and made == []
+    leaf = x509.load_der_x509_certificate(wire.client.obj.getpeercert(binary_form=True))
+    assert leaf.issuer == upstream.ca.cert.subject  # the server's own certificate
+    assert wire.to_server == wire.from_client  # byte-identical ciphertext
+    meta = wire.layer.info.tls
+    assert not meta.intercepted and meta.passthrough_reason == "not selected by --tls-when"
+    assert wire.layer.passthrough
+    chosen = wire_for(tls, upstream, builder(made), authority.cert_path,
+                      sni="other.example.test")
+    assert chosen.layer.info.tls.intercepted and [i.sni for i in made] == ["other.example.test"]
+
+
+def test_a_bad_tls_when_is_a_value_error_naming_the_option():
+    with pytest.raises(ValueError, match=r"^--tls-when 'port=x'"):
+        TlsSettings(when=["port=x"])

@@ -33,6 +33,8 @@ from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
 from .keepalive import Keepalive
+from .peek import DEFAULT_TIMEOUT as DEFAULT_PEEK_TIMEOUT
+from .peek import Peek
 from .relay.core import FlowTap
 from .relay.streams import DEFAULT_READ_SIZE, StreamRelay, is_cancellation
 from .sockets import (
@@ -69,6 +71,8 @@ class EngineConfig:
     """Relay flows with sockets from the hub (one task); off: the trio-stream shell (tests)."""
     keepalive: Keepalive | None = DEFAULT_KEEPALIVE
     """TCP keepalive and TCP_USER_TIMEOUT on every flow's sockets (``None``: off)."""
+    peek_timeout: float = DEFAULT_PEEK_TIMEOUT
+    """Seconds a flow waits for its ClientHello when ``sni=``/``host=`` selection needs it."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.read_size <= MAX_READ_SIZE:
@@ -83,6 +87,8 @@ class EngineConfig:
             raise ValueError("mark must fit in 32 bits")
         if self.max_flows is not None and self.max_flows < 1:
             raise ValueError("max flows must be at least 1")
+        if not self.peek_timeout > 0:
+            raise ValueError("--peek-timeout must be positive")
 
 
 class Engine:
@@ -127,14 +133,30 @@ class Engine:
 
     # -- a flow's interceptors --------------------------------------------------
 
-    def chain_for(self, info: FlowInfo) -> Chain | None:
+    def chain_for(self, info: FlowInfo) -> Any:
         """Build the interceptor chain of one flow: ``None`` when no interceptor selects
         it (the flow is relayed as passthrough, spliced where possible).
 
         Every factory is asked ``selects(info)`` (a factory without it selects
         every flow). An interceptor whose constructor raises makes this raise;
         the ones built before it are told ``end("error")`` first.
+
+        When a factory's ``sni=``/``host=`` selection needs the ClientHello
+        (``wants_client_hello``), the chain is built later, by a
+        :class:`tproxy.peek.Peek` that holds the client's first bytes until then.
+        With ``--tls intercept`` the TLS layer builds it once it parsed the hello.
         """
+        if self.tls is not None:
+            # --tls intercept: every flow gets the layer (it passes non-TLS flows on)
+            return self.tls.wrap(self._build_chain, info)
+        if any(
+            getattr(f, "wants_client_hello", _never)(info) for f in self.factories
+        ):
+            return Peek(info, self._build_chain, timeout=self.config.peek_timeout)
+        return self._build_chain(info)
+
+    def _build_chain(self, info: FlowInfo) -> Chain | None:
+        """The chain of the interceptors that select ``info`` now (``None``: none does)."""
         built: list[Interceptor] = []
         try:
             for factory in self.factories:
@@ -147,9 +169,6 @@ class Engine:
             except InterceptorError as error:
                 log.error("flow %d: %s", info.id, error, exc_info=error.error)
             raise
-        if self.tls is not None:
-            # --tls intercept: every flow gets the layer (it passes non-TLS flows on)
-            return self.tls.wrap(Chain(built), info)
         if not built:
             return None
         return Chain(built)
@@ -443,3 +462,8 @@ def _unwrap(stream: trio.SocketStream) -> socket.socket:
     trio.lowlevel.notify_closing(tsock)
     family, type_, proto = tsock.family, tsock.type, tsock.proto
     return socket.socket(family, type_, proto, fileno=tsock.detach())
+
+
+def _never(info: FlowInfo) -> bool:
+    """``wants_client_hello`` of a factory without one: it never needs a ClientHello."""
+    return False

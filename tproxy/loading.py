@@ -195,10 +195,15 @@ def load_all(specs: Iterable[Sequence[Any]]) -> list[InterceptorFactory]:
 
 
 def selection_warnings(
-    factories: Iterable[InterceptorFactory], modes: Iterable[str], *, sni_available: bool = False
+    factories: Iterable[InterceptorFactory], modes: Iterable[str], *, sni_available: bool = True
 ) -> list[str]:
     """Start-up warnings: selection terms, or options (an interceptor class's own
-    ``unmatchable(options, modes)``), that can never match with these listener modes."""
+    ``unmatchable(options, modes)``), that can never match with these listener modes.
+
+    ``sni_available``: TCP flows get their ClientHello peeked when ``sni=`` or
+    ``host=`` needs it (:mod:`tproxy.peek`; with ``--tls intercept`` the TLS
+    layer reads it), so those terms can match on every TCP listener; they are
+    reported only for UDP-only listeners, or when this is False."""
     modes = list(modes)
     lines = []
     for factory in factories:

@@ -61,6 +61,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long open flows may go on before they are reset (default 5)",
     )
+    g.add_argument(
+        "--peek-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long a flow waits for the client's TLS ClientHello when a --when sni=/host= "
+        "term needs it (at most 16 KiB are held); then it is decided without (default 2)",
+    )
     g.add_argument("--max-flows", type=int, default=None, metavar="N")
     g.add_argument(
         "--read-size",

@@ -151,6 +151,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             max_flows=args.max_flows,
             splice=args.splice,
             keepalive=args.keepalive,
+            peek_timeout=args.peek_timeout,
         )
     except ValueError as exc:
         # EngineConfig is the one place that knows the valid ranges.

@@ -13,6 +13,12 @@
   request for a name), else the TLS server name (SNI), else no match;
 - ``sni=REGEX``: the TLS server name of the client's ClientHello.
 
+``sni=`` and ``host=`` on a flow whose destination is an address need the
+ClientHello, which comes after the flow opened: the engine then peeks the
+client's first bytes before it builds the chain (:mod:`tproxy.peek`), and
+with ``--tls intercept`` the TLS layer decides once it read the hello.
+``--tls-when`` (which TLS flows are intercepted) uses the same grammar.
+
 A REGEX must match the whole name, case-insensitively, and may contain commas
 (a comma starts a new term only when a word and ``=`` follow it). An interceptor
 class may declare a default with a class attribute ``when`` (a string, or a
@@ -115,36 +121,37 @@ class Selection:
         return " OR ".join(c.text for c in self.conditions) or "every flow"
 
 
-def parse_condition(text: str) -> Condition:
-    """Parse one ``--when`` expression; raise :class:`SelectionError` with one line."""
+def parse_condition(text: str, flag: str = "--when") -> Condition:
+    """Parse one ``--when`` expression; raise :class:`SelectionError` with one line
+    (naming the option ``flag``: ``--tls-when`` shares the grammar)."""
     source = text.strip()
     if not source:
-        raise SelectionError("--when: empty expression (expected KEY=VALUE[,KEY=VALUE...])")
+        raise SelectionError(f"{flag}: empty expression (expected KEY=VALUE[,KEY=VALUE...])")
     fields: dict[str, object] = {}
     for raw in _TERM_START.split(source):
         term = raw.strip()
         key, eq, value = term.partition("=")
         key, value = key.strip().lower(), value.strip()
         if not eq or not key:
-            raise SelectionError(f"--when {source!r}: {term!r} is not KEY=VALUE")
+            raise SelectionError(f"{flag} {source!r}: {term!r} is not KEY=VALUE")
         if key not in KEYS:
             raise SelectionError(
-                f"--when {source!r}: unknown key {key!r} (keys: {', '.join(KEYS)})"
+                f"{flag} {source!r}: unknown key {key!r} (keys: {', '.join(KEYS)})"
             )
         if key in fields:
             raise SelectionError(
-                f"--when {source!r}: {key}= given twice (use ';' inside a value, "
-                "or another --when for OR)"
+                f"{flag} {source!r}: {key}= given twice (use ';' inside a value, "
+                f"or another {flag} for OR)"
             )
         if not value:
-            raise SelectionError(f"--when {source!r}: {key}= has no value")
-        fields[key] = _parse_value(source, key, value)
+            raise SelectionError(f"{flag} {source!r}: {key}= has no value")
+        fields[key] = _parse_value(source, key, value, flag)
     return Condition(text=source, **fields)  # type: ignore[arg-type]
 
 
-def parse_selection(expressions: Iterable[str]) -> Selection:
+def parse_selection(expressions: Iterable[str], flag: str = "--when") -> Selection:
     """The OR of several ``--when`` expressions (none: every flow)."""
-    return Selection(tuple(parse_condition(e) for e in expressions))
+    return Selection(tuple(parse_condition(e, flag) for e in expressions))
 
 
 def class_default(cls: type) -> tuple[str, ...]:
@@ -164,11 +171,15 @@ def class_default(cls: type) -> tuple[str, ...]:
 def unmatchable(selection: Selection, modes: Iterable[str], *, sni_available: bool) -> list[str]:
     """Why terms of ``selection`` can never match with listeners of these ``modes``.
 
-    ``sni_available`` says whether transparent flows get their ClientHello
-    peeked (``flow.sni``); without it ``sni=`` never matches there, and
-    ``host=`` matches only in explicit modes.
+    ``sni_available`` says whether TCP flows get their ClientHello peeked
+    (``flow.sni``: the engine peeks when ``sni=``/``host=`` needs it, see
+    :mod:`tproxy.peek`); without it, or on UDP listeners only (``*-udp``: a
+    datagram session has no ClientHello), ``sni=`` never matches, and ``host=``
+    matches only in explicit modes.
     """
+    modes = list(modes)
     kinds = {_base_mode(m) for m in modes}
+    stream_kinds = {_base_mode(m) for m in modes if not m.endswith("-udp")}
     problems: list[str] = []
     for cond in selection.conditions:
         usable = kinds if cond.mode is None else kinds & cond.mode
@@ -178,17 +189,21 @@ def unmatchable(selection: Selection, modes: Iterable[str], *, sni_available: bo
                 f"(listeners: {', '.join(sorted(kinds)) or 'none'})"
             )
             continue
-        if sni_available:
+        if sni_available and usable & stream_kinds:
             continue
+        why = (
+            "no ClientHello is peeked in this configuration"
+            if not sni_available
+            else "its listeners carry only UDP, which has no ClientHello"
+        )
         if cond.sni is not None:
             problems.append(
-                f"--when {cond.text!r}: sni= never matches: no ClientHello is peeked "
-                "in this configuration, so flows have no sni"
+                f"--when {cond.text!r}: sni= never matches: {why}, so flows have no sni"
             )
         elif cond.host is not None and not (usable & set(EXPLICIT_MODES)):
             problems.append(
                 f"--when {cond.text!r}: host= never matches on transparent listeners "
-                "(they see addresses, not names, and no ClientHello is peeked)"
+                f"(they see addresses, not names, and {why})"
             )
     return problems
 
@@ -204,8 +219,8 @@ def requested_host(info: FlowInfo) -> str | None:
 # -- helpers --------------------------------------------------------------------
 
 
-def _parse_value(source: str, key: str, value: str) -> object:
-    where = f"--when {source!r}"
+def _parse_value(source: str, key: str, value: str, flag: str = "--when") -> object:
+    where = f"{flag} {source!r}"
     try:
         if key in ("dst", "client"):
             return parse_cidrs(where, key, value, separator=";")

@@ -12,9 +12,12 @@ One flow goes like this:
 1. *Sniff*: the client's first bytes are held until
    :func:`tproxy.tls.parse_client_hello` answers. Not TLS: the held bytes go
    to the inner chain and the layer steps aside. An SNI matching
-   ``--tls-ignore``, or a (client, SNI) that rejected a forged certificate
-   recently: the held bytes go to the server unchanged and the whole flow is
-   passthrough (byte-identical ciphertext).
+   ``--tls-ignore``, a hello that ``--tls-when`` does not select, or a
+   (client, SNI) that rejected a forged certificate recently: the held bytes
+   go to the server unchanged and the whole flow is passthrough
+   (byte-identical ciphertext). The inner chain may be given as a builder
+   (``wrap(build, info)``): it is then built here, with ``flow.sni`` and
+   ``flow.alpn`` from the hello, so ``--when sni=...`` selects interceptors.
 2. *Upstream handshake*, first: offering the client's SNI (or the
    destination's name) and ALPN list (``http1``: only ``http/1.1`` when the
    client offered it), verifying the server's certificate.
@@ -35,7 +38,7 @@ import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
@@ -44,6 +47,7 @@ from cryptography import x509
 
 from ..flow import FlowInfo
 from ..interceptor import AbortFlow, Chain, Output
+from ..selection import Selection, parse_selection
 from .certs import LeafForge, names_of
 from .clienthello import ClientHello, NeedMore, NotTLS, parse_client_hello
 from .info import TlsInfo
@@ -108,7 +112,11 @@ class TlsSettings:
     clock: Callable[[], float] | None = None
     """The time source of deadlines; ``None``: trio's clock (the relay's timers)."""
     cache_size: int = 1024
+    when: Sequence[str] = ()
+    """``--tls-when`` expressions (OR; :mod:`tproxy.selection` grammar): only TLS flows
+    they select are intercepted, the others pass untouched; none: every TLS flow."""
     patterns: list[re.Pattern[str]] = field(init=False, default_factory=list)
+    selection: Selection = field(init=False, default_factory=Selection)
 
     def __post_init__(self) -> None:
         if self.alpn not in ("http1", "mirror"):
@@ -122,6 +130,7 @@ class TlsSettings:
                 self.patterns.append(re.compile(text))
             except re.error as exc:
                 raise ValueError(f"--tls-ignore {text!r}: {exc}") from None
+        self.selection = parse_selection(self.when, "--tls-when")  # SelectionError: ValueError
 
 
 class TlsInterception:
@@ -143,9 +152,15 @@ class TlsInterception:
         else:
             self.clock = settings.clock
 
-    def wrap(self, chain: Chain | None, info: FlowInfo) -> TlsLayer:
-        """The flow's chain inside a TLS layer (a flow with no interceptors gets one too)."""
-        return TlsLayer(self, chain if chain is not None else Chain([]), info)
+    def wrap(self, chain: Chain | ChainBuilder | None, info: FlowInfo) -> TlsLayer:
+        """The flow's chain inside a TLS layer (a flow with no interceptors gets one too).
+
+        ``chain`` may be a builder, called with the flow's metadata once the layer
+        knows whether the flow is TLS and, if so, its SNI and ALPN (``None`` from it:
+        no interceptor selects the flow)."""
+        if chain is None:
+            chain = Chain([])
+        return TlsLayer(self, chain, info)
 
     # -- upstream ----------------------------------------------------------
 
@@ -213,12 +228,24 @@ class TlsInterception:
             )
 
 
+ChainBuilder = Callable[[FlowInfo], Chain | None]
+"""Builds a flow's chain from its metadata (``tproxy.engine.Engine`` selects by it)."""
+
+
 class TlsLayer:
     """A flow's chain behind TLS interception; drivable as a :class:`Chain` (see module doc)."""
 
-    def __init__(self, tls: TlsInterception, inner: Chain, info: FlowInfo) -> None:
+    def __init__(
+        self, tls: TlsInterception, inner: Chain | ChainBuilder, info: FlowInfo
+    ) -> None:
         self.tls = tls
-        self.inner = inner
+        self._builder: ChainBuilder | None = None
+        if isinstance(inner, Chain):
+            self.inner = inner
+        else:  # built once the hello is read (or the flow is known not to be TLS)
+            self._builder = inner
+            self.inner = Chain([])
+        self._relay_clock: Callable[[], float] | None = None
         self.info = info
         self.state = _State.SNIFF
         self._held = bytearray()
@@ -254,10 +281,29 @@ class TlsLayer:
         return False
 
     def start(self) -> Output:
-        """Start the inner chain; what it injects waits until the flow is known to be
-        TLS (then it is encrypted) or not."""
-        self._start_out = self.inner.start()
+        """Start the inner chain (a built one; a builder's chain starts once built);
+        what it injects waits until the flow is known to be TLS (then it is
+        encrypted) or not."""
+        if self._builder is None:
+            self._start_out = self.inner.start()
         return Output()
+
+    def _build_inner(self, info: FlowInfo) -> None:
+        """Build and start the inner chain from the builder, with what the layer knows."""
+        build, self._builder = self._builder, None
+        if build is None:
+            return
+        try:
+            chain = build(info)
+        except Exception as exc:
+            log.error("flow %d: an interceptor failed to start", info.id, exc_info=exc)
+            raise AbortFlow(f"interceptor init: {exc!r}") from exc
+        if chain is None:
+            return  # the empty chain stays
+        self.inner = chain
+        if self._relay_clock is not None:
+            chain.set_clock(self._relay_clock)
+        self._start_out = chain.start()
 
     def client_data(self, data: bytes) -> Output:
         state = self.state
@@ -351,6 +397,7 @@ class TlsLayer:
         """Take the relay's clock for the handshake deadline and pass it to the inner
         chain, whose interceptors' timers run on it too."""
         self._clock = clock
+        self._relay_clock = clock
         self._quiet_since = clock()
         self.inner.set_clock(clock)
 
@@ -456,6 +503,7 @@ class TlsLayer:
         """Not a TLS flow: the inner chain sees the bytes as they are from now on."""
         log.debug("flow %d: tls: not TLS (%s)", self.info.id, why)
         self.state = _State.DELEGATE
+        self._build_inner(self.info)
         out, self._start_out = self._start_out, Output()
         return out
 
@@ -465,9 +513,14 @@ class TlsLayer:
         meta = TlsInfo(sni=hello.sni, client_alpn=hello.alpn)
         self.meta = meta
         _set_flow_tls(info, meta)
+        selected = replace(info, sni=hello.sni, alpn=hello.alpn)
+        object.__setattr__(info, "sni", hello.sni)  # for the flow's log line, as tls
+        object.__setattr__(info, "alpn", hello.alpn)
         reason = None
         if self.tls.ignored(name):
             reason = "--tls-ignore"
+        elif not self.tls.settings.selection.matches(selected):
+            reason = "not selected by --tls-when"
         elif self.tls.is_learned(info.client[0], name):
             reason = "client rejected a forged certificate recently"
         if reason is not None:
@@ -480,6 +533,7 @@ class TlsLayer:
             self._held.clear()
             return Output(to_server=held)
         self._name = name
+        self._build_inner(selected)
         ctx = self.tls.upstream_context(self.tls.offer_upstream(hello.alpn))
         try:
             self._up = ctx.wrap_bio(self._up_in, self._up_out, server_hostname=name)

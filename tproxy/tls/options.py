@@ -42,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(re.search) through untouched. Repeatable",
     )
     g.add_argument(
+        "--tls-when",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="intercept only the TLS flows EXPR selects (the grammar of --when, read after "
+        "the ClientHello, so sni= works); the others pass untouched. Repeatable: OR",
+    )
+    g.add_argument(
         "--tls-upstream-verify",
         choices=["yes", "no"],
         default="yes",
@@ -95,6 +103,7 @@ def attach(engine: Any, args: argparse.Namespace) -> None:
             for flag, value, default in (
                 ("--ca-dir", args.ca_dir, None),
                 ("--tls-ignore", args.tls_ignore, []),
+                ("--tls-when", args.tls_when, []),
                 ("--tls-upstream-verify", args.tls_upstream_verify, "yes"),
                 ("--tls-upstream-ca", args.tls_upstream_ca, None),
                 ("--tls-alpn", args.tls_alpn, "http1"),
@@ -127,6 +136,7 @@ def interception_from(args: argparse.Namespace) -> Any:
 
     settings = TlsSettings(
         ignore=list(args.tls_ignore),
+        when=list(args.tls_when),
         upstream_verify=args.tls_upstream_verify == "yes",
         upstream_ca=args.tls_upstream_ca,
         alpn=args.tls_alpn,
