@@ -30,6 +30,8 @@ tproxy-fwd-i    forward      the same with ``-i scripts/bench_interceptors.py:Un
                              unchanged (the copy path through the flow core)
 tproxy-fwd-blk  forward      the same with ``-i block -o cidr=192.0.2.0/24``, which no flow
                              matches (block goes passthrough in ``start``: spliced)
+tproxy-fwd-sel  forward      the same with ``-i UNCHANGED --when port=1``: the interceptor
+                             selects no flow (``--when``), so none is built (spliced)
 haproxy-f       forward      HAProxy, one thread, ``mode tcp``
 socat-f         forward      ``socat TCP-LISTEN:...,fork TCP:...``
 pproxy-f        forward      ``pproxy -l tunnel{...}://...`` (uvloop)
@@ -792,6 +794,16 @@ def configs(b: Bench) -> list[Config]:
         alt = Path(b.args.alt_tree).resolve()
         note = b.args.alt_note or f"from {alt}"
         found.append(Config("tproxy-alt", "transparent", b.tproxy_transparent(tree=alt), note))
+        found.append(
+            Config(
+                "tproxy-alt-label",
+                "transparent",
+                b.tproxy_transparent(
+                    "-i", "label", "-o", "text=", "-o", "direction=both", tree=alt
+                ),
+                f"{note}, -i label as tproxy-label",
+            )
+        )
         if "--workers" in _tproxy_flags(alt):
             w2 = b.tproxy_transparent("--workers", "2", tree=alt)
             found.append(Config("tproxy-alt-w2", "transparent", w2, f"{note}, 2 workers"))
@@ -822,6 +834,15 @@ def configs(b: Bench) -> list[Config]:
                 "-i block -o cidr=192.0.2.0/24, matching no flow",
             )
         )
+        if "--when" in help_text:
+            found.append(
+                Config(
+                    "tproxy-fwd-sel",
+                    "forward",
+                    b.tproxy_forward("-i", UNCHANGED, "--when", "port=1"),
+                    "-i ... --when port=1, selecting no flow",
+                )
+            )
     found += [
         Config("haproxy-f", "forward", b.haproxy(False), "1 thread"),
         Config("socat-f", "forward", b.socat, "fork per connection"),
@@ -984,6 +1005,9 @@ TARGETS: list[tuple[str, str, str, str, float, bool]] = [
     ("-i, 1 stream up >= 0.9x label", "tproxy-fwd-i", "tproxy-label", "t1_up", 0.9, False),
     ("-i, 1 stream down >= 0.9x label", "tproxy-fwd-i", "tproxy-label", "t1_down", 0.9, False),
     ("block, no match, conn/s >= 0.9x fwd", "tproxy-fwd-blk", "tproxy-fwd", "cps", 0.9, False),
+    # issue 12: a flow that no interceptor selects costs what a passthrough flow costs
+    ("--when, unselected, conn/s ~ fwd", "tproxy-fwd-sel", "tproxy-fwd", "cps", 0.9, False),
+    ("--when, unselected, keep-alive ~ fwd", "tproxy-fwd-sel", "tproxy-fwd", "rps", 0.9, False),
     ("keep-alive req/s >= 1.0x pproxy", "{t}", "pproxy-f", "rps", 1.0, False),
     ("keep-alive req/s >= 1.0x HAProxy-t (goal)", "{t}", "haproxy-t", "rps", 1.0, False),
     ("RSS per idle flow <= 3x HAProxy-t", "{t}", "haproxy-t", "mem_flow", 3.0, True),
