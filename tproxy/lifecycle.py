@@ -23,17 +23,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from . import control, loading, logformat, notify
 from .engine import Engine
 from .metrics import FlowStats, empty_snapshot
-from .server import Server
+from .server import Door
 
 log = logging.getLogger("tproxy")
 
@@ -50,6 +50,24 @@ def hold_signals() -> None:
     dying of them; :class:`Lifecycle` acts on them once it starts."""
     for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(signum, lambda signum, frame: _pending.append(signum))
+
+
+class Serving(Protocol):
+    """What :class:`Lifecycle` runs: a :class:`~tproxy.server.Server`, or a
+    :class:`~tproxy.udp.door.UdpServer` (a Server plus UDP listeners)."""
+
+    @property
+    def doors(self) -> Sequence[Door]: ...
+
+    def stop(self) -> None: ...
+
+    async def serve(
+        self,
+        routing: Callable[[], AbstractContextManager[object]] | None = None,
+        *,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None: ...
 
 
 class ReloadError(Exception):
@@ -86,12 +104,12 @@ def reload_factories(
 
 
 class Lifecycle:
-    """Runs a :class:`Server` with signals, reload, control socket and notifications."""
+    """Runs a :class:`Serving` server with signals, reload, control socket and notifications."""
 
     def __init__(
         self,
         engine: Engine,
-        server: Server,
+        server: Serving,
         *,
         stats: FlowStats | None,
         reloader: Reloader | None = None,

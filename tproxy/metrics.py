@@ -267,7 +267,7 @@ class MetricsServer:
 
         self.address = address
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SnapshotCollector(source))  # type: ignore[arg-type]
+        self.registry.register(SnapshotCollector(source))
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -179,7 +179,7 @@ def reloader(
         if (new.mode or default_modes()) != specs:
             log.warning("reload: listeners changed in the file; a restart applies that")
         engine.config = config
-        engine.factories = factories
+        engine.factories = list(factories)
 
     return reload
 

@@ -145,7 +145,8 @@ async def connect_outgoing(
             infos = await trio.socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
             )
-            candidates = [(info[4][0], info[4][1]) for info in infos]
+            # TCP over IPv4/IPv6: every sockaddr is (host, port, ...)
+            candidates = [(str(info[4][0]), int(info[4][1])) for info in infos]
         errors: list[ConnectError] = []
         for candidate in candidates:
             try:

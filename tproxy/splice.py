@@ -24,13 +24,14 @@ import functools
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 DEFAULT_CHUNK = 256 * 1024
 """Bytes moved per splice call, and the size asked for each pipe."""
 
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
-SPLICE = getattr(os, "splice", None)
+SPLICE: Callable[..., int] | None = getattr(os, "splice", None)
 """``os.splice``, or ``None`` where this Python lacks it."""
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 """Move pages where possible; never block (the hub waits with epoll)."""
@@ -83,7 +84,8 @@ def at_urgent_mark(sock: socket.socket) -> bool:
         mark = fcntl.ioctl(sock.fileno(), _SIOCATMARK, b"\0\0\0\0")
     except OSError:
         return False
-    return struct.unpack("i", mark)[0] != 0
+    value: int = struct.unpack("i", mark)[0]
+    return value != 0
 
 
 def _open_pipe(size: int) -> tuple[int, int]:

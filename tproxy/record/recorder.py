@@ -87,7 +87,7 @@ def _size(text: str) -> int:
     match = re.fullmatch(r"(\d+)\s*([kKmMgG]?)i?[bB]?", text.strip())
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 64k, 10M)")
-    value = int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
+    value: int = int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value

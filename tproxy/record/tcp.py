@@ -39,7 +39,7 @@ def _checksum_by_words(data: bytes) -> int:
     """RFC 1071 word by word: the reference the tests hold :func:`checksum` to."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

@@ -173,12 +173,11 @@ class StreamRelay:
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
-            kind = type(action)
-            if kind is Send:
-                self._queues[action.side].append(action.data)  # type: ignore[union-attr]
-            elif kind is ShutdownWrite:
+            if isinstance(action, Send):
+                self._queues[action.side].append(action.data)
+            elif isinstance(action, ShutdownWrite):
                 self._queues[action.side].append(_EOF)
-            elif kind is Reset:
+            elif isinstance(action, Reset):
                 side = action.side
                 self._closed[side] = True
                 self._queues[side].clear()

@@ -10,9 +10,10 @@ kind, the whole table of an instance, added and removed in one transaction each.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from .items import Item
+from .items import Found, Item
 
 
 class StepError(Exception):
@@ -31,7 +32,7 @@ class StepError(Exception):
 class Backend(Protocol):
     """Adds, removes and lists installed items of the kinds it handles."""
 
-    def handles(self, item: Item) -> bool:
+    def handles(self, item: object) -> bool:
         """Whether this backend installs ``item``."""
         ...
 
@@ -39,11 +40,16 @@ class Backend(Protocol):
         """Install ``item``; raise :class:`StepError` if the kernel refuses."""
         ...
 
-    def remove(self, item: Item) -> bool:
-        """Remove ``item``; False if it was not there (that is not an error)."""
+    def remove(self, item: Found) -> bool:
+        """Remove ``item``; False if it was not there (that is not an error).
+
+        ``item`` may be an :class:`~.items.UnknownRule` (a rule of ours that
+        python-iptables lists but the plan cannot express); backends that
+        never list one return False for it.
+        """
         ...
 
-    def installed(self) -> list[Item]:
+    def installed(self) -> Sequence[Found]:
         """Every installed item of ours (any instance) this backend can see."""
         ...
 

@@ -22,8 +22,8 @@ import sys
 from ..errors import UsageError
 from . import installer, state
 from .commands import describe, setup_commands, teardown_commands
+from .items import DEFAULT_INSTANCE
 from .plan import (
-    DEFAULT_INSTANCE,
     DEFAULT_MARK,
     DEFAULT_PRIORITY,
     DEFAULT_PROXY_MARK,
@@ -246,7 +246,7 @@ def _describe_request(request: PlanRequest) -> str:
 
 
 def _line(item: object) -> str:
-    from .plan import NftTable, UnknownRule
+    from .items import NftTable, UnknownRule
 
     if isinstance(item, NftTable):
         return f"nft table inet {item.name} ({item.rules} rules, digest {item.digest})"
@@ -264,8 +264,8 @@ def _serving(inst: installer.InstanceState) -> tuple[list[str], bool]:
     The TPROXY targets come from what is installed (the kernel is the truth,
     record or not); the owner from the record.
     """
+    from .items import MangleRule, Tproxy
     from .liveness import bound_sockets, process_alive, serves
-    from .plan import MangleRule, Tproxy
 
     targets = sorted({(r.family, r.protocol or "tcp", r.target.on_ip, r.target.on_port)
                       for r in inst.live

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import shlex
 
-from .nftrules import setup_lines
-from .plan import (
-    RT_PROTO,
+from .items import (
     Accept,
     Chain,
     IpRule,
@@ -23,13 +21,14 @@ from .plan import (
     LocalRoute,
     MangleRule,
     NftTable,
-    Plan,
     Reject,
     Return,
     SetMark,
     Tproxy,
     UnknownRule,
 )
+from .nftrules import setup_lines
+from .plan import RT_PROTO, Plan
 
 IPTABLES = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 

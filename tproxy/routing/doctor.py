@@ -90,7 +90,7 @@ def check_plugins() -> Finding:
 
 def check_python_iptables() -> Finding:
     try:
-        import iptc  # type: ignore[import-untyped]  # noqa: F401
+        import iptc  # noqa: F401
     except Exception as exc:
         return Finding("python-iptables", "fail", f"cannot load: {exc}",
                        "apt install iptables; pip install python-iptables")

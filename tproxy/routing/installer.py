@@ -26,23 +26,24 @@ from dataclasses import dataclass, field
 
 from . import state
 from .backend import Backend, StepError
-from .capabilities import has_net_admin, plugins_problem, xtables_dirs
+
+# cli calls installer.has_net_admin (tests replace it here), hence the re-export.
+from .capabilities import has_net_admin as has_net_admin
+from .capabilities import plugins_problem, xtables_dirs
 from .commands import removal_order
-from .plan import (
+from .items import (
     Chain,
     Found,
     IpRule,
     LocalRoute,
     MangleRule,
     NftTable,
-    Plan,
-    PlanRequest,
     SetMark,
     Tproxy,
     UnknownRule,
     instance_of_chain,
-    make_plan,
 )
+from .plan import Plan, PlanRequest, make_plan
 
 
 class RoutingError(Exception):
@@ -209,7 +210,7 @@ def _backends(given: list[Backend] | None, kind: str | None = None) -> Iterator[
 
 def _backend_for(backends: list[Backend], item: Found) -> Backend:
     for backend in backends:
-        if backend.handles(item):  # type: ignore[arg-type]
+        if backend.handles(item):
             return backend
     raise StepError(repr(item), "no backend handles this item")
 
@@ -255,7 +256,7 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
     with _backends(backends) as opened:
         found: list[Found] = []
         for backend in opened:
-            found.extend(backend.installed())  # type: ignore[arg-type]
+            found.extend(backend.installed())
     names = set(state.recorded_instances())
     names |= {n for n in map(_instance_of, found) if n}
     if instance is not None:
@@ -276,7 +277,7 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
         tables = {r.table for r in rules if isinstance(r, IpRule)}
         tables |= {i.table for i in planned if isinstance(i, LocalRoute)}
         routes = [i for i in ip_items if isinstance(i, LocalRoute) and i.table in tables]
-        mine += [i for i in dict.fromkeys(rules + routes) if i not in mine]
+        mine += [i for i in dict.fromkeys([*rules, *routes]) if i not in mine]
         claimed.update(mine)
         live_set = set(mine)
         result[name] = InstanceState(
@@ -312,7 +313,7 @@ def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[F
     errors: list[str] = []
     for item in removal_order([i for i in items if i not in inside]):
         try:
-            if _backend_for(backends, item).remove(item):  # type: ignore[arg-type]
+            if _backend_for(backends, item).remove(item):
                 removed.append(item)
                 if isinstance(item, Chain):
                     removed += [i for i in inside if (i.family, i.chain) == (item.family,
@@ -370,7 +371,7 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                 if item in keep and not isinstance(item, NftTable):
                     continue
                 applied.append(item)
-                _backend_for(opened, item).add(item)  # type: ignore[arg-type]
+                _backend_for(opened, item).add(item)
         except BaseException as exc:  # a kernel refusal, or Ctrl-C half-way: roll back
             if isinstance(exc, StepError):
                 applied.pop()  # refused: not added (and never remove a foreign twin)
@@ -378,7 +379,7 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
             leftovers: list[str] = []
             for done in reversed(applied):
                 try:
-                    _backend_for(opened, done).remove(done)  # type: ignore[arg-type]
+                    _backend_for(opened, done).remove(done)
                 except StepError as undo:
                     leftovers.append(str(undo))
             if leftovers:

@@ -16,7 +16,8 @@ from typing import Any
 
 from .backend import StepError
 from .commands import describe
-from .plan import RT_PROTO, Family, IpRule, Item, LocalRoute
+from .items import Family, Found, IpRule, Item, LocalRoute
+from .plan import RT_PROTO
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
@@ -80,15 +81,15 @@ class IPRouteBackend:
         except Exception as exc:
             raise StepError(step, _error_text(exc)) from exc
 
-    def remove(self, item: Item) -> bool:
+    def remove(self, item: Found) -> bool:
+        if not isinstance(item, IpRule | LocalRoute):
+            return False
         step = describe(item)
         try:
             if isinstance(item, IpRule):
                 self._ipr.rule("del", **self._rule_args(item))
-            elif isinstance(item, LocalRoute):
-                self._ipr.route("del", **self._route_args(item))
             else:
-                return False
+                self._ipr.route("del", **self._route_args(item))
         except StepError:
             return False  # no lo: the route cannot be there
         except Exception as exc:

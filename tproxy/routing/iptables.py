@@ -36,15 +36,16 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from .backend import StepError
 from .commands import describe
-from .plan import (
+from .items import (
     COMMENT_PREFIX,
     Accept,
     Chain,
     Family,
+    Found,
     Item,
     Jump,
     MangleRule,
@@ -55,9 +56,8 @@ from .plan import (
     Tproxy,
     UnknownRule,
     instance_of_chain,
-    item_from_json,
-    item_to_json,
 )
+from .plan import item_from_json, item_to_json
 from .ports import PortRange
 
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
@@ -71,7 +71,7 @@ _NOT_SYN = ("!", "FIN,SYN,RST,ACK", "SYN")
 
 def _iptc() -> Any:
     try:
-        import iptc  # type: ignore[import-untyped]
+        import iptc
     except Exception as exc:  # libxtables missing, etc.
         raise StepError("load python-iptables", str(exc)) from exc
     return iptc
@@ -191,6 +191,8 @@ class FamilyTables:
 
     def add(self, item: Item) -> None:
         step = describe(item)
+        if not isinstance(item, Chain | MangleRule):
+            raise StepError(step, "not an iptables item")
         which = item.table if isinstance(item, MangleRule) else "mangle"
         try:
             with self._table(item.family, write=True, which=which) as table:
@@ -198,21 +200,21 @@ class FamilyTables:
                     if table.is_chain(item.name):
                         raise StepError(step, f"chain {item.name} already exists")
                     table.create_chain(item.name)
-                elif isinstance(item, MangleRule):
+                else:
                     chain = self._mod.Chain(table, item.chain)
                     built = self._build(item)
                     if item.first:
                         chain.insert_rule(built, 0)
                     else:
                         chain.append_rule(built)
-                else:
-                    raise StepError(step, "not an iptables item")
         except StepError:
             raise
         except Exception as exc:
             raise StepError(step, _error_text(exc)) from exc
 
-    def remove(self, item: Item | UnknownRule) -> bool:
+    def remove(self, item: Found) -> bool:
+        if not isinstance(item, Chain | MangleRule | UnknownRule):
+            return False  # not an iptables item (see handles): never ours to list
         step = describe(item) if not isinstance(item, UnknownRule) else item.text
         which = "mangle" if isinstance(item, Chain) else item.table
         if which not in instantiated_tables(item.family):
@@ -332,7 +334,7 @@ class FamilyTables:
         )
 
 
-def _prefix(text: str) -> str | bool:
+def _prefix(text: str) -> str | Literal[False]:
     """``127.0.0.0/255.0.0.0`` (as libiptc gives it) as ``127.0.0.0/8``; False if odd."""
     address, _, mask = text.partition("/")
     try:
@@ -345,7 +347,7 @@ def _prefix(text: str) -> str | bool:
         return False
 
 
-def _port_range(values: list[str]) -> PortRange | bool:
+def _port_range(values: list[str]) -> PortRange | Literal[False]:
     if len(values) != 1:
         return False
     low, _, high = values[0].partition(":")
@@ -470,9 +472,13 @@ class IptablesBackend:
         return isinstance(item, Chain | MangleRule | UnknownRule)
 
     def add(self, item: Item) -> None:
+        if not isinstance(item, Chain | MangleRule):
+            raise StepError(describe(item), "not an iptables item")
         self._call(item.family, "add", describe(item), item)
 
-    def remove(self, item: Item | UnknownRule) -> bool:
+    def remove(self, item: Found) -> bool:
+        if not isinstance(item, Chain | MangleRule | UnknownRule):
+            return False  # not an iptables item (see handles): never ours to list
         step = item.text if isinstance(item, UnknownRule) else describe(item)
         return bool(self._call(item.family, "remove", "remove " + step, item))
 

@@ -15,7 +15,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import Family, PlanRequest
+from .items import Family
+from .plan import PlanRequest
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"

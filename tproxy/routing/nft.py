@@ -20,7 +20,7 @@ import subprocess
 from typing import Any
 
 from .backend import StepError
-from .items import Item, NftTable
+from .items import Found, Item, NftTable
 from .nftrules import FAMILY, NFT_TABLE_PREFIX, delete_script, read_table
 
 # ---------------------------------------------------------------- libnftables
@@ -121,7 +121,7 @@ class NftBackend:
             raise StepError(f"nft -j -f - (table inet {item.name}, {item.rules} rules)",
                             _error_lines(err))
 
-    def remove(self, item: Item) -> bool:
+    def remove(self, item: Found) -> bool:
         assert isinstance(item, NftTable)
         if not self._nft.list_json(f"table {FAMILY} {item.name}"):
             return False

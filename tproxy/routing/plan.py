@@ -51,7 +51,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Callers import every item name from here: ``X as X`` marks the re-exports.
+# tproxy's modules import item names from .items; ``X as X`` marks the few re-exports.
 from .items import COMMENT_PREFIX as COMMENT_PREFIX
 from .items import (
     DEFAULT_INSTANCE,

@@ -123,17 +123,18 @@ class DatagramChain:
         """
         ic = self.interceptors[k]
         try:
-            result = getattr(ic, hook)(data)
+            returned: object = getattr(ic, hook)(data)
         except AbortFlow:
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
-        if result is not None:
-            if not isinstance(result, bytes | bytearray | memoryview):
+        result: bytes | None = None
+        if returned is not None:
+            if not isinstance(returned, bytes | bytearray | memoryview):
                 raise InterceptorError(
-                    ic, hook, TypeError(f"{hook} returned {type(result).__name__}, not bytes")
+                    ic, hook, TypeError(f"{hook} returned {type(returned).__name__}, not bytes")
                 )
-            result = bytes(result)
+            result = bytes(returned)
         to_server, to_client = _take(ic)
         for injected in to_server:
             self._to_server(k + 1, injected, out)
