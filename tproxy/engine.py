@@ -181,11 +181,11 @@ class Engine:
         """
         if self.recording is None:
             return None
-        names = [
-            str(getattr(f, "name", type(f).__name__))
-            for f in self.factories
-            if getattr(f, "selects", None) is None or f.selects(info)
-        ]
+        names = []
+        for factory in self.factories:
+            selects = getattr(factory, "selects", None)
+            if selects is None or selects(info):
+                names.append(str(getattr(factory, "name", type(factory).__name__)))
         tap: FlowTap = self.recording.relay_tap(info, names)
         return tap
 
