@@ -1,8 +1,7 @@
 """The fault interceptors through a real ``tproxy run --mode forward:...`` on loopback.
 
-These need a relay that drives interceptor timers (``tproxy.relay.core.DRIVES_TIMERS``);
-without one every test here is skipped with that reason. They check that a
-fault was applied (a delay, a rate, a reset, a timeout, many small reads),
+The relay core drives the interceptors' timers (``tproxy/relay/core.py``).
+These check that a fault was applied (a delay, a rate, a reset, a timeout, many small reads),
 with the generous bounds the issue states; they are not benchmarks.
 """
 
@@ -20,14 +19,6 @@ from pathlib import Path
 
 import pytest
 from explicit_harness import HANG_GUARD, connect, echo_server, recv_exact, running_proxy
-
-from tproxy.timers import relay_drives_timers
-
-pytestmark = pytest.mark.skipif(
-    not relay_drives_timers(),
-    reason="the relay does not drive interceptor timers (tproxy.relay.core.DRIVES_TIMERS "
-    "is not set)",
-)
 
 
 @contextlib.contextmanager

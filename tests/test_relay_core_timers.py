@@ -14,7 +14,6 @@ from tproxy.interceptors.latency import Latency
 from tproxy.interceptors.limit import Limit
 from tproxy.interceptors.slow_close import SlowClose
 from tproxy.relay.core import CLIENT, SERVER, End, FlowCore, Send, ShutdownWrite
-from tproxy.timers import relay_drives_timers
 
 INFO = FlowInfo.example()
 CLEAN = (False, False)
@@ -28,10 +27,6 @@ def _core(*interceptors: Interceptor) -> FlowCore:
 
 def _fault(cls: type[Interceptor], **options: str) -> Interceptor:
     return cls(INFO, cls.parse_options(options))
-
-
-def test_this_relay_says_it_drives_timers() -> None:
-    assert relay_drives_timers()
 
 
 def test_the_chains_clock_is_the_time_of_the_event_being_handled() -> None:

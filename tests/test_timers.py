@@ -13,7 +13,6 @@ import pytest
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import Chain, Interceptor, InterceptorError, Output
 from tproxy.testing import Driver
-from tproxy.timers import relay_drives_timers
 
 
 class Tag(Interceptor):
@@ -403,10 +402,6 @@ def test_a_job_taken_by_hand_runs_in_a_real_thread() -> None:
     d.thread_done(job)
     assert d.to_server == b"x" and not d.holds_client_reading
     assert d.thread_done(job) == Output()  # handed back once only
-
-
-def test_the_relay_capability_flag_is_readable() -> None:
-    assert isinstance(relay_drives_timers(), bool)
 
 
 def test_a_chain_with_a_pending_timer_is_not_passthrough_until_it_fired() -> None:

@@ -41,16 +41,11 @@ object without them has no timers):
   :func:`tproxy.relay.threads.run_job`.
 - ``has_requests``: a cheap check, after every call, of whether ``closing``
   or thread jobs need a look at all.
-
-A relay that drives all of this sets ``DRIVES_TIMERS = True`` in its flow
-core (:mod:`tproxy.relay.core`); :func:`relay_drives_timers` reads it (the
-end-to-end fault tests skip themselves without it).
 """
 
 from __future__ import annotations
 
 import heapq
-import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -70,15 +65,6 @@ def sides(side: str) -> tuple[str, ...]:
         return _BOTH[side]
     except KeyError:
         raise ValueError(f"side must be 'client', 'server' or 'both', not {side!r}") from None
-
-
-def relay_drives_timers() -> bool:
-    """Whether this installation's relay honours the chain's timer members."""
-    try:
-        core = importlib.import_module("tproxy.relay.core")
-    except ImportError:
-        return False
-    return bool(getattr(core, "DRIVES_TIMERS", False))
 
 
 class TimerHandle:

@@ -58,9 +58,6 @@ from typing import Any, NamedTuple, Protocol
 from ..flow import EndReason, FlowInfo, FlowRecord, format_address
 from ..interceptor import AbortFlow, InterceptorError, Output
 
-DRIVES_TIMERS = True
-"""This relay honours the chain's timer members (:func:`tproxy.timers.relay_drives_timers`)."""
-
 log = logging.getLogger("tproxy.flow")
 
 CLIENT = 0
