@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,8 +163,14 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextlib.contextmanager
-def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
-    """A TCP server that echoes every connection until EOF (one thread per connection)."""
+def tcp_server(
+    handler: Callable[[socket.socket], None],
+    host: str = "127.0.0.1",
+    *,
+    timeout: float = HANG_GUARD,
+) -> Iterator[int]:
+    """A TCP server that runs ``handler(conn)`` for each connection (one thread each),
+    then closes it; yields its port. Socket errors inside ``handler`` end that one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.bind((host, 0))
@@ -172,12 +178,11 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
     listener.settimeout(0.2)
     done = threading.Event()
 
-    def echo(conn: socket.socket) -> None:
+    def serve_one(conn: socket.socket) -> None:
         with conn:
-            conn.settimeout(HANG_GUARD)
+            conn.settimeout(timeout)
             with contextlib.suppress(OSError):
-                while data := conn.recv(65536):
-                    conn.sendall(data)
+                handler(conn)
 
     def serve() -> None:
         while not done.is_set():
@@ -187,7 +192,7 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
                 continue
             except OSError:
                 return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -197,6 +202,16 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
         done.set()
         thread.join(HANG_GUARD)
         listener.close()
+
+
+def _echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def echo_server(host: str = "127.0.0.1") -> contextlib.AbstractContextManager[int]:
+    """A TCP server that echoes every connection until EOF (one thread per connection)."""
+    return tcp_server(_echo, host)
 
 
 @contextlib.contextmanager

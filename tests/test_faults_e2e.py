@@ -7,53 +7,29 @@ with the generous bounds the issue states; they are not benchmarks.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
-from explicit_harness import HANG_GUARD, connect, echo_server, recv_exact, running_proxy
+from explicit_harness import (
+    HANG_GUARD,
+    connect,
+    echo_server,
+    recv_exact,
+    running_proxy,
+    tcp_server,
+)
 
 
-@contextlib.contextmanager
-def source_server(payload: Callable[[socket.socket], None]) -> Iterator[int]:
+def source_server(payload: Callable[[socket.socket], None]) -> AbstractContextManager[int]:
     """A TCP server that runs ``payload(conn)`` for each connection, then closes it."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.2)
-    done = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(HANG_GUARD * 3)
-            with contextlib.suppress(OSError):
-                payload(conn)
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield int(listener.getsockname()[1])
-    finally:
-        done.set()
-        thread.join(HANG_GUARD)
-        listener.close()
+    return tcp_server(payload, timeout=HANG_GUARD * 3)
 
 
 def forward(port: int) -> list[str]:
