@@ -154,6 +154,59 @@ class Fault(Interceptor):
         return side in self.common.directions
 
 
+class LaneFault(Fault):
+    """A fault that queues the data of each affected direction in a :class:`Lane`.
+
+    Subclasses say how one chunk is queued (:meth:`queue`) and whether a
+    lane releases one chunk per timer round (``ONE_PER_ROUND``); the data
+    and end-of-stream hooks, and unaffected directions passing through, are
+    here once. ``options.max_queue`` bounds each lane.
+    """
+
+    ONE_PER_ROUND = False
+
+    def __init__(self, flow: FlowInfo, options: object) -> None:
+        super().__init__(flow, options)
+        self.lanes: dict[str, Lane] = {}
+
+    def begin(self) -> None:
+        max_queue = self.options.max_queue
+        for side in (CLIENT, SERVER):
+            if self.affects(side):
+                self.lanes[side] = Lane(self, side, max_queue, one_per_round=self.ONE_PER_ROUND)
+                self.lane_opened(side)
+
+    def lane_opened(self, side: str) -> None:
+        """``side``'s lane was made (the flow is affected): set up per-side state."""
+
+    def queue(self, lane: Lane, side: str, data: bytes) -> None:
+        """Queue ``data`` that ``side`` sent on ``lane``, with its release time(s)."""
+        raise NotImplementedError
+
+    def _take(self, side: str, data: bytes) -> bytes:
+        lane = self.lanes.get(side)
+        if lane is None:
+            return data
+        self.queue(lane, side, data)
+        return b""
+
+    def client_data(self, data: bytes) -> bytes:
+        return self._take(CLIENT, data)
+
+    def server_data(self, data: bytes) -> bytes:
+        return self._take(SERVER, data)
+
+    def client_eof(self) -> bytes:
+        if CLIENT in self.lanes:
+            self.lanes[CLIENT].eof()
+        return b""
+
+    def server_eof(self) -> bytes:
+        if SERVER in self.lanes:
+            self.lanes[SERVER].eof()
+        return b""
+
+
 class Lane:
     """One direction's queue of chunks that wait for their release time.
 

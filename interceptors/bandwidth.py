@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tproxy.flow import FlowInfo
-from tproxy.options import CLIENT, SERVER
 
-from ._fault import Common, Fault, Lane, parse_common, parse_rate, parse_size, require_one
+from ._fault import Common, Lane, LaneFault, parse_common, parse_rate, parse_size, require_one
 
 NAME = "bandwidth"
 MAX_SLICE = 64 * 1024
@@ -37,7 +36,7 @@ class BandwidthOptions:
         return max(1, min(MAX_SLICE, int(self.rate / 50)))
 
 
-class Bandwidth(Fault):
+class Bandwidth(LaneFault):
     """Limit each chosen direction to ``rate`` bytes per second.
 
     Options: ``rate`` (required; ``100k`` = 102400 bytes/s, suffixes ``k m g``
@@ -46,6 +45,7 @@ class Bandwidth(Fault):
     """
 
     NAME = NAME
+    ONE_PER_ROUND = True
     options: BandwidthOptions
 
     @classmethod
@@ -62,20 +62,13 @@ class Bandwidth(Fault):
 
     def __init__(self, flow: FlowInfo, options: BandwidthOptions) -> None:
         super().__init__(flow, options)
-        self.lanes: dict[str, Lane] = {}
         self.free_at: dict[str, float] = {}
         """When each direction's virtual link finishes what it was given."""
 
-    def begin(self) -> None:
-        for side in (CLIENT, SERVER):
-            if self.affects(side):
-                self.lanes[side] = Lane(self, side, self.options.max_queue, one_per_round=True)
-                self.free_at[side] = self.now()
+    def lane_opened(self, side: str) -> None:
+        self.free_at[side] = self.now()
 
-    def _pace(self, side: str, data: bytes) -> bytes:
-        lane = self.lanes.get(side)
-        if lane is None:
-            return data
+    def queue(self, lane: Lane, side: str, data: bytes) -> None:
         rate, size = self.options.rate, self.options.slice
         free_at = max(self.free_at[side], self.now())
         for i in range(0, len(data), size):
@@ -83,20 +76,3 @@ class Bandwidth(Fault):
             free_at += len(piece) / rate
             lane.push(free_at, piece)
         self.free_at[side] = free_at
-        return b""
-
-    def client_data(self, data: bytes) -> bytes:
-        return self._pace(CLIENT, data)
-
-    def server_data(self, data: bytes) -> bytes:
-        return self._pace(SERVER, data)
-
-    def client_eof(self) -> bytes:
-        if CLIENT in self.lanes:
-            self.lanes[CLIENT].eof()
-        return b""
-
-    def server_eof(self) -> bytes:
-        if SERVER in self.lanes:
-            self.lanes[SERVER].eof()
-        return b""

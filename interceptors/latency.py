@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tproxy.flow import FlowInfo
 from tproxy.interceptor import OptionError
-from tproxy.options import CLIENT, SERVER
 
-from ._fault import Common, Fault, Lane, parse_common, parse_ms, parse_size, require_one
+from ._fault import Common, Lane, LaneFault, parse_common, parse_ms, parse_size, require_one
 
 NAME = "latency"
 
@@ -32,7 +30,7 @@ class LatencyOptions:
     common: Common = field(default_factory=Common)
 
 
-class Latency(Fault):
+class Latency(LaneFault):
     """Delay data by ``ms`` milliseconds (± ``jitter``), per chunk, in order.
 
     Options: ``ms`` (required), ``jitter`` (ms, default 0), ``max-queue``
@@ -57,37 +55,9 @@ class Latency(Fault):
         )
         return LatencyOptions(delay=delay, jitter=jitter, max_queue=max_queue, common=common)
 
-    def __init__(self, flow: FlowInfo, options: LatencyOptions) -> None:
-        super().__init__(flow, options)
-        self.lanes: dict[str, Lane] = {}
-
-    def begin(self) -> None:
-        for side in (CLIENT, SERVER):
-            if self.affects(side):
-                self.lanes[side] = Lane(self, side, self.options.max_queue)
-
-    def _delay(self, side: str, data: bytes) -> bytes:
-        lane = self.lanes.get(side)
-        if lane is None:
-            return data
+    def queue(self, lane: Lane, side: str, data: bytes) -> None:
         delay = self.options.delay
         if self.options.jitter:
             delay += self.rng.uniform(-self.options.jitter, self.options.jitter)
         lane.push(self.now() + delay, data)
-        return b""
 
-    def client_data(self, data: bytes) -> bytes:
-        return self._delay(CLIENT, data)
-
-    def server_data(self, data: bytes) -> bytes:
-        return self._delay(SERVER, data)
-
-    def client_eof(self) -> bytes:
-        if CLIENT in self.lanes:
-            self.lanes[CLIENT].eof()
-        return b""
-
-    def server_eof(self) -> bytes:
-        if SERVER in self.lanes:
-            self.lanes[SERVER].eof()
-        return b""

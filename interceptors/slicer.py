@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tproxy.flow import FlowInfo
 from tproxy.interceptor import OptionError
-from tproxy.options import CLIENT, SERVER, parse_int
+from tproxy.options import parse_int
 
-from ._fault import Common, Fault, Lane, parse_common, parse_ms, parse_size
+from ._fault import Common, Lane, LaneFault, parse_common, parse_ms, parse_size
 
 NAME = "slicer"
 
@@ -34,7 +33,7 @@ class SlicerOptions:
     common: Common = field(default_factory=Common)
 
 
-class Slicer(Fault):
+class Slicer(LaneFault):
     """Deliver data in slices of ``size`` ± ``variation`` bytes, ``delay`` ms apart.
 
     Options: ``size`` (average bytes, default 64), ``variation`` (bytes,
@@ -44,6 +43,7 @@ class Slicer(Fault):
     """
 
     NAME = NAME
+    ONE_PER_ROUND = True
     options: SlicerOptions
 
     @classmethod
@@ -65,19 +65,7 @@ class Slicer(Fault):
             common=common,
         )
 
-    def __init__(self, flow: FlowInfo, options: SlicerOptions) -> None:
-        super().__init__(flow, options)
-        self.lanes: dict[str, Lane] = {}
-
-    def begin(self) -> None:
-        for side in (CLIENT, SERVER):
-            if self.affects(side):
-                self.lanes[side] = Lane(self, side, self.options.max_queue, one_per_round=True)
-
-    def _slice(self, side: str, data: bytes) -> bytes:
-        lane = self.lanes.get(side)
-        if lane is None:
-            return data
+    def queue(self, lane: Lane, side: str, data: bytes) -> None:
         opts = self.options
         # The first slice leaves now, or ``delay`` after the previous one.
         due = max(self.now(), lane.last_due + opts.delay)
@@ -89,20 +77,4 @@ class Slicer(Fault):
             lane.push(due, data[i : i + size])
             i += size
             due += opts.delay
-        return b""
 
-    def client_data(self, data: bytes) -> bytes:
-        return self._slice(CLIENT, data)
-
-    def server_data(self, data: bytes) -> bytes:
-        return self._slice(SERVER, data)
-
-    def client_eof(self) -> bytes:
-        if CLIENT in self.lanes:
-            self.lanes[CLIENT].eof()
-        return b""
-
-    def server_eof(self) -> bytes:
-        if SERVER in self.lanes:
-            self.lanes[SERVER].eof()
-        return b""
