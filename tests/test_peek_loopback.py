@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,54 +21,30 @@ from explicit_harness import (
     HANG_GUARD,
     REPLACE,
     curl,
-    free_port,
     run_tproxy,
     running_proxy,
-    stop,
-    wait_port,
 )
-from tls_helpers import Upstream
+from tls_helpers import Upstream, make_pki, tls_args, tls_server
 
-SERVER_SCRIPT = Path(__file__).with_name("tls_server.py")
 NAMES = ("a.test", "b.test", "blocked.test", "ok.test", "127.0.0.1")
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> tuple[Path, Upstream]:
     """The interception CA (made by the CLI) and the stand-in public PKI."""
-    ca_dir = tmp_path / "ca"
-    done = run_tproxy("ca", "init", "--dir", str(ca_dir))
-    assert done.returncode == 0, done.stderr
-    return ca_dir, Upstream(tmp_path)
+    return make_pki(tmp_path)
 
 
 @pytest.fixture
 def server(pki: tuple[Path, Upstream]) -> Iterator[int]:
     """``tls_server.py`` on 127.0.0.1 with one certificate for every name of NAMES."""
-    _, upstream = pki
-    chain = upstream.forge.chain_file(NAMES)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), "127.0.0.1", str(port), str(chain),
-         str(upstream.forge.key_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port("127.0.0.1", port, proc)
+    with tls_server(pki[1], NAMES) as port:
         yield port
-    finally:
-        stop(proc)
 
 
 def https(name: str, port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return curl("--resolve", f"{name}:{port}:127.0.0.1", *args, f"https://{name}:{port}/")
 
-
-def tls_args(pki: tuple[Path, Upstream], *more: str) -> list[str]:
-    ca_dir, upstream = pki
-    return ["--tls", "intercept", "--ca-dir", str(ca_dir),
-            "--tls-upstream-ca", str(upstream.ca_file), *more]
 
 
 def fetch(port: int, name: str, cafiles: list[Path]) -> tuple[x509.Certificate, bytes]:

@@ -27,51 +27,27 @@ from explicit_harness import (
     HANG_GUARD,
     REPLACE,
     curl,
-    free_port,
     http_server,
     run_tproxy,
     running_proxy,
-    stop,
-    wait_port,
 )
-from tls_helpers import RawTls, Upstream, client_context
+from tls_helpers import RawTls, Upstream, client_context, make_pki, tls_args, tls_server
 
 NAME = "site.example.test"
-SERVER_SCRIPT = Path(__file__).with_name("tls_server.py")
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> tuple[Path, Upstream]:
     """The interception CA (made by the CLI) and the stand-in public PKI."""
-    ca_dir = tmp_path / "ca"
-    done = run_tproxy("ca", "init", "--dir", str(ca_dir))
-    assert done.returncode == 0, done.stderr
-    return ca_dir, Upstream(tmp_path)
+    return make_pki(tmp_path)
 
 
 @pytest.fixture
 def server(pki: tuple[Path, Upstream]) -> Iterator[int]:
     """``tls_server.py`` on 127.0.0.1 with a certificate for NAME, localhost, 127.0.0.1."""
-    _, upstream = pki
-    chain = upstream.forge.chain_file((NAME, "localhost", "127.0.0.1"))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), "127.0.0.1", str(port), str(chain),
-         str(upstream.forge.key_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port("127.0.0.1", port, proc)
+    with tls_server(pki[1], (NAME, "localhost", "127.0.0.1")) as port:
         yield port
-    finally:
-        stop(proc)
 
-
-def tls_args(pki: tuple[Path, Upstream], *more: str) -> list[str]:
-    ca_dir, upstream = pki
-    return ["--tls", "intercept", "--ca-dir", str(ca_dir),
-            "--tls-upstream-ca", str(upstream.ca_file), *more]
 
 
 def https(port: int, *args: str) -> subprocess.CompletedProcess[str]:

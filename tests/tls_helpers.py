@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from explicit_harness import free_port, run_tproxy, stop, wait_port
 
 from tproxy.tls import ca
 from tproxy.tls.certs import LeafForge
@@ -129,3 +135,39 @@ class RawTls:
         self._send()
         self.sock.shutdown(2)
         self.sock.close()
+
+
+SERVER_SCRIPT = Path(__file__).with_name("tls_server.py")
+
+
+def make_pki(tmp_path: Path) -> tuple[Path, Upstream]:
+    """The interception CA (made by ``tproxy ca init``) and the stand-in public PKI."""
+    ca_dir = tmp_path / "ca"
+    done = run_tproxy("ca", "init", "--dir", str(ca_dir))
+    assert done.returncode == 0, done.stderr
+    return ca_dir, Upstream(tmp_path)
+
+
+@contextlib.contextmanager
+def tls_server(upstream: Upstream, names: Sequence[str]) -> Iterator[int]:
+    """``tls_server.py`` on 127.0.0.1 with one certificate for ``names``; yields its port."""
+    chain = upstream.forge.chain_file(tuple(names))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER_SCRIPT), "127.0.0.1", str(port), str(chain),
+         str(upstream.forge.key_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port("127.0.0.1", port, proc)
+        yield port
+    finally:
+        stop(proc)
+
+
+def tls_args(pki: tuple[Path, Upstream], *more: str) -> list[str]:
+    """``tproxy run`` options for TLS interception with this CA, trusting the stand-in PKI."""
+    ca_dir, upstream = pki
+    return ["--tls", "intercept", "--ca-dir", str(ca_dir),
+            "--tls-upstream-ca", str(upstream.ca_file), *more]
