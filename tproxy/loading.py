@@ -49,7 +49,7 @@ from . import selection as _selection
 from .errors import UsageError
 from .flow import FlowInfo
 from .interceptor import Interceptor, OptionError
-from .options import normalize_keys
+from .options import normalize_key, normalize_keys
 from .selection import Selection, SelectionError
 
 ENTRY_POINT_GROUP = "tproxy.interceptors"
@@ -259,17 +259,13 @@ class OptionAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         assert isinstance(values, str)
-        specs: list[InterceptorSpec] = list(getattr(namespace, self.dest, None) or [])
-        if not specs:
-            raise argparse.ArgumentError(
-                self, f"{values!r} comes before any -i SPEC (options follow their interceptor)"
-            )
+        specs = _specs_so_far(self, namespace, values, "options follow their interceptor")
         key, eq, value = values.partition("=")
         key = key.strip()
         if not eq or not key:
             raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}")
         spec, options, *rest = specs[-1]
-        same = [k for k in options if k.replace("-", "_") == key.replace("-", "_")]
+        same = [k for k in options if normalize_key(k) == normalize_key(key)]
         if same:
             raise argparse.ArgumentError(self, f"option {key!r} given twice for -i {spec}")
         specs[-1] = (spec, {**options, key: value}, *rest)  # type: ignore[assignment]
@@ -287,11 +283,7 @@ class WhenAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         assert isinstance(values, str)
-        specs: list[InterceptorSpec] = list(getattr(namespace, self.dest, None) or [])
-        if not specs:
-            raise argparse.ArgumentError(
-                self, f"{values!r} comes before any -i SPEC (--when follows its interceptor)"
-            )
+        specs = _specs_so_far(self, namespace, values, "--when follows its interceptor")
         try:
             _selection.parse_condition(values)
         except SelectionError as exc:
@@ -300,6 +292,16 @@ class WhenAction(argparse.Action):
         whens: tuple[str, ...] = rest[0] if rest else ()
         specs[-1] = (spec, options, (*whens, values.strip()))
         setattr(namespace, self.dest, specs)
+
+
+def _specs_so_far(
+    action: argparse.Action, namespace: argparse.Namespace, values: str, rule: str
+) -> list[InterceptorSpec]:
+    """The ``-i`` specs given so far (a copy); an error when there is none to follow."""
+    specs: list[InterceptorSpec] = list(getattr(namespace, action.dest, None) or [])
+    if not specs:
+        raise argparse.ArgumentError(action, f"{values!r} comes before any -i SPEC ({rule})")
+    return specs
 
 
 def add_interceptor_arguments(parser: argparse.ArgumentParser) -> None:
