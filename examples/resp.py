@@ -13,8 +13,22 @@ from __future__ import annotations
 from tproxy import options
 from tproxy.framing import FramedInterceptor
 
-SINGLE_KEY = {b"GET", b"SET", b"DEL", b"INCR", b"DECR", b"APPEND", b"STRLEN", b"EXISTS",
-              b"EXPIRE", b"TTL", b"GETSET", b"SETNX", b"SETEX", b"TYPE"}
+SINGLE_KEY = {
+    b"GET",
+    b"SET",
+    b"DEL",
+    b"INCR",
+    b"DECR",
+    b"APPEND",
+    b"STRLEN",
+    b"EXISTS",
+    b"EXPIRE",
+    b"TTL",
+    b"GETSET",
+    b"SETNX",
+    b"SETEX",
+    b"TYPE",
+}
 """Commands whose first argument is a key (multi-key forms keep only the first one here)."""
 
 

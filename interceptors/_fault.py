@@ -48,9 +48,9 @@ class Common:
     seed: int | None = None
 
 
-def parse_common(name: str, options: Mapping[str, str], allowed: Iterable[str]) -> tuple[
-    dict[str, str], Common
-]:
+def parse_common(
+    name: str, options: Mapping[str, str], allowed: Iterable[str]
+) -> tuple[dict[str, str], Common]:
     """Normalise ``options`` (``allowed`` keys and the common ones); parse the common ones."""
     opts = normalize(name, options, set(allowed) | COMMON)
     directions = Common.directions
@@ -94,9 +94,7 @@ def parse_size(name: str, key: str, value: str, *, minimum: int = 0) -> int:
     """``4096``, ``64k``, ``1m``, ``1.5m`` (powers of 1024) -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", value.lower())
     if match is None:
-        raise OptionError(
-            f"{name}: {key} must be a size such as 4096, 64k or 1m, not {value!r}"
-        )
+        raise OptionError(f"{name}: {key} must be a size such as 4096, 64k or 1m, not {value!r}")
     number = int(float(match.group(1)) * _UNITS[match.group(2)])
     if number < minimum:
         raise OptionError(f"{name}: {key} must be at least {minimum} bytes, not {value!r}")

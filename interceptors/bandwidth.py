@@ -54,7 +54,8 @@ class Bandwidth(LaneFault):
         require_one(NAME, opts, ["rate"])
         max_queue = (
             parse_size(NAME, "max-queue", opts["max-queue"], minimum=1)
-            if "max-queue" in opts else BandwidthOptions.max_queue
+            if "max-queue" in opts
+            else BandwidthOptions.max_queue
         )
         return BandwidthOptions(
             rate=parse_rate(NAME, "rate", opts["rate"]), max_queue=max_queue, common=common

@@ -79,9 +79,7 @@ class Block(Interceptor):
 
     @classmethod
     def parse_options(cls, options: Mapping[str, str]) -> BlockOptions:
-        opts = normalize(
-            NAME, options, {"cidr", "port", "host", "pattern", "first-bytes", "reply"}
-        )
+        opts = normalize(NAME, options, {"cidr", "port", "host", "pattern", "first-bytes", "reply"})
         if not ({"cidr", "port", "host", "pattern"} & opts.keys()):
             raise OptionError(f"{NAME}: give at least one of cidr=, port=, host=, pattern=")
         host = None
@@ -99,7 +97,8 @@ class Block(Interceptor):
             pattern=compile_regex(NAME, "pattern", opts["pattern"]) if "pattern" in opts else None,
             first_bytes=(
                 parse_int(NAME, "first-bytes", opts["first-bytes"], minimum=1)
-                if "first-bytes" in opts else 4096
+                if "first-bytes" in opts
+                else 4096
             ),
             reply=decode_escapes(NAME, "reply", opts["reply"]) if "reply" in opts else b"",
         )
@@ -134,9 +133,7 @@ class Block(Interceptor):
         candidates = [address]
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             candidates.append(address.ipv4_mapped)
-        return any(
-            a.version == net.version and a in net for a in candidates for net in opts.cidrs
-        )
+        return any(a.version == net.version and a in net for a in candidates for net in opts.cidrs)
 
     def start(self) -> None:
         opts = self.options

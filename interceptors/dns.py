@@ -130,9 +130,7 @@ class Dns(Interceptor):
             elif key in ("block", "log"):
                 opts[key] = value
             else:
-                raise OptionError(
-                    f"{NAME}: unknown option {key!r} (accepted: block, log, rewrite)"
-                )
+                raise OptionError(f"{NAME}: unknown option {key!r} (accepted: block, log, rewrite)")
         block = None
         if "block" in opts:
             try:
@@ -157,8 +155,13 @@ class Dns(Interceptor):
         try:
             if self.options.log:
                 for q in query.question:
-                    log.info("flow %d dns query id=%d %s %s", self.flow.id, query.id,
-                             q.name, dns.rdatatype.to_text(q.rdtype))
+                    log.info(
+                        "flow %d dns query id=%d %s %s",
+                        self.flow.id,
+                        query.id,
+                        q.name,
+                        dns.rdatatype.to_text(q.rdtype),
+                    )
             if self._blocked(query):
                 reply = dns.message.make_response(query)
                 reply.flags |= dns.flags.RA
@@ -198,18 +201,19 @@ class Dns(Interceptor):
         return False
 
     def _log_answer(self, answer: dns.message.Message, *, rewritten: bool) -> None:
-        question = " ".join(
-            f"{q.name} {dns.rdatatype.to_text(q.rdtype)}" for q in answer.question
-        )
-        records = [
-            line for rrset in answer.answer for line in rrset.to_text().splitlines()
-        ]
+        question = " ".join(f"{q.name} {dns.rdatatype.to_text(q.rdtype)}" for q in answer.question)
+        records = [line for rrset in answer.answer for line in rrset.to_text().splitlines()]
         shown = "; ".join(records[:MAX_LOGGED_RECORDS])
         if len(records) > MAX_LOGGED_RECORDS:
             shown += f"; (+{len(records) - MAX_LOGGED_RECORDS} more)"
         log.info(
-            "flow %d dns answer id=%d %s %s%s %s", self.flow.id, answer.id, question,
-            dns.rcode.to_text(answer.rcode()), " (rewritten)" if rewritten else "", shown,
+            "flow %d dns answer id=%d %s %s%s %s",
+            self.flow.id,
+            answer.id,
+            question,
+            dns.rcode.to_text(answer.rcode()),
+            " (rewritten)" if rewritten else "",
+            shown,
         )
 
 

@@ -66,14 +66,17 @@ class Hexdump(Interceptor):
         opts = normalize("hexdump", options, {"direction", "max-bytes"})
         default = HexdumpOptions()
         directions = (
-            parse_direction("hexdump", opts["direction"]) if "direction" in opts
+            parse_direction("hexdump", opts["direction"])
+            if "direction" in opts
             else default.directions
         )
         max_bytes = default.max_bytes
         if "max-bytes" in opts:
             raw = opts["max-bytes"].strip().lower()
-            max_bytes = None if raw in ("none", "unlimited") else parse_int(
-                "hexdump", "max-bytes", raw, minimum=1
+            max_bytes = (
+                None
+                if raw in ("none", "unlimited")
+                else parse_int("hexdump", "max-bytes", raw, minimum=1)
             )
         return HexdumpOptions(directions=directions, max_bytes=max_bytes)
 
@@ -110,7 +113,10 @@ class Hexdump(Interceptor):
     def end(self, reason: str) -> None:
         logger.info(
             "flow %d hexdump end reason=%s up=%d down=%d",
-            self.flow.id, reason, self.seen[CLIENT], self.seen[SERVER],
+            self.flow.id,
+            reason,
+            self.seen[CLIENT],
+            self.seen[SERVER],
         )
 
     # -- internals ------------------------------------------------------
@@ -147,7 +153,9 @@ class Hexdump(Interceptor):
     def _log_eof(self, direction: str) -> None:
         if self._remaining(direction) != 0:
             logger.info(
-                "flow %d %s eof after %d bytes", self.flow.id, _ARROWS[direction],
+                "flow %d %s eof after %d bytes",
+                self.flow.id,
+                _ARROWS[direction],
                 self.seen[direction],
             )
 

@@ -46,7 +46,8 @@ class Label(Interceptor):
             else False
         )
         directions = (
-            parse_direction("label", opts["direction"]) if "direction" in opts
+            parse_direction("label", opts["direction"])
+            if "direction" in opts
             else result.directions
         )
         return LabelOptions(text=text, suffix=suffix, directions=directions)

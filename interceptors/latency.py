@@ -51,7 +51,8 @@ class Latency(LaneFault):
             raise OptionError(f"{NAME}: jitter ({jitter * 1000:g} ms) must not exceed ms")
         max_queue = (
             parse_size(NAME, "max-queue", opts["max-queue"], minimum=1)
-            if "max-queue" in opts else LatencyOptions.max_queue
+            if "max-queue" in opts
+            else LatencyOptions.max_queue
         )
         return LatencyOptions(delay=delay, jitter=jitter, max_queue=max_queue, common=common)
 
@@ -60,4 +61,3 @@ class Latency(LaneFault):
         if self.options.jitter:
             delay += self.rng.uniform(-self.options.jitter, self.options.jitter)
         lane.push(self.now() + delay, data)
-

@@ -107,8 +107,9 @@ class _RegexStream:
     right where an empty match ended (where ``re`` would refuse a second one).
     """
 
-    def __init__(self, pattern: re.Pattern[bytes], new: bytes, count: int | None,
-                 max_match: int) -> None:
+    def __init__(
+        self, pattern: re.Pattern[bytes], new: bytes, count: int | None, max_match: int
+    ) -> None:
         self.pattern = pattern
         self.new = new
         self.left = count
@@ -179,7 +180,8 @@ class Replace(Interceptor):
         if ("old" in opts) == ("pattern" in opts):
             raise OptionError(f"{NAME}: give exactly one of old=BYTES or pattern=REGEX")
         directions = (
-            parse_direction(NAME, opts["direction"]) if "direction" in opts
+            parse_direction(NAME, opts["direction"])
+            if "direction" in opts
             else frozenset({CLIENT, SERVER})
         )
         count = parse_int(NAME, "count", opts["count"], minimum=1) if "count" in opts else None
@@ -199,7 +201,8 @@ class Replace(Interceptor):
             raise OptionError(f"{NAME}: new is not a valid template for pattern: {exc}") from None
         max_match = (
             parse_int(NAME, "max-match", opts["max-match"], minimum=1)
-            if "max-match" in opts else 4096
+            if "max-match" in opts
+            else 4096
         )
         return ReplaceOptions(
             new=new, pattern=pattern, directions=directions, count=count, max_match=max_match

@@ -60,7 +60,8 @@ class Slicer(LaneFault):
             delay=parse_ms(NAME, "delay", opts["delay"]) if "delay" in opts else 0.0,
             max_queue=(
                 parse_size(NAME, "max-queue", opts["max-queue"], minimum=1)
-                if "max-queue" in opts else default.max_queue
+                if "max-queue" in opts
+                else default.max_queue
             ),
             common=common,
         )
@@ -77,4 +78,3 @@ class Slicer(LaneFault):
             lane.push(due, data[i : i + size])
             i += size
             due += opts.delay
-

@@ -107,9 +107,7 @@ def _track(request: pytest.FixtureRequest, ns: Namespace) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """Attach the logs of the test's namespace processes to a failing report."""
     report = yield
     if report.failed and call.when in ("setup", "call"):

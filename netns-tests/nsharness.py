@@ -344,8 +344,10 @@ class Namespace:
         self.role = role
         self.name = f"{PREFIX}-{run_id()}-{_counter}-{role}"
         self._own_log_dir = log_dir is None
-        self.log_dir = Path(log_dir) if log_dir is not None else Path(
-            tempfile.mkdtemp(prefix=f"{PREFIX}-logs-")
+        self.log_dir = (
+            Path(log_dir)
+            if log_dir is not None
+            else Path(tempfile.mkdtemp(prefix=f"{PREFIX}-logs-"))
         )
         self._procs: list[_Tracked] = []
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
@@ -554,9 +556,7 @@ class Namespace:
             f"{self._logs_for(proc)}"
         )
 
-    def wait_log(
-        self, proc: subprocess.Popen[Any], text: str, timeout: float = 10.0
-    ) -> str:
+    def wait_log(self, proc: subprocess.Popen[Any], text: str, timeout: float = 10.0) -> str:
         """Wait until ``text`` appears in the log of ``proc``; returns the log.
 
         Fails at once if the process exits without having written it, and on
@@ -605,9 +605,7 @@ class Namespace:
         self._sockets.add(sock)
         return sock
 
-    def trio_socket(
-        self, family: int = _AF_INET, type: int = _SOCK_STREAM, proto: int = 0
-    ) -> Any:
+    def trio_socket(self, family: int = _AF_INET, type: int = _SOCK_STREAM, proto: int = 0) -> Any:
         """A ``trio.socket.SocketType`` created inside this namespace."""
         import trio
 

@@ -45,27 +45,76 @@ def proxy(topo: Topology, *run_args: str) -> Iterator[Any]:
 
 def http_server_11(ns: Namespace, host: str, port: int, directory: Path) -> Any:
     """python's http.server speaking HTTP/1.1, so that connections are kept alive."""
-    proc = ns.popen(sys.executable, "-u", "-m", "http.server", "--bind", host, "--directory",
-                    str(directory), "--protocol", "HTTP/1.1", str(port), log_name="http11")
+    proc = ns.popen(
+        sys.executable,
+        "-u",
+        "-m",
+        "http.server",
+        "--bind",
+        host,
+        "--directory",
+        str(directory),
+        "--protocol",
+        "HTTP/1.1",
+        str(port),
+        log_name="http11",
+    )
     ns.wait_port(port, host, proc=proc)
     return proc
 
 
 def redis_server(ns: Namespace, port: int = 6379) -> Any:
-    proc = ns.popen("redis-server", "--port", str(port), "--bind", "0.0.0.0",
-                    "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                    log_name="redis")
+    proc = ns.popen(
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "0.0.0.0",
+        "--protected-mode",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        log_name="redis",
+    )
     ns.wait_port(port, proc=proc)
     return proc
 
 
 def tls_server(ns: Namespace, tmp_path: Path, port: int = 443) -> Any:
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    ns.run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-           "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-           "-subj", "/CN=tls.test")
-    proc = ns.popen("openssl", "s_server", "-accept", str(port), "-cert", str(cert),
-                    "-key", str(key), "-www", "-quiet", log_name="s_server")
+    ns.run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tls.test",
+    )
+    proc = ns.popen(
+        "openssl",
+        "s_server",
+        "-accept",
+        str(port),
+        "-cert",
+        str(cert),
+        "-key",
+        str(key),
+        "-www",
+        "-quiet",
+        log_name="s_server",
+    )
     ns.wait_port(port, proc=proc)
     return proc
 
@@ -86,19 +135,35 @@ def test_one_gateway_rewrites_http_and_redis_each_with_its_own_interceptor(
     redis_server(topology.server)
     echo_server(topology.server, "0.0.0.0", 7000)
     args = [
-        "-i", f"{EXAMPLES}/http_body.py:BodyReplace", "-o", "old=world", "-o", "new=WORLD!",
-        "--when", "port=80",
-        "-i", f"{EXAMPLES}/resp.py:KeyPrefix", "-o", "prefix=t1:", "--when", "port=6379",
+        "-i",
+        f"{EXAMPLES}/http_body.py:BodyReplace",
+        "-o",
+        "old=world",
+        "-o",
+        "new=WORLD!",
+        "--when",
+        "port=80",
+        "-i",
+        f"{EXAMPLES}/resp.py:KeyPrefix",
+        "-o",
+        "prefix=t1:",
+        "--when",
+        "port=6379",
     ]
     with proxy(topology, *args) as proc:
         urls = [url(server, 80, f"/{name}") for name in ("a", "b", "c")]
-        done = curl(topology.client, urls[0], "-w", "[%{num_connects}]\n",
-                    *[part for u in urls[1:] for part in ("-w", "[%{num_connects}]\n", u)])
+        done = curl(
+            topology.client,
+            urls[0],
+            "-w",
+            "[%{num_connects}]\n",
+            *[part for u in urls[1:] for part in ("-w", "[%{num_connects}]\n", u)],
+        )
         assert redis(topology.client, server, "SET", "greeting", "hello world") == "OK"
         through_proxy = redis(topology.client, server, "GET", "greeting")
         echoed = topology.client.run(
-            "sh", "-c", f"printf 'hello world\\n' | socat -t5 - TCP:{server}:7000",
-            timeout=20).stdout
+            "sh", "-c", f"printf 'hello world\\n' | socat -t5 - TCP:{server}:7000", timeout=20
+        ).stdout
         log = topology.gateway.read_log(proc)
     # HTTP: three rewritten bodies, with correct lengths, over one connection.
     assert "a: hello WORLD!\n" in done.stdout and "c: hello WORLD!\n" in done.stdout
@@ -115,18 +180,33 @@ def test_one_gateway_rewrites_http_and_redis_each_with_its_own_interceptor(
     assert "reason=error" not in log and "Traceback" not in log, log
 
 
-def test_sni_block_blocks_by_name_through_curl_https(
-    topology: Topology, tmp_path: Path
-) -> None:
+def test_sni_block_blocks_by_name_through_curl_https(topology: Topology, tmp_path: Path) -> None:
     server = topology.server_ip4
     tls_server(topology.server, tmp_path)
-    args = ["-i", f"{EXAMPLES}/sni_block.py:SniBlock", "-o", r"host=(.*\.)?blocked\.test",
-            "--when", "port=443"]
+    args = [
+        "-i",
+        f"{EXAMPLES}/sni_block.py:SniBlock",
+        "-o",
+        r"host=(.*\.)?blocked\.test",
+        "--when",
+        "port=443",
+    ]
     with proxy(topology, *args) as proc:
-        ok = curl(topology.client, "https://allowed.test/", "-k",
-                  "--resolve", f"allowed.test:443:{server}")
-        blocked = curl(topology.client, "https://www.blocked.test/", "-k",
-                       "--resolve", f"www.blocked.test:443:{server}", check=False)
+        ok = curl(
+            topology.client,
+            "https://allowed.test/",
+            "-k",
+            "--resolve",
+            f"allowed.test:443:{server}",
+        )
+        blocked = curl(
+            topology.client,
+            "https://www.blocked.test/",
+            "-k",
+            "--resolve",
+            f"www.blocked.test:443:{server}",
+            check=False,
+        )
         log = topology.gateway.wait_log(proc, "reason=interceptor-abort")
     assert "s_server" in ok.stdout or "Ciphers" in ok.stdout, ok.stdout
     assert blocked.returncode != 0

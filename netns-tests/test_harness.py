@@ -394,12 +394,15 @@ def assert_gone(names: list[str], pid: int, output: str) -> None:
 
 
 def test_failing_test_still_cleans_up(tmp_path: Path) -> None:
-    result, names, pid = run_inner(tmp_path, """
+    result, names, pid = run_inner(
+        tmp_path,
+        """
         def test_fails(topology):
             proc = echo_server(topology.server, "::", 7000)
             record(topology, proc)
             assert False, "deliberate failure"
-    """)
+    """,
+    )
     assert result.returncode == 1, result.stdout
     assert "deliberate failure" in result.stdout
     assert "namespace process logs" in result.stdout  # logs attached to the failure
@@ -413,13 +416,18 @@ def test_failing_test_still_cleans_up(tmp_path: Path) -> None:
     ids=["SIGINT", "SIGTERM", "SIGINTx3"],
 )
 def test_interrupted_session_cleans_up(tmp_path: Path, sig: int, repeat: int) -> None:
-    result, names, pid = run_inner(tmp_path, """
+    result, names, pid = run_inner(
+        tmp_path,
+        """
         def test_waits(topology):
             proc = echo_server(topology.server, "::", 7000)
             record(topology, proc)
             for _ in range(1200):
                 time.sleep(0.05)
-    """, interrupt=sig, repeat=repeat)
+    """,
+        interrupt=sig,
+        repeat=repeat,
+    )
     assert result.returncode == pytest.ExitCode.INTERRUPTED, result.stdout
     assert_gone(names, pid, result.stdout)
 
@@ -427,13 +435,16 @@ def test_interrupted_session_cleans_up(tmp_path: Path, sig: int, repeat: int) ->
 def test_hygiene_check_fails_a_leaking_session(tmp_path: Path) -> None:
     leak = f"tpxleak-{os.getpid()}"
     try:
-        result, _, _ = run_inner(tmp_path, f"""
+        result, _, _ = run_inner(
+            tmp_path,
+            f"""
             import subprocess
             def test_leaks(topology):
                 proc = echo_server(topology.server, "::", 7000)
                 record(topology, proc)
                 subprocess.run(["ip", "netns", "add", "{leak}"], check=True)
-        """)
+        """,
+        )
         assert result.returncode == 1, result.stdout
         assert "hygiene check FAILED" in result.stdout
         assert f"+ {leak}" in result.stdout

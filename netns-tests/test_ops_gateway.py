@@ -41,8 +41,13 @@ V2 = V1.replace('b"ABC"', 'b"v2!"')
 pytestmark = pytest.mark.timeout(600)
 
 
-def _wait(predicate: Callable[[], Any], timeout: float, what: str,
-          proc: subprocess.Popen[Any], topo: Topology) -> Any:
+def _wait(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[Any],
+    topo: Topology,
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -105,41 +110,59 @@ def test_workers_metrics_json_log_flows_and_reload(topology: Topology, tmp_path:
     )  # fmt: skip
     try:
         _wait(lambda: "workers listening" in gw.read_log(proc), 30, "listening", proc, topo)
-        _wait(lambda: "TPROXY" in gw.run("iptables-legacy-save", "-t", "mangle").stdout,
-              30, "routing", proc, topo)
+        _wait(
+            lambda: "TPROXY" in gw.run("iptables-legacy-save", "-t", "mangle").stdout,
+            30,
+            "routing",
+            proc,
+            topo,
+        )
 
         # 1,000 flows, 250 at a time
         for _ in range(4):
-            out = topo.client.python(CLIENT, "many", topo.server_ip4, ECHO_PORT,
-                                     "--count", 250, timeout=180).stdout
+            out = topo.client.python(
+                CLIENT, "many", topo.server_ip4, ECHO_PORT, "--count", 250, timeout=180
+            ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             assert result == {"ok": 250, "failures": [], "failed": 0}, result
-        scrape = _wait(lambda: (s := _scrape(topo)) and _total(s, "tproxy_flows_total") == 1000
-                       and s, 30, "1000 ended flows in one scrape", proc, topo)
+        scrape = _wait(
+            lambda: (s := _scrape(topo)) and _total(s, "tproxy_flows_total") == 1000 and s,
+            30,
+            "1000 ended flows in one scrape",
+            proc,
+            topo,
+        )
         assert _total(scrape, "tproxy_flows_opened_total") == 1000
-        assert scrape['tproxy_flows_total{listener="transparent",mode="transparent",'
-                      'reason="eof"}'] == 1000
+        assert (
+            scrape['tproxy_flows_total{listener="transparent",mode="transparent",reason="eof"}']
+            == 1000
+        )
 
         # a held-open flow is listed, with its client and destination
         held = _connect(topo)
         assert _exchange(held, b"abc") == b"ABC"
-        listed = json.loads(gw.run(sys.executable, "-m", "tproxy", "flows", "--json",
-                                   "--pid", proc.pid, cwd=ROOT).stdout)
+        listed = json.loads(
+            gw.run(
+                sys.executable, "-m", "tproxy", "flows", "--json", "--pid", proc.pid, cwd=ROOT
+            ).stdout
+        )
         mine = [f for f in listed if f["client"] == f"{topo.client_ip4}:{held.getsockname()[1]}"]
         assert len(mine) == 1, listed
         assert mine[0]["destination"] == f"{topo.server_ip4}:{ECHO_PORT}"
-        assert mine[0]["worker"] in ("w0", "w1") and mine[0]["interceptors"] == [
-            f"{module}:Mark"
-        ]
-        table = gw.run(sys.executable, "-m", "tproxy", "flows", "--pid", proc.pid,
-                       cwd=ROOT).stdout
+        assert mine[0]["worker"] in ("w0", "w1") and mine[0]["interceptors"] == [f"{module}:Mark"]
+        table = gw.run(sys.executable, "-m", "tproxy", "flows", "--pid", proc.pid, cwd=ROOT).stdout
         assert f"{topo.server_ip4}:{ECHO_PORT}" in table
 
         # SIGHUP with an edited file: new flows change, the live one does not
         module.write_text(V2)
         proc.send_signal(signal.SIGHUP)
-        _wait(lambda: gw.read_log(proc).count("reloaded: interceptors for new flows") == 2,
-              30, "both workers reloaded", proc, topo)
+        _wait(
+            lambda: gw.read_log(proc).count("reloaded: interceptors for new flows") == 2,
+            30,
+            "both workers reloaded",
+            proc,
+            topo,
+        )
         fresh = _connect(topo)
         assert _exchange(fresh, b"abc") == b"v2!"
         fresh.close()
@@ -148,8 +171,13 @@ def test_workers_metrics_json_log_flows_and_reload(topology: Topology, tmp_path:
         # a broken edit keeps the old one working
         module.write_text("def broken(:\n")
         proc.send_signal(signal.SIGHUP)
-        _wait(lambda: gw.read_log(proc).count("reload failed, keeping") == 2,
-              30, "both workers refused the broken reload", proc, topo)
+        _wait(
+            lambda: gw.read_log(proc).count("reload failed, keeping") == 2,
+            30,
+            "both workers refused the broken reload",
+            proc,
+            topo,
+        )
         again = _connect(topo)
         assert _exchange(again, b"abc") == b"v2!"
         again.close()
@@ -157,8 +185,13 @@ def test_workers_metrics_json_log_flows_and_reload(topology: Topology, tmp_path:
         held.close()
 
         # exactly the 1,000 plus the test's own three flows
-        scrape = _wait(lambda: (s := _scrape(topo)) and _total(s, "tproxy_flows_total") == 1003
-                       and s, 30, "1003 ended flows", proc, topo)
+        scrape = _wait(
+            lambda: (s := _scrape(topo)) and _total(s, "tproxy_flows_total") == 1003 and s,
+            30,
+            "1003 ended flows",
+            proc,
+            topo,
+        )
         assert _total(scrape, "tproxy_flows_opened_total") == 1003
 
         proc.send_signal(signal.SIGTERM)
@@ -171,8 +204,7 @@ def test_workers_metrics_json_log_flows_and_reload(topology: Topology, tmp_path:
 
     log = gw.read_log(proc)
     lines = [line for line in log.splitlines() if line.strip()]
-    done = subprocess.run(["jq", "-c", "."], input=log, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(["jq", "-c", "."], input=log, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     ends = [r for r in records if r.get("event") == "flow_end"]
@@ -183,9 +215,7 @@ def test_workers_metrics_json_log_flows_and_reload(topology: Topology, tmp_path:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sighup_then_sigquit_keep_then_remove_the_routing(
-    topology: Topology, workers: int
-) -> None:
+def test_sighup_then_sigquit_keep_then_remove_the_routing(topology: Topology, workers: int) -> None:
     """Issue 18 item 7: SIGHUP used to kill ``run --setup`` (exit 129) leaving its rules."""
     topo = topology
     echo_server(topo.server, "0.0.0.0", ECHO_PORT)
@@ -203,8 +233,13 @@ def test_sighup_then_sigquit_keep_then_remove_the_routing(
     try:
         _wait(installed, 30, "routing", proc, topo)
         proc.send_signal(signal.SIGHUP)
-        _wait(lambda: "SIGHUP" in gw.read_log(proc) or "reload" in gw.read_log(proc),
-              30, "the SIGHUP logged", proc, topo)
+        _wait(
+            lambda: "SIGHUP" in gw.read_log(proc) or "reload" in gw.read_log(proc),
+            30,
+            "the SIGHUP logged",
+            proc,
+            topo,
+        )
         time.sleep(0.5)
         assert proc.poll() is None, gw.read_log(proc)
         assert installed()

@@ -120,12 +120,12 @@ def nft_table(ns: Namespace, instance: str = "default") -> str:
     return out.stdout if out.returncode == 0 else ""
 
 
-def assert_only_backend_changed(ns: Namespace, before: dict[str, str],
-                                after: dict[str, str]) -> None:
+def assert_only_backend_changed(
+    ns: Namespace, before: dict[str, str], after: dict[str, str]
+) -> None:
     """The other backend's rulesets are exactly as they were."""
     if ns.backend == "nft":  # type: ignore[attr-defined]
-        assert (after["iptables"], after["ip6tables"]) == (before["iptables"],
-                                                           before["ip6tables"])
+        assert (after["iptables"], after["ip6tables"]) == (before["iptables"], before["ip6tables"])
     else:
         assert after["nftjson"] == before["nftjson"]
 
@@ -186,12 +186,21 @@ def test_setup_installs_exactly_the_plan(gw: Namespace) -> None:
         rules = added(before, after, "rule" + family)
         assert len(rules) == 1, rules
         assert {k: rules[0][k] for k in ("priority", "fwmark", "table", "protocol")} == {
-            "priority": 100, "fwmark": "0x1", "table": "100", "protocol": "116"}
+            "priority": 100,
+            "fwmark": "0x1",
+            "table": "100",
+            "protocol": "116",
+        }
         routes = added(before, after, "route" + family)
         assert len(routes) == 1, routes
         route = routes[0]
         assert (route["type"], route["dst"], route["dev"], route["table"], route["protocol"]) == (
-            "local", "default", "lo", "100", "116")
+            "local",
+            "default",
+            "lo",
+            "100",
+            "116",
+        )
     assert json.loads(after["route4"]) and added(before, after, "route4")[0]["scope"] == "host"
     status = tproxy(gw, "status")  # complete, but nobody listens: diverted connections hang
     assert status.returncode == 1 and "complete" in status.stdout, status.stdout
@@ -281,8 +290,7 @@ def test_failure_halfway_leaves_nothing(gw: Namespace, breakage: str) -> None:
     assert result.returncode == 1
     assert "ip -6 route add local ::/0 dev lo table 100 proto 116" in result.stderr
     steps = 10 if gw.backend == "iptables" else 2  # type: ignore[attr-defined]
-    assert cause in result.stderr and f"rolled back {steps} step(s)" in result.stderr, (
-        result.stderr)
+    assert cause in result.stderr and f"rolled back {steps} step(s)" in result.stderr, result.stderr
     assert snapshot(gw) == before
     assert tproxy(gw, "status").returncode == 3
 
@@ -313,8 +321,21 @@ def test_different_plan_refused_unless_replace(gw: Namespace) -> None:
 def test_dry_run_pasted_into_sh_gives_the_same_ruleset(
     gw: Namespace, netns: Callable[..., Namespace]
 ) -> None:
-    args = ["setup", IN, OUT, "--port", "80,443,8000-8100", "--mark", "0x10/0xf0", "--table",
-            "200", "--priority", "300", "--proxy-port", "8443"]
+    args = [
+        "setup",
+        IN,
+        OUT,
+        "--port",
+        "80,443,8000-8100",
+        "--mark",
+        "0x10/0xf0",
+        "--table",
+        "200",
+        "--priority",
+        "300",
+        "--proxy-port",
+        "8443",
+    ]
     dry = tproxy(gw, *args, "--dry-run")
     assert dry.returncode == 0
     pristine = snapshot(gw)
@@ -364,8 +385,19 @@ def test_status_exit_codes(gw: Namespace) -> None:
         assert "listener tcp 127.0.0.1:9091: listening" in served.stdout
         assert HANG not in served.stdout
         if gw.backend == "iptables":  # type: ignore[attr-defined]
-            gw.run("iptables-legacy", "-t", "mangle", "-D", "TPROXY_DIVERT", "-m", "comment",
-                   "--comment", "tproxy:default", "-j", "ACCEPT")
+            gw.run(
+                "iptables-legacy",
+                "-t",
+                "mangle",
+                "-D",
+                "TPROXY_DIVERT",
+                "-m",
+                "comment",
+                "--comment",
+                "tproxy:default",
+                "-j",
+                "ACCEPT",
+            )
             missing = "missing: iptables-legacy"
         else:  # someone deletes rules of our table
             gw.run("nft", "flush", "chain", "inet", "tproxy_default", "tproxy_divert4")
@@ -398,8 +430,23 @@ def test_instances_are_independent(gw: Namespace) -> None:
     before = snapshot(gw)
     assert tproxy(gw, "setup", IN, OUT, "-p", "80").returncode == 0
     one = snapshot(gw)
-    lab = ["setup", OUT, IN, "-p", "443", "--instance", "lab", "--mark", "2", "--table", "101",
-           "--priority", "101", "--proxy-port", "9092"]
+    lab = [
+        "setup",
+        OUT,
+        IN,
+        "-p",
+        "443",
+        "--instance",
+        "lab",
+        "--mark",
+        "2",
+        "--table",
+        "101",
+        "--priority",
+        "101",
+        "--proxy-port",
+        "9092",
+    ]
     assert tproxy(gw, *lab).returncode == 0
     now = snapshot(gw)
     assert "TPROXY_PRE_lab" in now["iptables"] or "table inet tproxy_lab" in now["nft"]
@@ -418,12 +465,21 @@ def wait_status(ns: Namespace, code: int, proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_run_setup_removes_routing_on_stop_and_teardown_after_kill(
-    gw: Namespace, how: str
-) -> None:
+def test_run_setup_removes_routing_on_stop_and_teardown_after_kill(gw: Namespace, how: str) -> None:
     before = snapshot(gw)
-    proc = gw.popen(sys.executable, "-m", "tproxy", "run", "--setup", IN, OUT, "--port", "80",
-                    *backend_args(gw), log_name="tproxy-run")
+    proc = gw.popen(
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "--setup",
+        IN,
+        OUT,
+        "--port",
+        "80",
+        *backend_args(gw),
+        log_name="tproxy-run",
+    )
     wait_status(gw, 0, proc)
     installed = snapshot(gw)
     assert_only_backend_changed(gw, before, installed)
@@ -470,14 +526,16 @@ def test_traffic_is_intercepted_after_setup_and_direct_after_teardown(
         ).stdout
         return parse_peer_line(out)[0]
 
-    proc = gateway.popen(sys.executable, "-m", "tproxy", "run", "--source", "gateway",
-                         log_name="tproxy-run")
+    proc = gateway.popen(
+        sys.executable, "-m", "tproxy", "run", "--source", "gateway", log_name="tproxy-run"
+    )
     try:
         gateway.wait_port(9091, "127.0.0.1", proc=proc)
         gateway.wait_port(9091, "::1", proc=proc)
         assert seen_by_server(topo.server_ip4) == topo.client_ip4
-        result = tproxy(gateway, "setup", topo.gw_in, topo.gw_out, "--port", "7000",
-                        "--backend", backend)
+        result = tproxy(
+            gateway, "setup", topo.gw_in, topo.gw_out, "--port", "7000", "--backend", backend
+        )
         assert result.returncode == 0, result.stderr
         try:
             assert seen_by_server(topo.server_ip4) == topo.gw_out_ip4
@@ -512,17 +570,36 @@ def test_doctor_reports_and_names_fixes(gw1: Namespace) -> None:
     assert down.returncode == 1 and "fix: ip link set lo up" in down.stdout
     after = snapshot(gw)  # doctor changed nothing (lo down dropped lo's routes, not doctor)
     assert {k: after[k] for k in ("iptables", "ip6tables", "rule4", "rule6")} == {
-        k: before[k] for k in ("iptables", "ip6tables", "rule4", "rule6")}
+        k: before[k] for k in ("iptables", "ip6tables", "rule4", "rule6")
+    }
 
 
 def test_teardown_all_removes_every_instance_and_orphans(gw: Namespace) -> None:
     before = snapshot(gw)
     assert tproxy(gw, "setup", IN, OUT, "-p", "80").returncode == 0
-    assert tproxy(gw, "setup", IN, OUT, "-p", "81", "--instance", "b", "--mark", "2",
-                  "--table", "102", "--priority", "102").returncode == 0
+    assert (
+        tproxy(
+            gw,
+            "setup",
+            IN,
+            OUT,
+            "-p",
+            "81",
+            "--instance",
+            "b",
+            "--mark",
+            "2",
+            "--table",
+            "102",
+            "--priority",
+            "102",
+        ).returncode
+        == 0
+    )
     # an orphan: our ip rule left alone, record and iptables rules gone
-    gw.run("ip", "rule", "add", "fwmark", "9", "lookup", "109", "priority", "109",
-           "protocol", "116")
+    gw.run(
+        "ip", "rule", "add", "fwmark", "9", "lookup", "109", "priority", "109", "protocol", "116"
+    )
     status = tproxy(gw, "status")
     assert status.returncode == 1 and "unattributed" in status.stdout, status.stdout
     result = tproxy(gw, "teardown", "--all")
@@ -543,8 +620,13 @@ def test_a_wider_or_narrower_plan_is_refused_without_replace(gw: Namespace, seco
 
 
 def test_ipv6_disabled_setup_error_suggests_ipv4(gw: Namespace) -> None:
-    gw.sysctl({"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
-               "net.ipv6.conf.lo.disable_ipv6": 1})
+    gw.sysctl(
+        {
+            "net.ipv6.conf.all.disable_ipv6": 1,
+            "net.ipv6.conf.default.disable_ipv6": 1,
+            "net.ipv6.conf.lo.disable_ipv6": 1,
+        }
+    )
     before = snapshot(gw)
     result = tproxy(gw, "setup", IN, OUT, "-p", "80")
     assert result.returncode == 1
@@ -570,8 +652,18 @@ def test_run_setup_with_bad_arguments_exits_2_before_listening(
     gw = gw1
     before = snapshot(gw)
     in_if = "nosuch0" if message.startswith("no such") else IN
-    proc = gw.popen(sys.executable, "-m", "tproxy", "run", "-v", "--setup", in_if, OUT, *ports,
-                    log_name="tproxy-run")
+    proc = gw.popen(
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "-v",
+        "--setup",
+        in_if,
+        OUT,
+        *ports,
+        log_name="tproxy-run",
+    )
     assert proc.wait(timeout=60) == 2
     log = gw.read_log(proc)
     assert message in log and "listening" not in log and "Traceback" not in log, log

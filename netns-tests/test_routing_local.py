@@ -46,9 +46,29 @@ def test_local_curl_is_intercepted_once_and_excluded_uid_is_not(
         gateway.run(tool, "-t", "mangle", "-S")  # instantiated, as on any gateway
     before = ruleset(gateway)
     proc = gateway.popen(
-        sys.executable, "-m", "tproxy", "run", "-v", "--setup", topo.gw_in, topo.gw_out,
-        "--port", str(PORT), "--local", "--exclude-uid", str(NOBODY), "--backend", backend,
-        "-i", "replace", "-o", "old=world", "-o", "new=WORLD", "-o", "direction=server",
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "-v",
+        "--setup",
+        topo.gw_in,
+        topo.gw_out,
+        "--port",
+        str(PORT),
+        "--local",
+        "--exclude-uid",
+        str(NOBODY),
+        "--backend",
+        backend,
+        "-i",
+        "replace",
+        "-o",
+        "old=world",
+        "-o",
+        "new=WORLD",
+        "-o",
+        "direction=server",
         log_name="tproxy-run",
     )
     try:
@@ -68,9 +88,19 @@ def test_local_curl_is_intercepted_once_and_excluded_uid_is_not(
         assert flows >= 3, gateway.read_log(proc)
 
         # the excluded user goes straight to the server: not rewritten, not a flow
-        direct = gateway.run("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                             "--clear-groups", "curl", "-sS", "--fail", "--max-time", "20",
-                             url(topo.server_ip4, PORT, "/index.html"), timeout=30)
+        direct = gateway.run(
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "20",
+            url(topo.server_ip4, PORT, "/index.html"),
+            timeout=30,
+        )
         assert direct.stdout == "hello world, from the server\n"
         assert requests_logged(topo, server) == expected + 1
         assert gateway.read_log(proc).count("mode=transparent") == flows

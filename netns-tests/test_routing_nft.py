@@ -45,8 +45,7 @@ def test_a_failing_batch_leaves_the_previous_table(gw1: Namespace) -> None:  # n
     status = tproxy(gw, "status")  # the record is the old one again
     assert "ports tcp 80 -> " in status.stdout and "complete" in status.stdout, status.stdout
     # a good replacement swaps the table in one transaction
-    replaced = tproxy(gw, "setup", IN, OUT, "--port", "80,443", "--backend", "nft",
-                      "--replace")
+    replaced = tproxy(gw, "setup", IN, OUT, "--port", "80,443", "--backend", "nft", "--replace")
     assert replaced.returncode == 0, replaced.stderr
     assert "dport { 80, 443 }" in snapshot(gw)["nft"]
     assert tproxy(gw, "teardown").returncode == 0

@@ -26,26 +26,28 @@ from test_routing import (  # noqa: F401
 )
 
 UDP_LINES_V4 = [
-    '-A TPROXY_PRE -i out0 -p udp -m udp --sport 53 -m socket --transparent '
+    "-A TPROXY_PRE -i out0 -p udp -m udp --sport 53 -m socket --transparent "
     '-m comment --comment "tproxy:default" -j TPROXY_DIVERT',
-    '-A TPROXY_PRE -i out0 -p udp -m udp --sport 5000:5100 -m socket --transparent '
+    "-A TPROXY_PRE -i out0 -p udp -m udp --sport 5000:5100 -m socket --transparent "
     '-m comment --comment "tproxy:default" -j TPROXY_DIVERT',
     '-A TPROXY_PRE -i in0 -p udp -m udp --dport 53 -m comment --comment "tproxy:default" '
-    '-j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff',
-    '-A TPROXY_PRE -i in0 -p udp -m udp --dport 5000:5100 -m comment --comment '
+    "-j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff",
+    "-A TPROXY_PRE -i in0 -p udp -m udp --dport 5000:5100 -m comment --comment "
     '"tproxy:default" -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff',
 ]
 NFT_UDP_LINES = [
     'iifname "out0" udp sport { 53, 5000-5100 } socket transparent 1 jump tproxy_divert6',
     'meta nfproto ipv4 iifname "in0" udp dport { 53, 5000-5100 } tproxy ip to 127.0.0.1:9091 '
-    'meta mark set 0x00000001 accept',
+    "meta mark set 0x00000001 accept",
     'meta nfproto ipv6 iifname "in0" udp dport { 53, 5000-5100 } tproxy ip6 to [::1]:9091',
     "type filter hook forward priority filter; policy accept;",
     'iifname "in0" udp dport 443 reject with icmp port-unreachable',
     'iifname "in0" udp dport 443 reject with icmpv6 port-unreachable',
 ]
-REJECT_V4 = ('-A FORWARD -i in0 -p udp -m udp --dport 443 -m comment --comment '
-             '"tproxy:default" -j REJECT --reject-with icmp-port-unreachable')
+REJECT_V4 = (
+    "-A FORWARD -i in0 -p udp -m udp --dport 443 -m comment --comment "
+    '"tproxy:default" -j REJECT --reject-with icmp-port-unreachable'
+)
 
 
 def rules(dump: str) -> list[str]:
@@ -62,8 +64,9 @@ def gwf(gw: Namespace) -> Namespace:  # noqa: F811
 
 def test_udp_ports_and_block_quic_appear_and_disappear(gwf: Namespace) -> None:
     before = snapshot(gwf)
-    result = tproxy(gwf, "setup", IN, OUT, "--port", "80", "--udp-port", "53,5000-5100",
-                    "--block-quic")
+    result = tproxy(
+        gwf, "setup", IN, OUT, "--port", "80", "--udp-port", "53,5000-5100", "--block-quic"
+    )
     assert result.returncode == 0, result.stderr
     after = snapshot(gwf)
     assert_only_backend_changed(gwf, before, after)
@@ -79,7 +82,8 @@ def test_udp_ports_and_block_quic_appear_and_disappear(gwf: Namespace) -> None:
     assert v4[0] == REJECT_V4  # filter comes before mangle in iptables-save
     v6 = rules(after["ip6tables"])
     assert [line for line in v6 if "-p udp" in line and "TPROXY_PRE" in line] == [
-        line.replace("127.0.0.1", "::1") for line in UDP_LINES_V4]
+        line.replace("127.0.0.1", "::1") for line in UDP_LINES_V4
+    ]
     assert v6[0] == REJECT_V4.replace("icmp-", "icmp6-")
     status = tproxy(gwf, "status")  # nothing listens: exit 1, one line per listener
     assert status.returncode == 1 and "udp 53,5000-5100" in status.stdout, status.stdout
@@ -142,8 +146,7 @@ for level, kind, raw in anc:
 
 @pytest.mark.parametrize("backend", ["iptables", "nft"])
 @pytest.mark.parametrize("family", [4, 6])
-def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int,
-                                           backend: str) -> None:
+def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int, backend: str) -> None:
     topo = topology
     gateway = topo.gateway
     server_ip = topo.server_ip4 if family == 4 else topo.server_ip6
@@ -151,8 +154,18 @@ def test_udp_is_diverted_and_quic_rejected(topology: Topology, family: int,
     receiver = gateway.popen(sys.executable, "-c", RECEIVER, str(family), log_name="udp-rx")
     try:
         gateway.wait_log(receiver, "ready")
-        result = tproxy(gateway, "setup", topo.gw_in, topo.gw_out, "--udp-port", "5353",
-                        "--block-quic", f"--ipv{family}", "--backend", backend)
+        result = tproxy(
+            gateway,
+            "setup",
+            topo.gw_in,
+            topo.gw_out,
+            "--udp-port",
+            "5353",
+            "--block-quic",
+            f"--ipv{family}",
+            "--backend",
+            backend,
+        )
         assert result.returncode == 0, result.stderr
         with topo.client.socket(af, socket.SOCK_DGRAM) as sock:
             sock.settimeout(10)

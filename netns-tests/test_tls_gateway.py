@@ -55,7 +55,12 @@ def serve(topo: Topology, upstream: Upstream, family: int) -> Any:
     chain = upstream.forge.chain_file((NAME,))
     host = "::" if family == 6 else "0.0.0.0"
     proc = topo.server.popen(
-        sys.executable, str(SERVER), host, "443", str(chain), str(upstream.forge.key_path),
+        sys.executable,
+        str(SERVER),
+        host,
+        "443",
+        str(chain),
+        str(upstream.forge.key_path),
         log_name="tls-server",
     )
     topo.server.wait_port(443, proc=proc)

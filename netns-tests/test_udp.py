@@ -36,8 +36,7 @@ def client_ip(topology: Topology, family: int) -> str:
 
 
 def dns_server(ns: Namespace, *records: str) -> subprocess.Popen[Any]:
-    argv = [sys.executable, "-u", PEERS_DIR / "dns_server.py", "--host", "::",
-            "--port", DNS_PORT]
+    argv = [sys.executable, "-u", PEERS_DIR / "dns_server.py", "--host", "::", "--port", DNS_PORT]
     for record in records:
         argv += ["--record", record]
     proc = ns.popen(*argv, log_name="dns_server")
@@ -49,15 +48,27 @@ def start_proxy(topology: Topology, udp_port: int, *extra: str) -> subprocess.Po
     """``tproxy run --setup`` diverting UDP ``udp_port`` (both families); wait until diverted."""
     gw = topology.gateway
     proxy = gw.popen(
-        sys.executable, "-m", "tproxy", "run", "-v",
-        "--setup", topology.gw_in, topology.gw_out, "--udp-port", str(udp_port),
-        *extra, log_name="tproxy",
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "-v",
+        "--setup",
+        topology.gw_in,
+        topology.gw_out,
+        "--udp-port",
+        str(udp_port),
+        *extra,
+        log_name="tproxy",
     )
     gw.wait_port(PROXY_PORT, "127.0.0.1", proto="udp", proc=proxy)
     wait_until(
-        lambda: proxy.poll() is None
-        and gw.run(sys.executable, "-m", "tproxy", "status", check=False).returncode == 0,
-        60, "tproxy run --setup to install its routing",
+        lambda: (
+            proxy.poll() is None
+            and gw.run(sys.executable, "-m", "tproxy", "status", check=False).returncode == 0
+        ),
+        60,
+        "tproxy run --setup to install its routing",
     )
     assert proxy.poll() is None, gw.read_log(proxy)
     return proxy
@@ -89,14 +100,28 @@ def test_dns_server_sees_the_client_and_the_reply_comes_from_the_server(
 def test_dig_through_the_gateway_and_dns_rewrite(topology: Topology, family: int) -> None:
     dns_server(topology.server, "www.test=198.51.100.80", "www.test=2001:db8:2::80")
     proxy = start_proxy(
-        topology, DNS_PORT,
-        "-i", "dns", "-o", "rewrite=www.test=192.0.2.99;www.test=2001:db8:1::99",
-        "-o", r"block=^ads\.",
+        topology,
+        DNS_PORT,
+        "-i",
+        "dns",
+        "-o",
+        "rewrite=www.test=192.0.2.99;www.test=2001:db8:1::99",
+        "-o",
+        r"block=^ads\.",
     )
     target = server_ip(topology, family)
     rdtype = "A" if family == 4 else "AAAA"
-    out = topology.client.run("dig", f"@{target}", "-p", str(DNS_PORT), "www.test", rdtype,
-                              "+short", "+tries=2", "+time=3").stdout.split()
+    out = topology.client.run(
+        "dig",
+        f"@{target}",
+        "-p",
+        str(DNS_PORT),
+        "www.test",
+        rdtype,
+        "+short",
+        "+tries=2",
+        "+time=3",
+    ).stdout.split()
     assert out == (["192.0.2.99"] if family == 4 else ["2001:db8:1::99"])
     full = topology.client.run("dig", f"@{target}", "ads.test", "A", "+tries=2", "+time=3").stdout
     assert "status: NXDOMAIN" in full and f"SERVER: {target}#{DNS_PORT}" in full
@@ -130,8 +155,11 @@ def test_a_thousand_sessions_no_crosstalk_and_descriptors_come_back(
             assert got == [f"PEER {client_ip(topology, family)} {port}\nfrom {port}".encode()]
         peak = descriptors(proxy.pid)
         assert peak >= baseline + 1000  # a socket per session was open
-        wait_until(lambda: descriptors(proxy.pid) <= baseline, 30,
-                   "the proxy's descriptors to return to their baseline")
+        wait_until(
+            lambda: descriptors(proxy.pid) <= baseline,
+            30,
+            "the proxy's descriptors to return to their baseline",
+        )
         log = topology.gateway.read_log(proxy)
         opened = log.count("open mode=transparent-udp")
         assert opened >= 1000 and log.count("end reason=idle") == opened
@@ -190,8 +218,6 @@ def _fmt(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-
-
 def test_workers_keep_each_session_in_one_process(topology: Topology) -> None:
     """``--workers 2``: SO_REUSEPORT spreads clients, but a client's datagrams stay together."""
     echo_server(topology.server, "::", ECHO_PORT, udp=True)
@@ -239,8 +265,14 @@ def _whoami(topology: Topology, client_port: int) -> tuple[str, int]:
     """Ask the DNS peer who it sees, from ``client_port`` in the client namespace."""
     q = dns.message.make_query("whoami.test", "TXT")
     with topology.client.enter():
-        reply = dns.query.udp(q, topology.server_ip4, port=DNS_PORT, timeout=5,
-                              source="0.0.0.0", source_port=client_port)
+        reply = dns.query.udp(
+            q,
+            topology.server_ip4,
+            port=DNS_PORT,
+            timeout=5,
+            source="0.0.0.0",
+            source_port=client_port,
+        )
     (txt,) = [rd for rrset in reply.answer for rd in rrset]
     ip, port = txt.strings[0].decode().split()
     return ip, int(port)

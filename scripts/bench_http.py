@@ -21,8 +21,10 @@ from tproxy import Interceptor
 from tproxy.http import HttpInterceptor, Request, Response
 from tproxy.testing import Driver
 
-REQUEST = (b"GET /index.html HTTP/1.1\r\nHost: server.test\r\nUser-Agent: curl/8.5.0\r\n"
-           b"Accept: */*\r\n\r\n")
+REQUEST = (
+    b"GET /index.html HTTP/1.1\r\nHost: server.test\r\nUser-Agent: curl/8.5.0\r\n"
+    b"Accept: */*\r\n\r\n"
+)
 
 
 def response(size: int, chunked: bool) -> bytes:
@@ -30,10 +32,14 @@ def response(size: int, chunked: bool) -> bytes:
     if chunked:
         parts = [body[i : i + 8192] for i in range(0, len(body), 8192)]
         framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
-        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n" + framed)
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n"
-            % len(body) + body)
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + framed
+        )
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
 
 
 class Rewrite(HttpInterceptor):
@@ -63,12 +69,16 @@ def main() -> None:
         for chunked in (False, True):
             reply = response(size, chunked)
             n = args.requests if size < 10000 else max(1, args.requests // 10)
-            for name, cls in (("Interceptor (floor)", Interceptor),
-                              ("HttpInterceptor", HttpInterceptor),
-                              ("body rewrite", Rewrite)):
+            for name, cls in (
+                ("Interceptor (floor)", Interceptor),
+                ("HttpInterceptor", HttpInterceptor),
+                ("body rewrite", Rewrite),
+            ):
                 seconds = run(cls, reply, n, read=16384)
-                print(f"{size:>12} {'chunked' if chunked else 'length':>8} {name:>22} "
-                      f"{seconds * 1e6:>11.1f} {1 / seconds:>9.0f}")
+                print(
+                    f"{size:>12} {'chunked' if chunked else 'length':>8} {name:>22} "
+                    f"{seconds * 1e6:>11.1f} {1 / seconds:>9.0f}"
+                )
 
 
 if __name__ == "__main__":

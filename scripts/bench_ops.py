@@ -105,28 +105,42 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 2
     raise SystemExit("the proxy did not listen")
 
 
-def one_round(name: str, extra: list[str], echo_port: int, args: argparse.Namespace,
-              tmp: Path) -> float:
+def one_round(
+    name: str, extra: list[str], echo_port: int, args: argparse.Namespace, tmp: Path
+) -> float:
     port, metrics = _port(), _port()
-    argv = [sys.executable, "-m", "tproxy", "run",
-            "--mode", f"forward:127.0.0.1:{echo_port}@127.0.0.1:{port}",
-            "--log-file", str(tmp / "proxy.log"),
-            *(a.format(metrics=metrics) for a in extra)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "--mode",
+        f"forward:127.0.0.1:{echo_port}@127.0.0.1:{port}",
+        "--log-file",
+        str(tmp / "proxy.log"),
+        *(a.format(metrics=metrics) for a in extra),
+    ]
     env = {**os.environ, "TPROXY_RUN_DIR": str(tmp / "run")}
     proxy = subprocess.Popen(argv, cwd=ROOT, env=env)
     try:
         _wait_listening(port, proxy)
         out = subprocess.run(
             [sys.executable, "-c", CLIENT, str(port), str(args.seconds), str(args.concurrency)],
-            capture_output=True, text=True, timeout=args.seconds + 60, check=True,
+            capture_output=True,
+            text=True,
+            timeout=args.seconds + 60,
+            check=True,
         ).stdout
         result = json.loads(out)
         if "--metrics" in extra:  # the endpoint answers and counted the flows
-            text = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{metrics}/metrics"],
-                                  capture_output=True, text=True, timeout=30).stdout
+            text = subprocess.run(
+                ["curl", "-sf", f"http://127.0.0.1:{metrics}/metrics"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
             assert "tproxy_flows_total" in text
-        print(f"  {name:<22} {result['rate']:8.0f} conn/s  ({result['errors']} errors)",
-              flush=True)
+        print(f"  {name:<22} {result['rate']:8.0f} conn/s  ({result['errors']} errors)", flush=True)
         return float(result["rate"])
     finally:
         proxy.send_signal(signal.SIGTERM)
@@ -162,9 +176,19 @@ def stream(mib: int, rounds: int, tmp: Path) -> None:
             for name, extra in configs.items():
                 port = _port()
                 proxy = subprocess.Popen(
-                    [sys.executable, "-m", "tproxy", "run", "--log-file", str(tmp / "p.log"),
-                     "--mode", f"forward:127.0.0.1:{sink_port}@127.0.0.1:{port}", *extra],
-                    cwd=ROOT, env={**os.environ, "TPROXY_RUN_DIR": str(tmp / "run")},
+                    [
+                        sys.executable,
+                        "-m",
+                        "tproxy",
+                        "run",
+                        "--log-file",
+                        str(tmp / "p.log"),
+                        "--mode",
+                        f"forward:127.0.0.1:{sink_port}@127.0.0.1:{port}",
+                        *extra,
+                    ],
+                    cwd=ROOT,
+                    env={**os.environ, "TPROXY_RUN_DIR": str(tmp / "run")},
                 )
                 try:
                     _wait_listening(port, proxy)
@@ -183,8 +207,10 @@ def stream(mib: int, rounds: int, tmp: Path) -> None:
         sink.terminate()
         sink.wait(10)
     for name, values in results.items():
-        print(f"  {name:<20} {statistics.median(values):6.2f} Gbit/s  "
-              f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
+        print(
+            f"  {name:<20} {statistics.median(values):6.2f} Gbit/s  "
+            f"(rounds: {', '.join(f'{v:.2f}' for v in values)})"
+        )
 
 
 def micro(count: int = 20000) -> None:
@@ -200,8 +226,12 @@ def micro(count: int = 20000) -> None:
 
     records = []
     for i in range(count):
-        r = FlowRecord(FlowInfo(i, ("192.0.2.2", 40000 + i % 20000), ("198.51.100.2", 80)),
-                       started=time.monotonic(), bytes_up=100, bytes_down=2000)
+        r = FlowRecord(
+            FlowInfo(i, ("192.0.2.2", 40000 + i % 20000), ("198.51.100.2", 80)),
+            started=time.monotonic(),
+            bytes_up=100,
+            bytes_down=2000,
+        )
         r.outgoing_source = r.info.client
         r.end(EndReason.EOF, now=r.started + 0.01)
         records.append(r)
@@ -216,14 +246,15 @@ def micro(count: int = 20000) -> None:
         t0 = time.perf_counter()
         for r in records:
             for kind, line in (("open", r.open_line()), ("end", r.close_line())):
-                rec = logging.LogRecord("tproxy.flow", logging.INFO, __file__, 0, line, (),
-                                        None)
+                rec = logging.LogRecord("tproxy.flow", logging.INFO, __file__, 0, line, (), None)
                 rec.flow_event = (kind, r)
                 fmt.format(rec)
         timings[name] = (time.perf_counter() - t0) / count
-    print(f"per flow, in-process ({count} flows): metrics observer {observer * 1e6:.1f} us; "
-          f"log lines text {timings['text'] * 1e6:.1f} us, json {timings['json'] * 1e6:.1f} us "
-          f"(+{(timings['json'] - timings['text']) * 1e6:.1f} us)")
+    print(
+        f"per flow, in-process ({count} flows): metrics observer {observer * 1e6:.1f} us; "
+        f"log lines text {timings['text'] * 1e6:.1f} us, json {timings['json'] * 1e6:.1f} us "
+        f"(+{(timings['json'] - timings['text']) * 1e6:.1f} us)"
+    )
 
 
 def main() -> int:
@@ -231,11 +262,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--micro-only", action="store_true",
-                        help="only the in-process per-flow costs")
-    parser.add_argument("--stream-mib", type=int, default=0,
-                        help="instead of conn/s: one stream of this many MiB, spliced, "
-                        "copied and recorded")
+    parser.add_argument(
+        "--micro-only", action="store_true", help="only the in-process per-flow costs"
+    )
+    parser.add_argument(
+        "--stream-mib",
+        type=int,
+        default=0,
+        help="instead of conn/s: one stream of this many MiB, spliced, copied and recorded",
+    )
     args = parser.parse_args()
     micro()
     if args.micro_only:
@@ -245,8 +280,7 @@ def main() -> int:
             stream(args.stream_mib, args.rounds, Path(tmp))
         return 0
     echo_port = _port()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(echo_port)],
-                            stdout=subprocess.PIPE)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(echo_port)], stdout=subprocess.PIPE)
     try:
         assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
         rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
@@ -256,12 +290,16 @@ def main() -> int:
                 for name, extra in CONFIGS.items():
                     rates[name].append(one_round(name, extra, echo_port, args, Path(tmp)))
         base = statistics.median(rates["baseline (text log)"])
-        print(f"\nmedian of {args.rounds} rounds, {args.seconds:g}s each, "
-              f"concurrency {args.concurrency}:")
+        print(
+            f"\nmedian of {args.rounds} rounds, {args.seconds:g}s each, "
+            f"concurrency {args.concurrency}:"
+        )
         for name, values in rates.items():
             med = statistics.median(values)
-            print(f"  {name:<22} {med:8.0f} conn/s  {100 * (med - base) / base:+6.1f}%  "
-                  f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")
+            print(
+                f"  {name:<22} {med:8.0f} conn/s  {100 * (med - base) / base:+6.1f}%  "
+                f"(rounds: {', '.join(f'{v:.0f}' for v in values)})"
+            )
     finally:
         echo.terminate()
         echo.wait(10)

@@ -55,16 +55,29 @@ def inner(backend: str, ranges: int, runs: int) -> None:
                 table.add(plan.items[-1])
                 transactions.append((time.perf_counter() - start) * 1000)
             table.remove(plan.items[-1])
-    print(json.dumps({"backend": backend, "items": len(plan.items), "install_ms": installs,
-                      "teardown_ms": teardowns, "transaction_ms": transactions}))
+    print(
+        json.dumps(
+            {
+                "backend": backend,
+                "items": len(plan.items),
+                "install_ms": installs,
+                "teardown_ms": teardowns,
+                "transaction_ms": transactions,
+            }
+        )
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranges", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--backend", action="append", choices=("iptables", "nft"),
-                        help="only this backend (repeatable; default both)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=("iptables", "nft"),
+        help="only this backend (repeatable; default both)",
+    )
     parser.add_argument("--inner", choices=("iptables", "nft"))
     args = parser.parse_args()
     if args.inner:
@@ -78,24 +91,35 @@ def main() -> int:
         subprocess.run(["ip", "netns", "add", name], check=True)
         try:
             with tempfile.TemporaryDirectory() as records:
-                script = (f"ip link set lo up && ip link add in0 type veth peer name out0 && "
-                          f"iptables-legacy -t mangle -S >/dev/null && "
-                          f"ip6tables-legacy -t mangle -S >/dev/null && "
-                          f"TPROXY_STATE_DIR={records} {sys.executable} {__file__} "
-                          f"--inner {backend} --ranges {args.ranges} --runs {args.runs}")
-                out = subprocess.run(["ip", "netns", "exec", name, "sh", "-c", script],
-                                     check=True, capture_output=True, text=True, timeout=600)
+                script = (
+                    f"ip link set lo up && ip link add in0 type veth peer name out0 && "
+                    f"iptables-legacy -t mangle -S >/dev/null && "
+                    f"ip6tables-legacy -t mangle -S >/dev/null && "
+                    f"TPROXY_STATE_DIR={records} {sys.executable} {__file__} "
+                    f"--inner {backend} --ranges {args.ranges} --runs {args.runs}"
+                )
+                out = subprocess.run(
+                    ["ip", "netns", "exec", name, "sh", "-c", script],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
         finally:
             subprocess.run(["ip", "netns", "delete", name], check=False)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         install, teardown = result["install_ms"], result["teardown_ms"]
-        print(f"setup of {args.ranges} port ranges (IPv4+IPv6), {backend:8}: "
-              f"median {statistics.median(install):8.1f} ms, best {min(install):8.1f} ms; "
-              f"teardown median {statistics.median(teardown):8.1f} ms "
-              f"({result['items']} plan items, {args.runs} runs)")
+        print(
+            f"setup of {args.ranges} port ranges (IPv4+IPv6), {backend:8}: "
+            f"median {statistics.median(install):8.1f} ms, best {min(install):8.1f} ms; "
+            f"teardown median {statistics.median(teardown):8.1f} ms "
+            f"({result['items']} plan items, {args.runs} runs)"
+        )
         if result["transaction_ms"]:
-            print(f"  of which the nft table's one transaction: median "
-                  f"{statistics.median(result['transaction_ms']):.1f} ms")
+            print(
+                f"  of which the nft table's one transaction: median "
+                f"{statistics.median(result['transaction_ms']):.1f} ms"
+            )
     return 0
 
 

@@ -146,55 +146,87 @@ def main() -> int:
     nsharness.install_signal_handlers()
     rows: list[tuple[str, dict, dict]] = []
     with nsharness.Topology() as topo:
-        echo = topo.server.popen(sys.executable, "-u", "-c", ECHO, str(ECHO_PORT),
-                                 log_name="echo")
+        echo = topo.server.popen(sys.executable, "-u", "-c", ECHO, str(ECHO_PORT), log_name="echo")
         topo.server.wait_log(echo, "ready")
 
         def measure(name: str, target: str) -> None:
             results = []
             for load in ("datagrams", "sessions"):
                 out = topo.client.run(
-                    sys.executable, __file__, "--load", load, "--target", target,
-                    "--seconds", str(args.seconds), "--window", str(args.window),
-                    "--size", str(args.size), "--concurrency", str(args.concurrency),
+                    sys.executable,
+                    __file__,
+                    "--load",
+                    load,
+                    "--target",
+                    target,
+                    "--seconds",
+                    str(args.seconds),
+                    "--window",
+                    str(args.window),
+                    "--size",
+                    str(args.size),
+                    "--concurrency",
+                    str(args.concurrency),
                     timeout=args.seconds + 60,
                 ).stdout
                 results.append(json.loads(out.strip().splitlines()[-1]))
             rows.append((name, results[0], results[1]))
-            print(f"  {name}: {results[0]['rate']:,.0f} datagrams/s, "
-                  f"{results[1]['rate']:,.0f} sessions/s", file=sys.stderr)
+            print(
+                f"  {name}: {results[0]['rate']:,.0f} datagrams/s, "
+                f"{results[1]['rate']:,.0f} sessions/s",
+                file=sys.stderr,
+            )
 
         server = f"{topo.server_ip4}:{ECHO_PORT}"
         measure("direct (no proxy)", server)
 
         proxy = topo.gateway.popen(
-            sys.executable, "-m", "tproxy", "run", "-q", "--setup", topo.gw_in, topo.gw_out,
-            "--udp-port", str(ECHO_PORT), "--udp-idle", "2", log_name="tproxy",
+            sys.executable,
+            "-m",
+            "tproxy",
+            "run",
+            "-q",
+            "--setup",
+            topo.gw_in,
+            topo.gw_out,
+            "--udp-port",
+            str(ECHO_PORT),
+            "--udp-idle",
+            "2",
+            log_name="tproxy",
             cwd=str(ROOT),
         )
         nsharness.wait_until(
-            lambda: topo.gateway.run(sys.executable, "-m", "tproxy", "status", check=False,
-                                     cwd=str(ROOT)).returncode == 0,
-            20, "tproxy's routing",
+            lambda: (
+                topo.gateway.run(
+                    sys.executable, "-m", "tproxy", "status", check=False, cwd=str(ROOT)
+                ).returncode
+                == 0
+            ),
+            20,
+            "tproxy's routing",
         )
         measure("tproxy (transparent)", server)
         topo.gateway.stop(proxy)
 
         socat = topo.gateway.popen(
-            "socat", f"UDP4-RECVFROM:{SOCAT_PORT},fork,reuseaddr",
-            f"UDP4-SENDTO:{topo.server_ip4}:{ECHO_PORT}", log_name="socat",
+            "socat",
+            f"UDP4-RECVFROM:{SOCAT_PORT},fork,reuseaddr",
+            f"UDP4-SENDTO:{topo.server_ip4}:{ECHO_PORT}",
+            log_name="socat",
         )
         topo.gateway.wait_port(SOCAT_PORT, proto="udp", proc=socat)
         measure("socat UDP-RECVFROM,fork", f"{topo.gw_in_ip4}:{SOCAT_PORT}")
         topo.gateway.stop(socat)
 
-    print(f"\nUDP, {args.size}-byte datagrams, {args.seconds:g} s per figure; "
-          f"window {args.window}, {args.concurrency} sessions at a time\n")
+    print(
+        f"\nUDP, {args.size}-byte datagrams, {args.seconds:g} s per figure; "
+        f"window {args.window}, {args.concurrency} sessions at a time\n"
+    )
     print("| configuration | datagrams/s (one session) | sessions/s | lost sessions |")
     print("| --- | ---: | ---: | ---: |")
     for name, dgrams, sessions in rows:
-        print(f"| {name} | {dgrams['rate']:,.0f} | {sessions['rate']:,.0f} | "
-              f"{sessions['lost']} |")
+        print(f"| {name} | {dgrams['rate']:,.0f} | {sessions['rate']:,.0f} | {sessions['lost']} |")
     return 0
 
 

@@ -54,9 +54,15 @@ def test_client_to_server_in_order_server_to_client_in_reverse() -> None:
     assert chain.client_data(b"x") == Output(to_server=b"xABC")
     assert chain.server_data(b"y") == Output(to_client=b"yCBA")
     assert log == [
-        "A.start", "B.start", "C.start",
-        "A.client_data(x)", "B.client_data(xA)", "C.client_data(xAB)",
-        "C.server_data(y)", "B.server_data(yC)", "A.server_data(yCB)",
+        "A.start",
+        "B.start",
+        "C.start",
+        "A.client_data(x)",
+        "B.client_data(xA)",
+        "C.client_data(xAB)",
+        "C.server_data(y)",
+        "B.server_data(yC)",
+        "A.server_data(yCB)",
     ]
 
 

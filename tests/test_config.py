@@ -34,7 +34,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 def _check(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tproxy", "run", "-c", str(path), "--check", *extra],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
 
 
@@ -45,7 +48,9 @@ def test_the_example_config_checks() -> None:
 
 
 def test_file_values_reach_the_options(tmp_path: Path) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 listeners = ["socks@127.0.0.1:1080"]
 [flows]
 connect_timeout = 3.5
@@ -62,7 +67,8 @@ spec = "label"
 options = { text = "x", direction = "both" }
 [[interceptor]]
 spec = "hexdump"
-""")
+""",
+    )
     args = _args(path)
     assert args.mode == [parse_mode("socks@127.0.0.1:1080")]
     assert args.connect_timeout == 3.5 and args.idle_timeout == 60.0
@@ -73,13 +79,16 @@ spec = "hexdump"
 
 
 def test_command_line_overrides_the_file(tmp_path: Path) -> None:
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 mode = ["socks@127.0.0.1:1080", "http@127.0.0.1:3128"]
 connect-timeout = 3
 idle-timeout = 60
 [[interceptor]]
 spec = "label"
-""")
+""",
+    )
     args = _args(path, "--connect-timeout", "7", "--mode", "http@127.0.0.1:8080", "-i", "hexdump")
     assert args.connect_timeout == 7.0  # the command line wins
     assert args.idle_timeout == 60.0  # the file fills in the rest
@@ -96,10 +105,12 @@ spec = "label"
         ("connect-timeout = 3\nbogus = 1\n", "tproxy.toml:2: unknown key 'bogus'"),
         ("[flows]\ngrace = 1\n\nspeed = 2\n", "tproxy.toml:4: unknown key 'speed'"),
         ("[nosuch]\na = 1\n", "tproxy.toml:1: unknown table [nosuch]"),
-        ('[[interceptor]]\nspec = "label"\ncolour = "red"\n',
-         "tproxy.toml:3: unknown key 'colour' in [[interceptor]]"),
-        ("\n\nconnect-timeout = \"soon\"\n", "tproxy.toml:3: connect-timeout: argument"),
-        ("source = \"elsewhere\"\n", "tproxy.toml:1: source: argument --source: invalid choice"),
+        (
+            '[[interceptor]]\nspec = "label"\ncolour = "red"\n',
+            "tproxy.toml:3: unknown key 'colour' in [[interceptor]]",
+        ),
+        ('\n\nconnect-timeout = "soon"\n', "tproxy.toml:3: connect-timeout: argument"),
+        ('source = "elsewhere"\n', "tproxy.toml:1: source: argument --source: invalid choice"),
         ("splice = 3\n", "tproxy.toml:1: splice: expected true or false"),
         ("check = true\n", "tproxy.toml:1: unknown key 'check'"),
         ("worker-index = 1\n", "tproxy.toml:1: unknown key 'worker-index'"),
@@ -119,9 +130,7 @@ def test_check_of_a_bad_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     path = _write(tmp_path, "[flows]\nconnect-timeout = 1\nmax-flow = 3\n")
     done = _check(path)
     assert done.returncode == 2
-    assert done.stderr.strip() == (
-        f"tproxy run: error: {path}:3: unknown key 'max-flow'"
-    )
+    assert done.stderr.strip() == (f"tproxy run: error: {path}:3: unknown key 'max-flow'")
     assert done.stdout == ""
 
 

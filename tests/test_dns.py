@@ -95,14 +95,25 @@ def test_rewrite_of_one_family_answers_the_other_with_nodata() -> None:
 
 
 def test_rewrite_rules_under_several_keys() -> None:
-    d = Driver.datagrams((Dns, {"rewrite": "a.test=192.0.2.1", "rewrite.2": "a.test=192.0.2.2",
-                                "rewrite_b": "b.test=192.0.2.3"}))
+    d = Driver.datagrams(
+        (
+            Dns,
+            {
+                "rewrite": "a.test=192.0.2.1",
+                "rewrite.2": "a.test=192.0.2.2",
+                "rewrite_b": "b.test=192.0.2.3",
+            },
+        )
+    )
     q = query("a.test")
     assert addresses(d.server_datagram(answer(q, "a.test. 5 A 10.0.0.1")).to_client[0]) == [
-        "192.0.2.1", "192.0.2.2"]
+        "192.0.2.1",
+        "192.0.2.2",
+    ]
     q = query("b.test")
     assert addresses(d.server_datagram(answer(q, "b.test. 5 A 10.0.0.1")).to_client[0]) == [
-        "192.0.2.3"]
+        "192.0.2.3"
+    ]
 
 
 def test_wildcard_covers_names_below_not_the_name_itself() -> None:

@@ -75,9 +75,10 @@ def test_bandwidth_moves_1_mib_at_100k_in_10_s_with_the_proxy_rss_flat(tmp_path:
         for _ in range(offered // len(block)):
             conn.sendall(block)
 
-    with source_server(flood) as port, running_proxy(
-        tmp_path, forward(port), "-i", "bandwidth", "-o", "rate=100k"
-    ) as proxy:
+    with (
+        source_server(flood) as port,
+        running_proxy(tmp_path, forward(port), "-i", "bandwidth", "-o", "rate=100k") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.settimeout(HANG_GUARD * 2)
             first = recv_exact(sock, 1)
@@ -96,9 +97,10 @@ def test_bandwidth_moves_1_mib_at_100k_in_10_s_with_the_proxy_rss_flat(tmp_path:
 
 
 def test_reset_gives_the_client_econnreset(tmp_path: Path) -> None:
-    with echo_server() as echo, running_proxy(
-        tmp_path, forward(echo), "-i", "reset", "-o", "after=200"
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(tmp_path, forward(echo), "-i", "reset", "-o", "after=200") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.sendall(b"hello")
             assert recv_exact(sock, 5) == b"hello"
@@ -108,9 +110,10 @@ def test_reset_gives_the_client_econnreset(tmp_path: Path) -> None:
 
 
 def test_reset_after_bytes_gives_the_client_econnreset(tmp_path: Path) -> None:
-    with echo_server() as echo, running_proxy(
-        tmp_path, forward(echo), "-i", "reset", "-o", "bytes=3"
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(tmp_path, forward(echo), "-i", "reset", "-o", "bytes=3") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.sendall(b"hello")
             with pytest.raises(ConnectionResetError):
@@ -119,9 +122,7 @@ def test_reset_after_bytes_gives_the_client_econnreset(tmp_path: Path) -> None:
 
 
 def test_blackhole_gives_the_client_a_read_timeout(tmp_path: Path) -> None:
-    with echo_server() as echo, running_proxy(
-        tmp_path, forward(echo), "-i", "blackhole"
-    ) as proxy:
+    with echo_server() as echo, running_proxy(tmp_path, forward(echo), "-i", "blackhole") as proxy:
         with connect(proxy.port("forward")) as sock:
             sock.settimeout(1.0)
             sock.sendall(b"anyone there?")
@@ -130,9 +131,10 @@ def test_blackhole_gives_the_client_a_read_timeout(tmp_path: Path) -> None:
 
 
 def test_blackhole_with_a_timeout_closes_the_connection(tmp_path: Path) -> None:
-    with echo_server() as echo, running_proxy(
-        tmp_path, forward(echo), "-i", "blackhole", "-o", "timeout=300"
-    ) as proxy:
+    with (
+        echo_server() as echo,
+        running_proxy(tmp_path, forward(echo), "-i", "blackhole", "-o", "timeout=300") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             sock.sendall(b"anyone there?")
             assert sock.recv(100) == b""
@@ -144,10 +146,21 @@ def test_slicer_delivers_the_same_bytes_in_many_small_reads(tmp_path: Path) -> N
     def send(conn: socket.socket) -> None:
         conn.sendall(payload)
 
-    with source_server(send) as port, running_proxy(
-        tmp_path, forward(port), "-i", "slicer", "-o", "size=100", "-o", "variation=50",
-        "-o", "delay=1",
-    ) as proxy:
+    with (
+        source_server(send) as port,
+        running_proxy(
+            tmp_path,
+            forward(port),
+            "-i",
+            "slicer",
+            "-o",
+            "size=100",
+            "-o",
+            "variation=50",
+            "-o",
+            "delay=1",
+        ) as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             reads = []
             while chunk := sock.recv(65536):
@@ -165,9 +178,10 @@ def test_limit_closes_after_the_bytes(tmp_path: Path) -> None:
         conn.sendall(payload)
         conn.recv(1)  # keep the connection open: the proxy must close it
 
-    with source_server(send) as port, running_proxy(
-        tmp_path, forward(port), "-i", "limit", "-o", "bytes=1000"
-    ) as proxy:
+    with (
+        source_server(send) as port,
+        running_proxy(tmp_path, forward(port), "-i", "limit", "-o", "bytes=1000") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             received = b""
             while chunk := sock.recv(65536):
@@ -179,9 +193,10 @@ def test_slow_close_delays_the_fin(tmp_path: Path) -> None:
     def send(conn: socket.socket) -> None:
         conn.sendall(b"done")
 
-    with source_server(send) as port, running_proxy(
-        tmp_path, forward(port), "-i", "slow-close", "-o", "delay=500"
-    ) as proxy:
+    with (
+        source_server(send) as port,
+        running_proxy(tmp_path, forward(port), "-i", "slow-close", "-o", "delay=500") as proxy,
+    ):
         with connect(proxy.port("forward")) as sock:
             assert recv_exact(sock, 4) == b"done"
             began = time.monotonic()

@@ -48,8 +48,11 @@ lines = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=lines, tail=st.sampled_from([b"", b"set tail", b"noise"]),
-       cuts=st.lists(st.integers(0, 10**6), max_size=30))
+@given(
+    data=lines,
+    tail=st.sampled_from([b"", b"set tail", b"noise"]),
+    cuts=st.lists(st.integers(0, 10**6), max_size=30),
+)
 def test_lines_exact_across_any_split(data: bytes, tail: bytes, cuts: list[int]) -> None:
     d = Driver(Upper)
     feed(d, data + tail, cuts)
@@ -116,8 +119,9 @@ def message(payload: bytes) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-payloads = st.lists(st.sampled_from([b"", b"cat", b"a cat and a cat", b"dog", bytes(70)]),
-                    max_size=15)
+payloads = st.lists(
+    st.sampled_from([b"", b"cat", b"a cat and a cat", b"dog", bytes(70)]), max_size=15
+)
 
 
 @settings(max_examples=200, deadline=None)

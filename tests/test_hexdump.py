@@ -97,8 +97,11 @@ def test_forwarding_does_not_depend_on_logging_level(caplog: pytest.LogCaptureFi
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"max-bytes": "0"}, "at least 1"), ({"max-bytes": "lots"}, "integer"),
-     ({"direction": "sideways"}, "direction")],
+    [
+        ({"max-bytes": "0"}, "at least 1"),
+        ({"max-bytes": "lots"}, "integer"),
+        ({"direction": "sideways"}, "direction"),
+    ],
 )
 def test_bad_options(options: dict[str, str], message: str) -> None:
     with pytest.raises(OptionError, match=message):

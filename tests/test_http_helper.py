@@ -51,16 +51,26 @@ RESPONSES = [
     b"HTTP/1.1 204 No Content\r\n\r\n",
 ]
 EXPECTED_SEEN = [
-    ("req", "GET /", b""), ("req", "POST /form", b"hello"), ("req", "HEAD /x", b""),
-    ("req", "PUT /c", b"abc0123456789"), ("req", "GET /304", b""), ("req", "GET /204", b""),
-    ("resp", "GET 200", b"hi"), ("resp", "POST 201", b""), ("resp", "HEAD 200", b""),
-    ("resp", "PUT 200", b"chunk"), ("resp", "GET 304", b""), ("resp", "GET 204", b""),
+    ("req", "GET /", b""),
+    ("req", "POST /form", b"hello"),
+    ("req", "HEAD /x", b""),
+    ("req", "PUT /c", b"abc0123456789"),
+    ("req", "GET /304", b""),
+    ("req", "GET /204", b""),
+    ("resp", "GET 200", b"hi"),
+    ("resp", "POST 201", b""),
+    ("resp", "HEAD 200", b""),
+    ("resp", "PUT 200", b"chunk"),
+    ("resp", "GET 304", b""),
+    ("resp", "GET 204", b""),
 ]
 
 
 @settings(max_examples=150, deadline=None)
-@given(cuts_up=st.lists(st.integers(0, 10**6), max_size=40),
-       cuts_down=st.lists(st.integers(0, 10**6), max_size=40))
+@given(
+    cuts_up=st.lists(st.integers(0, 10**6), max_size=40),
+    cuts_down=st.lists(st.integers(0, 10**6), max_size=40),
+)
 def test_unchanged_pipelined_messages_are_byte_identical_across_any_split(
     cuts_up: list[int], cuts_down: list[int]
 ) -> None:
@@ -83,7 +93,9 @@ def test_keep_alive_interleaved() -> None:
         d.server(resp)
     assert d.to_server == b"".join(REQUESTS) and d.to_client == b"".join(RESPONSES)
     assert d.interceptor.seen[-2:] == [  # type: ignore[attr-defined]
-        ("req", "GET /204", b""), ("resp", "GET 204", b"")]
+        ("req", "GET /204", b""),
+        ("resp", "GET 204", b""),
+    ]
 
 
 class Rewrite(HttpInterceptor):
@@ -107,18 +119,24 @@ def test_changed_body_gets_a_correct_content_length() -> None:
 def test_changed_chunked_body_is_rechunked_with_its_trailers() -> None:
     d = Driver(Rewrite)
     d.client(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    d.server(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-             b"2\r\na \r\n3\r\ncat\r\n0\r\nT: 1\r\n\r\n")
-    assert d.to_client == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"7\r\na tiger\r\n0\r\nT: 1\r\n\r\n")
+    d.server(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\na \r\n3\r\ncat\r\n0\r\nT: 1\r\n\r\n"
+    )
+    assert d.to_client == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\na tiger\r\n0\r\nT: 1\r\n\r\n"
+    )
 
 
 def test_unchanged_body_keeps_its_bytes_when_only_headers_change() -> None:
     d = Driver(Rewrite)
-    d.client(b"POST /tag HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-             b"1\r\nx\r\n0\r\n\r\n")
-    assert d.to_server == (b"POST /tag HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
-                           b"X-Tag: 1\r\n\r\n1\r\nx\r\n0\r\n\r\n")
+    d.client(
+        b"POST /tag HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    )
+    assert d.to_server == (
+        b"POST /tag HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        b"X-Tag: 1\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    )
 
 
 def test_response_until_close_is_completed_at_eof() -> None:
@@ -164,10 +182,16 @@ def test_max_body_option() -> None:
 @pytest.mark.parametrize(
     ("request_", "response", "after"),
     [
-        (b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
-         b"HTTP/1.1 200 OK\r\n\r\n", b"\x16\x03\x01 tls bytes"),
-        (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", b"\x81\x05hello"),
+        (
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"\x16\x03\x01 tls bytes",
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"\x81\x05hello",
+        ),
     ],
 )
 def test_connect_and_upgrade_hand_over(request_: bytes, response: bytes, after: bytes) -> None:
@@ -214,8 +238,10 @@ def test_bad_response_after_good_ones_keeps_the_bytes() -> None:
     d.server(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ncatHTTP/1.1 200 OK\r\nTrans")
     d.server(b"fer-Encoding: chunked\r\n\r\nzz\r\n")
     assert d.passthrough
-    assert d.to_client == (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntiger"
-                           b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert d.to_client == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntiger"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    )
 
 
 def test_expect_100_continue_streams_the_request() -> None:
@@ -232,8 +258,10 @@ def test_expect_100_continue_streams_the_request() -> None:
 def test_server_sent_events_are_not_held() -> None:
     d = Driver(Rewrite)
     d.client(b"GET /events HTTP/1.1\r\n\r\n")
-    d.server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-             b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: c\n\r\n")
+    d.server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: c\n\r\n"
+    )
     assert d.to_client.endswith(b"data: c\n\r\n")
 
 
@@ -267,8 +295,10 @@ def test_random_bytes_are_forwarded_whole(up: bytes, down: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(cuts_up=st.lists(st.integers(0, 10**6), max_size=40),
-       cuts_down=st.lists(st.integers(0, 10**6), max_size=40))
+@given(
+    cuts_up=st.lists(st.integers(0, 10**6), max_size=40),
+    cuts_down=st.lists(st.integers(0, 10**6), max_size=40),
+)
 def test_rewritten_output_does_not_depend_on_the_split(
     cuts_up: list[int], cuts_down: list[int]
 ) -> None:

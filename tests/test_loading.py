@@ -250,7 +250,8 @@ def test_broken_entry_point(installed_plugin: Path) -> None:
 
 
 def test_two_packages_registering_one_name_is_an_error(
-    installed_plugin: Path, tmp_path_factory: pytest.TempPathFactory,
+    installed_plugin: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     other = tmp_path_factory.mktemp("other")
@@ -279,8 +280,20 @@ def parser() -> ArgumentParser:
 
 def test_cli_options_follow_their_interceptor() -> None:
     args = parser().parse_args(
-        ["-i", "replace", "-o", "old=a", "--option", "new=b=c", "-i", "hexdump",
-         "--interceptor", "label", "-o", "text="]
+        [
+            "-i",
+            "replace",
+            "-o",
+            "old=a",
+            "--option",
+            "new=b=c",
+            "-i",
+            "hexdump",
+            "--interceptor",
+            "label",
+            "-o",
+            "text=",
+        ]
     )
     assert args.interceptors == [
         ("replace", {"old": "a", "new": "b=c"}),
@@ -349,8 +362,12 @@ def test_a_users_own_interceptors_package_does_not_break_tproxy(tmp_path: Path) 
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     for argv in (["--help"], ["run", "--help"]):
         done = subprocess.run(
-            [sys.executable, "-m", "tproxy", *argv], capture_output=True, text=True,
-            timeout=30, env=env, cwd=tmp_path,
+            [sys.executable, "-m", "tproxy", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
         assert "usage" in done.stdout
@@ -360,7 +377,11 @@ def test_a_users_own_interceptors_package_does_not_break_tproxy(tmp_path: Path) 
         "('block', {'port': '1'})])])"
     )
     done = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=30, env=env,
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr

@@ -9,11 +9,22 @@ from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.metrics import BUCKETS, FlowStats, SnapshotCollector, merge
 
 
-def _record(mode: str, reason: EndReason, detail: str = "", *, duration: float = 0.2,
-            up: int = 0, down: int = 0, via: bool = True) -> FlowRecord:
-    record = FlowRecord(info=FlowInfo(id=1, client=("192.0.2.1", 1),
-                                      destination=("198.51.100.1", 80), mode=mode),
-                        started=100.0, bytes_up=up, bytes_down=down)
+def _record(
+    mode: str,
+    reason: EndReason,
+    detail: str = "",
+    *,
+    duration: float = 0.2,
+    up: int = 0,
+    down: int = 0,
+    via: bool = True,
+) -> FlowRecord:
+    record = FlowRecord(
+        info=FlowInfo(id=1, client=("192.0.2.1", 1), destination=("198.51.100.1", 80), mode=mode),
+        started=100.0,
+        bytes_up=up,
+        bytes_down=down,
+    )
     record.outgoing_source = ("192.0.2.1", 1) if via else None
     record.end(reason, detail, now=100.0 + duration)
     return record
@@ -36,8 +47,7 @@ def _text(snapshot: dict) -> str:
 def test_reasons_causes_codes_and_interceptors_are_labelled() -> None:
     stats = _fed(
         _record("transparent", EndReason.EOF, up=10, down=20),
-        _record("transparent", EndReason.CONNECT_FAILED, "refused: Connection refused",
-                via=False),
+        _record("transparent", EndReason.CONNECT_FAILED, "refused: Connection refused", via=False),
         _record("socks", EndReason.CONNECT_FAILED, "dns: cannot resolve x", via=False),
         _record("socks", EndReason.REJECTED, "destination not allowed", via=False),
         _record("http", EndReason.TIMEOUT, "handshake timed out", via=False),
@@ -61,11 +71,15 @@ def test_reasons_causes_codes_and_interceptors_are_labelled() -> None:
 
 def test_snapshots_add_up_and_the_histogram_stays_cumulative() -> None:
     a = _fed(_record("transparent", EndReason.EOF, duration=0.001, up=1))
-    b = _fed(_record("transparent", EndReason.EOF, duration=7200.0, up=2),
-             _record("forward", EndReason.RESET, duration=3.0))
+    b = _fed(
+        _record("transparent", EndReason.EOF, duration=7200.0, up=2),
+        _record("forward", EndReason.RESET, duration=3.0),
+    )
     total = merge([a.snapshot(), b.snapshot()])
-    assert total["ended"] == {"transparent\x1ftransparent\x1feof": 2,
-                              "forward\x1fforward\x1freset": 1}
+    assert total["ended"] == {
+        "transparent\x1ftransparent\x1feof": 2,
+        "forward\x1fforward\x1freset": 1,
+    }
     assert total["events"] == 6
     assert sum(total["buckets"]) == 3 and total["buckets"][-1] == 1  # beyond the last bound
     assert len(total["buckets"]) == len(BUCKETS) + 1

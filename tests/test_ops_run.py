@@ -14,21 +14,21 @@ from pathlib import Path
 import pytest
 from ops_harness import Proxy, echo_once, echo_server, free_port, samples, scrape, wait_until
 
-UPPER = '''
+UPPER = """
 from tproxy import Interceptor
 
 class Shout(Interceptor):
     def server_data(self, data):
         return data.upper()
-'''
+"""
 
-TAGGED = '''
+TAGGED = """
 from tproxy import Interceptor
 
 class Shout(Interceptor):
     def server_data(self, data):
         return b"v2:" + data
-'''
+"""
 
 
 @pytest.fixture
@@ -41,16 +41,20 @@ def test_metrics_count_every_flow_reason_and_byte(tmp_path: Path, echo: int) -> 
     port, mport = free_port(), free_port()
     proxy = Proxy(
         tmp_path,
-        "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
-        "--metrics", f"127.0.0.1:{mport}",
+        "--mode",
+        f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
+        "--metrics",
+        f"127.0.0.1:{mport}",
     )
     try:
         proxy.wait_log("metrics at")
         proxy.wait_port(port)
         for i in range(25):
             assert echo_once(port, b"x" * (i + 1)) == b"x" * (i + 1)
-        wait_until(lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 25,
-                   what="25 ended flows")
+        wait_until(
+            lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 25,
+            what="25 ended flows",
+        )
         text = scrape(mport)
         ended = samples(text, "tproxy_flows_total")
         assert ended == {'{listener="forward",mode="forward",reason="eof"}': 25.0}, ended
@@ -75,8 +79,10 @@ def test_connect_failures_are_counted_by_cause(tmp_path: Path) -> None:
     dead = free_port()  # nothing listens there: refused
     proxy = Proxy(
         tmp_path,
-        "--mode", f"forward:127.0.0.1:{dead}@127.0.0.1:{port}",
-        "--metrics", f"127.0.0.1:{mport}",
+        "--mode",
+        f"forward:127.0.0.1:{dead}@127.0.0.1:{port}",
+        "--metrics",
+        f"127.0.0.1:{mport}",
     )
     try:
         proxy.wait_log("metrics at")
@@ -87,8 +93,10 @@ def test_connect_failures_are_counted_by_cause(tmp_path: Path) -> None:
             except OSError:
                 pass
         wait_until(
-            lambda: samples(scrape(mport), "tproxy_connect_failures_total")
-            == {'{cause="refused"}': 3.0},
+            lambda: (
+                samples(scrape(mport), "tproxy_connect_failures_total")
+                == {'{cause="refused"}': 3.0}
+            ),
             what="3 refused connects",
         )
         ended = samples(scrape(mport), "tproxy_flows_total")
@@ -97,19 +105,23 @@ def test_connect_failures_are_counted_by_cause(tmp_path: Path) -> None:
         assert proxy.stop() == 0, proxy.log
 
 
-def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(
-    tmp_path: Path, echo: int
-) -> None:
+def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(tmp_path: Path, echo: int) -> None:
     port = free_port()
     log_file = tmp_path / "tproxy.log"
     proxy = Proxy(
         tmp_path,
-        "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
-        "--log-format", "json", "--log-file", str(log_file),
+        "--mode",
+        f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
+        "--log-format",
+        "json",
+        "--log-file",
+        str(log_file),
     )
     try:
-        wait_until(lambda: log_file.exists() and "listening" in log_file.read_text(),
-                   what=f"the listener in the log:\n{proxy.log}")
+        wait_until(
+            lambda: log_file.exists() and "listening" in log_file.read_text(),
+            what=f"the listener in the log:\n{proxy.log}",
+        )
         for _ in range(3):
             assert echo_once(port, b"abc") == b"abc"
         wait_until(lambda: log_file.read_text().count('"flow_end"') == 3, what="3 flow ends")
@@ -132,9 +144,26 @@ def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(
     opens = [rec for rec in lines if rec.get("event") == "flow_open"]
     assert len(ends) == len(opens) == 3
     end = ends[0]
-    for key in ("id", "worker", "mode", "client", "destination", "via", "sni", "interceptors",
-                "reason", "detail", "bytes_read_up", "bytes_read_down", "bytes_delivered_up",
-                "bytes_delivered_down", "duration", "started", "ended", "time"):
+    for key in (
+        "id",
+        "worker",
+        "mode",
+        "client",
+        "destination",
+        "via",
+        "sni",
+        "interceptors",
+        "reason",
+        "detail",
+        "bytes_read_up",
+        "bytes_read_down",
+        "bytes_delivered_up",
+        "bytes_delivered_down",
+        "duration",
+        "started",
+        "ended",
+        "time",
+    ):
         assert key in end, key
     assert end["reason"] == "eof" and end["bytes_read_up"] == 3 and end["bytes_read_down"] == 3
     assert end["destination"] == f"127.0.0.1:{echo}"
@@ -146,9 +175,7 @@ def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(
 
 def test_flows_lists_a_held_flow_and_kills_it(tmp_path: Path, echo: int) -> None:
     port = free_port()
-    proxy = Proxy(
-        tmp_path, "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}", "-i", "label"
-    )
+    proxy = Proxy(tmp_path, "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}", "-i", "label")
     try:
         proxy.wait_port(port)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
@@ -187,8 +214,9 @@ def test_control_socket_is_root_only(tmp_path: Path, echo: int) -> None:
     proxy = Proxy(tmp_path, "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}")
     try:
         proxy.wait_port(port)
-        sock = wait_until(lambda: next((tmp_path / "run").glob("run-*.sock"), None),
-                          what="the control socket")
+        sock = wait_until(
+            lambda: next((tmp_path / "run").glob("run-*.sock"), None), what="the control socket"
+        )
         assert sock.name == f"run-{proxy.proc.pid}.sock"
         assert sock.stat().st_mode & 0o777 == 0o600
         assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
@@ -274,39 +302,56 @@ def test_workers_sum_metrics_and_list_all_flows(tmp_path: Path, echo: int) -> No
     port, mport = free_port(), free_port()
     proxy = Proxy(
         tmp_path,
-        "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
-        "--workers", "2", "--metrics", f"127.0.0.1:{mport}", "-i", "label",
+        "--mode",
+        f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--metrics",
+        f"127.0.0.1:{mport}",
+        "-i",
+        "label",
     )
     try:
         proxy.wait_log("2 workers listening")
         for _ in range(40):
             assert echo_once(port, b"ab").endswith(b"ab")
-        wait_until(lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 40,
-                   what="40 ended flows over both workers")
+        wait_until(
+            lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 40,
+            what="40 ended flows over both workers",
+        )
         with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
             held.sendall(b"x")
             held.recv(100)
             listed = json.loads(proxy.tproxy("flows", "--json").stdout)
             assert [f["client"] for f in listed] == [f"127.0.0.1:{held.getsockname()[1]}"]
             assert listed[0]["worker"] in ("w0", "w1")
-        wait_until(lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 41,
-                   what="41 ended flows")
+        wait_until(
+            lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) == 41,
+            what="41 ended flows",
+        )
         # kill a worker: its counts stay in the sum, never going backwards
         sockets = sorted((tmp_path / "run").glob("run-*.w*.sock"))
         assert len(sockets) == 2
-        worker_pids = [int(p) for p in subprocess.run(
-            ["pgrep", "-P", str(proxy.proc.pid)], capture_output=True, text=True
-        ).stdout.split()]
+        worker_pids = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(proxy.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         assert len(worker_pids) == 2
         os.kill(worker_pids[0], signal.SIGKILL)
         proxy.wait_log("restarting in")
         assert sum(samples(scrape(mport), "tproxy_flows_total").values()) >= 41
         proxy.wait_log("worker 0 started|worker 1 started", count=3)
-        wait_until(lambda: len(list((tmp_path / "run").glob("run-*.w*.sock"))) == 2,
-                   what="the restarted worker's control socket")
+        wait_until(
+            lambda: len(list((tmp_path / "run").glob("run-*.w*.sock"))) == 2,
+            what="the restarted worker's control socket",
+        )
         assert echo_once(port, b"cd").endswith(b"cd")
-        wait_until(lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) >= 42,
-                   what="a flow after the restart")
+        wait_until(
+            lambda: sum(samples(scrape(mport), "tproxy_flows_total").values()) >= 42,
+            what="a flow after the restart",
+        )
     finally:
         assert proxy.stop() == 0, proxy.log
 
@@ -332,8 +377,10 @@ def test_sighup_rereads_the_config_file(tmp_path: Path, echo: int) -> None:
         assert echo_once(port, b"x") == b"<b>x"
         path.write_text(path.read_text() + "nonsense-key = 1\n")
         proxy.signal(signal.SIGHUP)
-        proxy.wait_log(r"reload failed, keeping the running configuration: .*tproxy.toml:5: "
-                       r"unknown key 'nonsense-key'")
+        proxy.wait_log(
+            r"reload failed, keeping the running configuration: .*tproxy.toml:5: "
+            r"unknown key 'nonsense-key'"
+        )
         assert echo_once(port, b"x") == b"<b>x"
     finally:
         assert proxy.stop() == 0, proxy.log

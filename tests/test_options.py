@@ -23,8 +23,16 @@ def test_normalize_keys_spells_underscores_and_rejects_twins() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("64k", 65536), ("64K", 65536), ("1m", 2**20), ("2g", 2**31),
-     ("64kib", 65536), ("1 MB", 2**20), ("0", 0)],
+    [
+        ("4096", 4096),
+        ("64k", 65536),
+        ("64K", 65536),
+        ("1m", 2**20),
+        ("2g", 2**31),
+        ("64kib", 65536),
+        ("1 MB", 2**20),
+        ("0", 0),
+    ],
 )
 def test_size(text: str, value: int) -> None:
     assert o.parse_size("t", "max-bytes", text) == value
@@ -60,8 +68,10 @@ def test_int_bounds() -> None:
         o.parse_int("t", "n", "seven")
 
 
-@pytest.mark.parametrize(("text", "value"), [("yes", True), ("ON", True), ("1", True),
-                                              ("false", False), ("off", False), ("0", False)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("yes", True), ("ON", True), ("1", True), ("false", False), ("off", False), ("0", False)],
+)
 def test_bool(text: str, value: bool) -> None:
     assert o.parse_bool("t", "flag", text) is value
 
@@ -116,7 +126,8 @@ class Tarpit(Interceptor):
     @classmethod
     def parse_options(cls, raw):  # type: ignore[no-untyped-def]
         return o.parse(
-            "tarpit", raw,
+            "tarpit",
+            raw,
             delay=(o.parse_duration, 0.25),
             max_bytes=(o.parse_size, 65536),
             greeting=o.parse_bytes,
@@ -155,6 +166,7 @@ def test_driver_takes_options_as_the_command_line_does() -> None:
 def test_builtin_options_in_either_spelling() -> None:
     from tproxy.interceptors.hexdump import Hexdump
 
-    assert Driver(Hexdump, max_bytes="10").interceptor.options == Driver(
-        (Hexdump, {"max-bytes": "10"})).interceptor.options
-
+    assert (
+        Driver(Hexdump, max_bytes="10").interceptor.options
+        == Driver((Hexdump, {"max-bytes": "10"})).interceptor.options
+    )

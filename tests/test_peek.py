@@ -71,8 +71,7 @@ def factory(cls: type[Interceptor], *when: str) -> InterceptorFactory:
 
 
 def flow(mode: str = "transparent") -> FlowInfo:
-    return FlowInfo(id=7, client=("192.0.2.1", 40000), destination=("198.51.100.9", 443),
-                    mode=mode)
+    return FlowInfo(id=7, client=("192.0.2.1", 40000), destination=("198.51.100.9", 443), mode=mode)
 
 
 class Clock:
@@ -285,8 +284,9 @@ async def test_the_relay_releases_a_stalled_hello_at_the_peek_timeout(autojump_c
 
     hello = python_client_hello("a.test")[:10]
     BUILT.clear()
-    engine = Engine(EngineConfig(peek_timeout=2.0),
-                    [factory(Tag, r"sni=a\.test"), factory(Tag, "port=443")])
+    engine = Engine(
+        EngineConfig(peek_timeout=2.0), [factory(Tag, r"sni=a\.test"), factory(Tag, "port=443")]
+    )
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     front = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     arrived = trio.Event()
@@ -309,8 +309,9 @@ async def test_the_relay_releases_a_stalled_hello_at_the_peek_timeout(autojump_c
         await front.aclose()
         outgoing = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
         info = engine.new_flow(("127.0.0.1", 1), ("127.0.0.1", 443), "forward")
-        nursery.start_soon(functools.partial(engine.relay, source=("127.0.0.1", 1)),
-                           incoming, outgoing, info)
+        nursery.start_soon(
+            functools.partial(engine.relay, source=("127.0.0.1", 1)), incoming, outgoing, info
+        )
         opened = trio.current_time()  # virtual (autojump): the peek's hold, not speed
         await client.send_all(hello)
         with trio.fail_after(30):

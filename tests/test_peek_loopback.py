@@ -46,7 +46,6 @@ def https(name: str, port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return curl("--resolve", f"{name}:{port}:127.0.0.1", *args, f"https://{name}:{port}/")
 
 
-
 def fetch(port: int, name: str, cafiles: list[Path]) -> tuple[x509.Certificate, bytes]:
     """One GET through python ssl trusting ``cafiles``: the leaf it saw and the reply."""
     ctx = ssl.create_default_context()
@@ -69,8 +68,14 @@ def fetch(port: int, name: str, cafiles: list[Path]) -> tuple[x509.Certificate, 
 
 def test_when_sni_selects_the_interceptor_behind_tls_interception(tmp_path, pki, server):
     ca_dir, _ = pki
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki), *REPLACE, "--when", r"sni=a\.test") as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{server}"],
+        *tls_args(pki),
+        *REPLACE,
+        "--when",
+        r"sni=a\.test",
+    ) as proxy:
         port = proxy.port("forward")
         selected = https("a.test", port, "--cacert", str(ca_dir / "ca.pem"))
         assert selected.returncode == 0, selected.stderr
@@ -82,9 +87,16 @@ def test_when_sni_selects_the_interceptor_behind_tls_interception(tmp_path, pki,
 
 
 def test_when_sni_without_tls_peeks_the_hello_and_blocks_by_name(tmp_path, server):
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       "-i", "block", "-o", f"port={server}",
-                       "--when", r"sni=blocked\.test") as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{server}"],
+        "-i",
+        "block",
+        "-o",
+        f"port={server}",
+        "--when",
+        r"sni=blocked\.test",
+    ) as proxy:
         port = proxy.port("forward")
         blocked = https("blocked.test", port, "-k")
         assert blocked.returncode != 0
@@ -104,9 +116,16 @@ def test_when_sni_plain_http_is_not_held_and_not_selected(tmp_path):
     from explicit_harness import http_server
 
     with http_server(tmp_path) as web:
-        with running_proxy(tmp_path, [f"forward:127.0.0.1:{web}"],
-                           "-i", "block", "-o", f"port={web}",
-                           "--when", r"sni=.*") as proxy:
+        with running_proxy(
+            tmp_path,
+            [f"forward:127.0.0.1:{web}"],
+            "-i",
+            "block",
+            "-o",
+            f"port={web}",
+            "--when",
+            r"sni=.*",
+        ) as proxy:
             done = curl(f"http://127.0.0.1:{proxy.port('forward')}/")
             assert done.returncode == 0, done.stderr
             assert done.stdout == "hello world, from the server\n"
@@ -115,8 +134,12 @@ def test_when_sni_plain_http_is_not_held_and_not_selected(tmp_path):
 def test_tls_when_intercepts_only_the_selected_names(tmp_path, pki, server):
     ca_dir, upstream = pki
     ours = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki, "--tls-when", r"sni=a\.test"), *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{server}"],
+        *tls_args(pki, "--tls-when", r"sni=a\.test"),
+        *REPLACE,
+    ) as proxy:
         port = proxy.port("forward")
         both = [ca_dir / "ca.pem", upstream.ca_file]
         leaf, reply = fetch(port, "a.test", both)
@@ -136,9 +159,12 @@ def test_tls_when_unselected_flow_is_byte_identical_ciphertext(tmp_path, pki) ->
 
     _, upstream = pki
     raw_server = RawServer(upstream)
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{raw_server.port}"],
-                       *tls_args(pki, "--tls-when", r"sni=a\.test", "--tls-when", "port=1"),
-                       *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{raw_server.port}"],
+        *tls_args(pki, "--tls-when", r"sni=a\.test", "--tls-when", "port=1"),
+        *REPLACE,
+    ) as proxy:
         client = raw_client(proxy.port("forward"), upstream.ca_file)
         client.handshake()
         leaf = x509.load_der_x509_certificate(client.end.obj.getpeercert(binary_form=True))
@@ -176,13 +202,28 @@ def test_a_stalled_hello_is_released_after_the_peek_timeout(tmp_path):
 
     start = b"\x16\x03\x01\x00\x80\x01\x00"  # a ClientHello's start, 0x80 bytes announced
     with echo_server() as echo:
-        with running_proxy(tmp_path, [f"forward:127.0.0.1:{echo}"], "-vv",
-                           "--peek-timeout", "0.3",
-                           "-i", "replace", "-o", "old=\\x80\\x01", "-o", "new=AB",
-                           "--when", f"port={echo}",
-                           "-i", "label", "--when", r"sni=a\.test") as proxy:
-            with socket.create_connection(("127.0.0.1", proxy.port("forward")),
-                                          timeout=HANG_GUARD) as sock:
+        with running_proxy(
+            tmp_path,
+            [f"forward:127.0.0.1:{echo}"],
+            "-vv",
+            "--peek-timeout",
+            "0.3",
+            "-i",
+            "replace",
+            "-o",
+            "old=\\x80\\x01",
+            "-o",
+            "new=AB",
+            "--when",
+            f"port={echo}",
+            "-i",
+            "label",
+            "--when",
+            r"sni=a\.test",
+        ) as proxy:
+            with socket.create_connection(
+                ("127.0.0.1", proxy.port("forward")), timeout=HANG_GUARD
+            ) as sock:
                 sock.sendall(start)
                 assert recv_exact(sock, len(start)) == b"\x16\x03\x01\x00AB\x00"
                 sock.sendall(b"more")

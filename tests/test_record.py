@@ -59,8 +59,15 @@ def _chunks(rng: random.Random, data: bytes) -> list[bytes]:
 
 def test_checksum_equals_the_word_by_word_sum() -> None:
     rng = random.Random(5)
-    cases = [b"", b"\0", b"\0\0\0", b"\xff\xff", b"\xff\xff\xff\xff", b"\x01",
-             b"\xfe\xff\x01\x00"] + [rng.randbytes(rng.randint(1, 1600)) for _ in range(2000)]
+    cases = [
+        b"",
+        b"\0",
+        b"\0\0\0",
+        b"\xff\xff",
+        b"\xff\xff\xff\xff",
+        b"\x01",
+        b"\xfe\xff\x01\x00",
+    ] + [rng.randbytes(rng.randint(1, 1600)) for _ in range(2000)]
     for data in cases:
         assert checksum(data) == _checksum_by_words(data), data
 
@@ -76,8 +83,10 @@ def test_checksum_of_a_packet_with_its_checksum_is_zero() -> None:
 
 @pytest.mark.parametrize(
     ("client", "server"),
-    [(("192.0.2.10", 40000), ("198.51.100.20", 80)),
-     (("2001:db8:1::2", 40000), ("2001:db8:2::2", 443))],
+    [
+        (("192.0.2.10", 40000), ("198.51.100.20", 80)),
+        (("2001:db8:1::2", 40000), ("2001:db8:2::2", 443)),
+    ],
     ids=["ipv4", "ipv6"],
 )
 def test_tshark_follows_10_mib_to_the_same_bytes(
@@ -103,14 +112,28 @@ def test_tshark_follows_10_mib_to_the_same_bytes(
     assert node0 == fmt.format(*client) and node1 == fmt.format(*server)
     # every checksum verifies; every data segment fits the MSS; FIN both ways
     fields = _tshark(
-        "-r", str(path), "-o", "tcp.check_checksum:TRUE", "-o", "ip.check_checksum:TRUE",
-        "-T", "fields", "-e", "tcp.checksum.status", "-e", "tcp.len", "-e", "tcp.flags.fin",
-        "-e", "tcp.analysis.flags",
+        "-r",
+        str(path),
+        "-o",
+        "tcp.check_checksum:TRUE",
+        "-o",
+        "ip.check_checksum:TRUE",
+        "-T",
+        "fields",
+        "-e",
+        "tcp.checksum.status",
+        "-e",
+        "tcp.len",
+        "-e",
+        "tcp.flags.fin",
+        "-e",
+        "tcp.analysis.flags",
     ).splitlines()
     statuses = {line.split("\t")[0] for line in fields}
     assert statuses == {"1"}, statuses  # 1: good
-    assert max(int(line.split("\t")[1]) for line in fields) == (1460 if ":" not in client[0]
-                                                                 else 1440)
+    assert max(int(line.split("\t")[1]) for line in fields) == (
+        1460 if ":" not in client[0] else 1440
+    )
     assert sum(line.split("\t")[2] == "1" for line in fields) == 2
     assert not any(line.split("\t")[3] for line in fields)  # no lost/out-of-order segments
 
@@ -127,17 +150,23 @@ def test_changed_bytes_give_two_marked_conversations(tmp_path: Path) -> None:
         rec.end("reset")
     client_up, client_down, c0, _ = follow(path, 0)
     server_up, server_down, s0, _ = follow(path, 1)
-    assert (client_up, client_down) == (b"GET / HTTP/1.1\r\n\r\n",
-                                        b"[tproxy] HTTP/1.1 200 OK\r\n\r\n")
+    assert (client_up, client_down) == (
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"[tproxy] HTTP/1.1 200 OK\r\n\r\n",
+    )
     assert (server_up, server_down) == (b"GET /x HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")
     assert c0 == "192.0.2.10:40000" and s0 != c0
-    comments = [c for c in _tshark("-r", str(path), "-T", "fields", "-e", "frame.comment")
-                .splitlines() if c.strip()]
+    comments = [
+        c
+        for c in _tshark("-r", str(path), "-T", "fields", "-e", "frame.comment").splitlines()
+        if c.strip()
+    ]
     assert any("CLIENT SIDE" in c and "flow 9" in c and "replace, label" in c for c in comments)
     assert any("SERVER SIDE" in c for c in comments)
     assert any("ended: reset" in c for c in comments)
-    resets = _tshark("-r", str(path), "-Y", "tcp.flags.reset == 1", "-T", "fields",
-                     "-e", "tcp.stream").split()
+    resets = _tshark(
+        "-r", str(path), "-Y", "tcp.flags.reset == 1", "-T", "fields", "-e", "tcp.stream"
+    ).split()
     assert sorted(resets) == ["0", "1"]
 
 
@@ -188,8 +217,9 @@ def test_max_bytes_caps_what_is_recorded(tmp_path: Path) -> None:
 
 def test_mixed_families_and_names_still_make_one_valid_conversation(tmp_path: Path) -> None:
     path = tmp_path / "flow.pcapng"
-    info = FlowInfo(id=3, client=("127.0.0.1", 5555), destination=("example.test", 443),
-                    mode="socks")
+    info = FlowInfo(
+        id=3, client=("127.0.0.1", 5555), destination=("example.test", 443), mode="socks"
+    )
     with path.open("wb") as out:
         rec = Recorder(PcapngWriter(out), info)
         rec.feed("client", "read", b"hi")
@@ -214,8 +244,9 @@ def test_recording_per_flow_directory_and_shared_file(tmp_path: Path) -> None:
     assert follow(tmp_path / "flows" / "flow-5.pcapng", 0)[0] == b"x"
     shared = Recording(str(tmp_path / "all.pcapng"), worker="w1")
     for fid in (1, 2):
-        tap = shared.tap_for(FlowInfo(id=fid, client=("192.0.2.1", fid),
-                                      destination=("198.51.100.1", 2)), [])
+        tap = shared.tap_for(
+            FlowInfo(id=fid, client=("192.0.2.1", fid), destination=("198.51.100.1", 2)), []
+        )
         tap.feed("client", "read", b"flow%d" % fid)
         tap.end("eof")
     shared.close()
@@ -227,8 +258,13 @@ def test_run_record_writes_what_was_relayed(tmp_path: Path) -> None:
         port = free_port()
         out = tmp_path / "rec"
         proxy = Proxy(
-            tmp_path, "--mode", f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
-            "-i", "label", "--record", str(out),
+            tmp_path,
+            "--mode",
+            f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
+            "-i",
+            "label",
+            "--record",
+            str(out),
         )
         try:
             proxy.wait_port(port)

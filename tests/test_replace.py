@@ -96,15 +96,12 @@ def test_eof_of_every_chosen_direction_means_passthrough() -> None:
 
 
 def test_regex_with_groups_split_across_reads() -> None:
-    d = Driver(Replace, pattern=r"Server: (\S+)\r\n", new=r"Server: hidden(\1)\r\n",
-               max_match="64")
+    d = Driver(Replace, pattern=r"Server: (\S+)\r\n", new=r"Server: hidden(\1)\r\n", max_match="64")
     d.server(b"HTTP/1.0 200 OK\r\nSer")
     d.server(b"ver: nginx\r")
     d.server(b"\nContent-Length: 0\r\n\r\n")
     d.server_eof()
-    assert d.to_client == (
-        b"HTTP/1.0 200 OK\r\nServer: hidden(nginx)\r\nContent-Length: 0\r\n\r\n"
-    )
+    assert d.to_client == (b"HTTP/1.0 200 OK\r\nServer: hidden(nginx)\r\nContent-Length: 0\r\n\r\n")
 
 
 def test_regex_holds_back_at_most_max_match_minus_one() -> None:

@@ -53,9 +53,25 @@ ip -6 rule del fwmark 0x10/0xf0 lookup 200 priority 50 protocol 116
 ip -6 route del local ::/0 dev lo table 200 proto 116
 """  # noqa: E501
 
-CUSTOM = ["in0", "out0", "--port", "443", "--ipv6", "--mark", "0x10/0xf0", "--table", "200",
-          "--priority", "50", "--proxy-port", "8443", "--proxy-address", "2001:db8::5",
-          "--instance", "lab"]
+CUSTOM = [
+    "in0",
+    "out0",
+    "--port",
+    "443",
+    "--ipv6",
+    "--mark",
+    "0x10/0xf0",
+    "--table",
+    "200",
+    "--priority",
+    "50",
+    "--proxy-port",
+    "8443",
+    "--proxy-address",
+    "2001:db8::5",
+    "--instance",
+    "lab",
+]
 
 
 def test_setup_dry_run_ipv4(capsys: pytest.CaptureFixture[str]) -> None:
@@ -78,9 +94,18 @@ def test_dry_run_needs_neither_root_nor_interfaces(
 
 
 def test_teardown_text_is_the_reverse() -> None:
-    request = build_request("in0", "out0", "443", mark="0x10/0xf0", table=200, priority=50,
-                            proxy_port=8443, proxy_addresses=["2001:db8::5"], ipv6=True,
-                            instance="lab")
+    request = build_request(
+        "in0",
+        "out0",
+        "443",
+        mark="0x10/0xf0",
+        table=200,
+        priority=50,
+        proxy_port=8443,
+        proxy_addresses=["2001:db8::5"],
+        ipv6=True,
+        instance="lab",
+    )
     plan = make_plan(request)
     assert "\n".join(setup_commands(plan)) + "\n" == EXPECTED_V6_CUSTOM
     assert "\n".join(teardown_commands(plan)) + "\n" == EXPECTED_V6_TEARDOWN
@@ -139,25 +164,52 @@ ip6tables-legacy -t filter -I FORWARD 1 -i eth0 -p udp -m udp --dport 443 -m com
 
 
 def test_setup_dry_run_udp_and_block_quic(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["setup", "eth0", "eth1", "--udp-port", "53", "--block-quic", "--ipv6",
-                 "--dry-run"]) == 0
+    assert (
+        main(["setup", "eth0", "eth1", "--udp-port", "53", "--block-quic", "--ipv6", "--dry-run"])
+        == 0
+    )
     assert capsys.readouterr().out == EXPECTED_UDP_V6
-    plan = make_plan(build_request("eth0", "eth1", None, udp_ports="53", block_quic=True,
-                                   ipv6=True))
+    plan = make_plan(
+        build_request("eth0", "eth1", None, udp_ports="53", block_quic=True, ipv6=True)
+    )
     undo = teardown_commands(plan)
-    assert undo[0] == ("ip6tables-legacy -t filter -D FORWARD -i eth0 -p udp -m udp --dport 443"
-                       " -m comment --comment tproxy:default -j REJECT --reject-with "
-                       "icmp6-port-unreachable")  # the switches first
+    assert undo[0] == (
+        "ip6tables-legacy -t filter -D FORWARD -i eth0 -p udp -m udp --dport 443"
+        " -m comment --comment tproxy:default -j REJECT --reject-with "
+        "icmp6-port-unreachable"
+    )  # the switches first
 
 
 def test_tcp_and_udp_ports_together(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["setup", "eth0", "eth1", "-p", "80", "--udp-port", "53", "--udp-port", "123",
-                 "--ipv4", "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "setup",
+                "eth0",
+                "eth1",
+                "-p",
+                "80",
+                "--udp-port",
+                "53",
+                "--udp-port",
+                "123",
+                "--ipv4",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    tproxy = [line.split(" -m comment")[0].split("TPROXY_PRE ")[1] for line in lines
-              if "-j TPROXY --on-port" in line]
-    assert tproxy == ["-i eth0 -p tcp -m tcp --dport 80", "-i eth0 -p udp -m udp --dport 53",
-                      "-i eth0 -p udp -m udp --dport 123"]
+    tproxy = [
+        line.split(" -m comment")[0].split("TPROXY_PRE ")[1]
+        for line in lines
+        if "-j TPROXY --on-port" in line
+    ]
+    assert tproxy == [
+        "-i eth0 -p tcp -m tcp --dport 80",
+        "-i eth0 -p udp -m udp --dport 53",
+        "-i eth0 -p udp -m udp --dport 123",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,13 @@ class MemoryKernel:
         self.items.remove(item)
         self.log.append(f"del {describe(item)}")
         if isinstance(item, Chain):  # a chain is flushed, then deleted, as the kernel does
-            self.items = [i for i in self.items if not (
-                isinstance(i, MangleRule) and (i.family, i.chain) == (item.family, item.name))]
+            self.items = [
+                i
+                for i in self.items
+                if not (
+                    isinstance(i, MangleRule) and (i.family, i.chain) == (item.family, item.name)
+                )
+            ]
         return True
 
     def installed(self) -> list[Found]:
@@ -206,8 +211,7 @@ def test_records_of_deleted_namespaces_are_collected(state_root: Path) -> None:
     assert not gone.exists() and alive.exists()
 
 
-@pytest.mark.parametrize(("first", "second"), [("80", "80,443"), ("80,443", "80"),
-                                               ("80", "81")])
+@pytest.mark.parametrize(("first", "second"), [("80", "80,443"), ("80,443", "80"), ("80", "81")])
 def test_any_different_plan_is_refused_wider_or_narrower(first: str, second: str) -> None:
     kernel = MemoryKernel()
     installer.install(make(first), backends=[kernel])
@@ -215,8 +219,7 @@ def test_any_different_plan_is_refused_wider_or_narrower(first: str, second: str
     assert installer.conflict(make(second), backends=[kernel]) is not None
     with pytest.raises(installer.ConflictError, match=r"different plan.*--replace"):
         installer.install(make(second), backends=[kernel])
-    assert kernel.items == before and state.load("default") == (make(first).request,
-                                                                "installed")
+    assert kernel.items == before and state.load("default") == (make(first).request, "installed")
     assert installer.conflict(make(first), backends=[kernel]) is None
     assert installer.install(make(second), replace=True, backends=[kernel]) == "replaced"
     assert kernel.items == list(make(second).items)

@@ -51,12 +51,36 @@ def test_ipv4_plan_items_in_install_order() -> None:
         Chain(4, "TPROXY_PRE"),
         MangleRule(4, "TPROXY_DIVERT", SetMark(1, 0xFFFFFFFF), c),
         MangleRule(4, "TPROXY_DIVERT", Accept(), c),
-        MangleRule(4, "TPROXY_PRE", items[6].target, c, "eth0", "tcp",
-                   dport=PortRange(80, 80), not_syn=True, socket_transparent=True),
-        MangleRule(4, "TPROXY_PRE", items[6].target, c, "eth1", "tcp",
-                   sport=PortRange(80, 80), socket_transparent=True),
-        MangleRule(4, "TPROXY_PRE", Tproxy("127.0.0.1", 9091, 1, 0xFFFFFFFF), c, "eth0",
-                   "tcp", dport=PortRange(80, 80)),
+        MangleRule(
+            4,
+            "TPROXY_PRE",
+            items[6].target,
+            c,
+            "eth0",
+            "tcp",
+            dport=PortRange(80, 80),
+            not_syn=True,
+            socket_transparent=True,
+        ),
+        MangleRule(
+            4,
+            "TPROXY_PRE",
+            items[6].target,
+            c,
+            "eth1",
+            "tcp",
+            sport=PortRange(80, 80),
+            socket_transparent=True,
+        ),
+        MangleRule(
+            4,
+            "TPROXY_PRE",
+            Tproxy("127.0.0.1", 9091, 1, 0xFFFFFFFF),
+            c,
+            "eth0",
+            "tcp",
+            dport=PortRange(80, 80),
+        ),
         MangleRule(4, "PREROUTING", items[-1].target, c, first=True),
     )
     assert items[6].target.chain == "TPROXY_DIVERT"  # type: ignore[union-attr]
@@ -96,8 +120,15 @@ def test_several_ports_and_ranges() -> None:
 
 
 def test_custom_mark_table_priority_port_address_instance() -> None:
-    p = plan("22", mark="0x10/0xf0", table="200", priority="42", proxy_port="8080",
-             proxy_addresses=["10.0.0.1", "fd00::1"], instance="lab")
+    p = plan(
+        "22",
+        mark="0x10/0xf0",
+        table="200",
+        priority="42",
+        proxy_port="8080",
+        proxy_addresses=["10.0.0.1", "fd00::1"],
+        instance="lab",
+    )
     assert IpRule(4, 0x10, 0xF0, 200, 42) in p.items
     assert IpRule(6, 0x10, 0xF0, 200, 42) in p.items
     assert LocalRoute(6, 200) in p.items
@@ -158,11 +189,22 @@ def test_request_and_items_survive_json() -> None:
 
 
 def test_udp_ports_divert_to_the_same_proxy_port() -> None:
-    items = make_plan(build_request("eth0", "eth1", "80", udp_ports="53,5000-5100",
-                                    ipv4=True)).items
+    items = make_plan(
+        build_request("eth0", "eth1", "80", udp_ports="53,5000-5100", ipv4=True)
+    ).items
     rules = [i for i in items if isinstance(i, MangleRule) and i.chain == "TPROXY_PRE"]
-    assert [(r.protocol, r.in_interface, r.dport, r.sport, type(r.target).__name__,
-             r.socket_transparent, r.not_syn) for r in rules] == [
+    assert [
+        (
+            r.protocol,
+            r.in_interface,
+            r.dport,
+            r.sport,
+            type(r.target).__name__,
+            r.socket_transparent,
+            r.not_syn,
+        )
+        for r in rules
+    ] == [
         ("tcp", "eth0", PortRange(80, 80), None, "Jump", True, True),
         ("tcp", "eth1", None, PortRange(80, 80), "Jump", True, False),
         # UDP: only servers' replies take the socket shortcut; clients' datagrams meet TPROXY
@@ -181,7 +223,9 @@ def test_udp_only_plan_both_families() -> None:
     assert {i.protocol for i in items if isinstance(i, MangleRule) and i.protocol} == {"udp"}
     tproxies = [i for i in items if isinstance(i, MangleRule) and isinstance(i.target, Tproxy)]
     assert [(t.family, t.target.on_ip) for t in tproxies] == [  # type: ignore[union-attr]
-        (4, "127.0.0.1"), (6, "::1")]
+        (4, "127.0.0.1"),
+        (6, "::1"),
+    ]
     with pytest.raises(PlanError, match="no ports"):
         build_request("eth0", "eth1", None)
     with pytest.raises(PlanError, match="no ports"):
@@ -194,12 +238,24 @@ def test_block_quic_rejects_udp_443_in_filter_forward() -> None:
     items = make_plan(build_request("eth0", "eth1", "80,443", block_quic=True)).items
     rejects = [i for i in items if isinstance(i, MangleRule) and isinstance(i.target, Reject)]
     assert rejects == [
-        MangleRule(f, "FORWARD", Reject(), "tproxy:default", "eth0", "udp",
-                   dport=PortRange(443, 443), first=True, table="filter")
+        MangleRule(
+            f,
+            "FORWARD",
+            Reject(),
+            "tproxy:default",
+            "eth0",
+            "udp",
+            dport=PortRange(443, 443),
+            first=True,
+            table="filter",
+        )
         for f in (4, 6)
     ]
-    assert all(i.table == "mangle" for i in items if isinstance(i, MangleRule)
-               and not isinstance(i.target, Reject))
+    assert all(
+        i.table == "mangle"
+        for i in items
+        if isinstance(i, MangleRule) and not isinstance(i.target, Reject)
+    )
     with pytest.raises(PlanError, match="block-quic"):
         build_request("eth0", "eth1", "80", udp_ports="400-500", block_quic=True)
 

@@ -14,7 +14,10 @@ from tproxy.routing.ports import PortRange, PortSpecError, parse_ports
 def test_single_list_and_range() -> None:
     assert parse_ports("80") == (PortRange(80, 80),)
     assert parse_ports("80,443,8000-8100") == (
-        PortRange(80, 80), PortRange(443, 443), PortRange(8000, 8100))
+        PortRange(80, 80),
+        PortRange(443, 443),
+        PortRange(8000, 8100),
+    )
 
 
 def test_sorted_merged_and_colon_ranges() -> None:

@@ -29,9 +29,22 @@ def run_args(*argv: str):  # type: ignore[no-untyped-def]
 
 
 def test_options_do_not_clash_with_runs_own() -> None:
-    args = run_args("--setup", "in0", "out0", "--port", "80,443", "--route-mark", "0x2/0xff",
-                    "--route-table", "7", "--route-priority", "9", "--route-instance", "x",
-                    "--ipv4")
+    args = run_args(
+        "--setup",
+        "in0",
+        "out0",
+        "--port",
+        "80,443",
+        "--route-mark",
+        "0x2/0xff",
+        "--route-table",
+        "7",
+        "--route-priority",
+        "9",
+        "--route-instance",
+        "x",
+        "--ipv4",
+    )
     plan = plan_for_run(args, 9091, "127.0.0.1", "::1")
     request = plan.request
     assert (request.in_interface, request.out_interface) == ("in0", "out0")
@@ -92,12 +105,12 @@ def test_leftover_of_a_killed_run_is_adopted_setup_one_is_left(kernel: MemoryKer
 
 
 def test_udp_port_and_block_quic_pass_through() -> None:
-    args = run_args("--setup", "in0", "out0", "--port", "80", "--udp-port", "53",
-                    "--block-quic")
+    args = run_args("--setup", "in0", "out0", "--port", "80", "--udp-port", "53", "--block-quic")
     request = plan_for_run(args, 9091, "127.0.0.1", "::1").request
     assert [str(p) for p in request.udp_ports] == ["53"] and request.block_quic
-    udp_only = plan_for_run(run_args("--setup", "in0", "out0", "--udp-port", "53"), 9091,
-                            "127.0.0.1", None).request
+    udp_only = plan_for_run(
+        run_args("--setup", "in0", "out0", "--udp-port", "53"), 9091, "127.0.0.1", None
+    ).request
     assert udp_only.ports == () and udp_only.families == (4,)
 
 
@@ -112,8 +125,11 @@ def test_udp_port_and_block_quic_pass_through() -> None:
     ],
 )
 def test_bad_setup_arguments_fail_before_anything_listens(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, kernel: MemoryKernel,
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kernel: MemoryKernel,
 ) -> None:
     def must_not_listen(*args: object, **kw: object) -> None:
         raise AssertionError("a listener was opened before the routing arguments were checked")
@@ -127,13 +143,20 @@ def test_bad_setup_arguments_fail_before_anything_listens(
 
 
 def test_a_different_installed_plan_fails_run_before_it_listens(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, kernel: MemoryKernel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kernel: MemoryKernel,
 ) -> None:
-    installer.install(plan_for_run(run_args("--setup", "lo", "lo", "-p", "80"), 19091,
-                                   "127.0.0.1", None))
+    installer.install(
+        plan_for_run(run_args("--setup", "lo", "lo", "-p", "80"), 19091, "127.0.0.1", None)
+    )
     monkeypatch.setattr(runner, "open_doors", lambda *a, **k: pytest.fail("listened"))
-    assert main(["run", "--mode", "transparent@127.0.0.1:19091", "--setup", "lo", "lo",
-                 "-p", "80,443"]) == 2
+    assert (
+        main(
+            ["run", "--mode", "transparent@127.0.0.1:19091", "--setup", "lo", "lo", "-p", "80,443"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different plan" in err and "tproxy teardown" in err, err
     assert kernel.items  # the installed plan is left alone
@@ -148,8 +171,9 @@ def test_local_gives_the_proxy_its_mark_and_skips_it() -> None:
     assert args.mark == 0x7470
     request = plan_for_run(args, 9091, "127.0.0.1", "::1").request
     assert request.local and request.proxy_mark == 0x7470
-    own = run_args("--setup", "in0", "out0", "-p", "80", "--local", "--mark", "0x20",
-                   "--backend", "nft")
+    own = run_args(
+        "--setup", "in0", "out0", "-p", "80", "--local", "--mark", "0x20", "--backend", "nft"
+    )
     prepare_run_args(own)
     assert own.mark == 0x20
     assert plan_for_run(own, 9091, "127.0.0.1", "::1").request.proxy_mark == 0x20

@@ -29,8 +29,12 @@ from tproxy.selection import (
 )
 
 
-def flow(dst: tuple[str, int] = ("198.51.100.20", 80), client: str = "192.0.2.10",
-         mode: str = "transparent", sni: str | None = None) -> FlowInfo:
+def flow(
+    dst: tuple[str, int] = ("198.51.100.20", 80),
+    client: str = "192.0.2.10",
+    mode: str = "transparent",
+    sni: str | None = None,
+) -> FlowInfo:
     return dataclasses.replace(FlowInfo.example((client, 40000), dst, mode), sni=sni)
 
 
@@ -117,10 +121,20 @@ def test_class_default_and_override() -> None:
 
 
 def test_command_line_when_follows_its_interceptor() -> None:
-    specs = parse_interceptor_args([
-        "-i", "label", "--when", "port=80", "--when", "port=8080",
-        "-i", "hexdump", "-o", "max-bytes=4",
-    ])
+    specs = parse_interceptor_args(
+        [
+            "-i",
+            "label",
+            "--when",
+            "port=80",
+            "--when",
+            "port=8080",
+            "-i",
+            "hexdump",
+            "-o",
+            "max-bytes=4",
+        ]
+    )
     assert specs == [("label", {}, ("port=80", "port=8080")), ("hexdump", {"max-bytes": "4"})]
     label, hexdump = load_all(specs)
     assert label.selects(flow(("1.2.3.4", 8080))) and not label.selects(flow(("1.2.3.4", 22)))
@@ -135,8 +149,18 @@ def test_command_line_when_follows_its_interceptor() -> None:
 
 
 def test_bad_when_on_the_command_line_is_one_line_and_exit_2() -> None:
-    argv = [sys.executable, "-m", "tproxy", "run", "--mode", "transparent@127.0.0.1:1",
-            "-i", "label", "--when", "port=80,bogus=1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tproxy",
+        "run",
+        "--mode",
+        "transparent@127.0.0.1:1",
+        "-i",
+        "label",
+        "--when",
+        "port=80,bogus=1",
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "unknown key 'bogus'" in done.stderr
@@ -191,8 +215,7 @@ async def relay_once(engine: Engine, dst_port: int) -> bytes:
         outgoing = await trio.open_tcp_stream("127.0.0.1", port)
         info = engine.new_flow(("127.0.0.1", 1), ("127.0.0.1", dst_port), "forward")
         source = outgoing.socket.getsockname()[:2]
-        nursery.start_soon(functools.partial(engine.relay, source=source),
-                           incoming, outgoing, info)
+        nursery.start_soon(functools.partial(engine.relay, source=source), incoming, outgoing, info)
         await client.send_all(b"hello")
         await client.send_eof()
         with trio.fail_after(10):
@@ -204,10 +227,12 @@ async def relay_once(engine: Engine, dst_port: int) -> bytes:
 
 @pytest.mark.trio
 async def test_engine_builds_only_the_selected_interceptors() -> None:
-    factories = load_all([
-        (f"{__name__}:Tag", {"tag": "-web"}, ("port=80",)),
-        (f"{__name__}:Tag", {"tag": "-redis"}, ("port=6379",)),
-    ])
+    factories = load_all(
+        [
+            (f"{__name__}:Tag", {"tag": "-web"}, ("port=80",)),
+            (f"{__name__}:Tag", {"tag": "-redis"}, ("port=6379",)),
+        ]
+    )
     engine = Engine(EngineConfig(), factories)
     assert await relay_once(engine, 80) == b"hello-web"
     assert await relay_once(engine, 6379) == b"hello-redis"
@@ -221,9 +246,24 @@ def test_tproxy_run_warns_about_block_host_on_transparent_listeners() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        argv = [sys.executable, "-m", "tproxy", "run", "--mode", f"transparent@127.0.0.1:{port}",
-                "-i", "block", "-o", "host=ads\\.example",
-                "-i", "label", "--when", "sni=x", "--when", "mode=socks"]
+        argv = [
+            sys.executable,
+            "-m",
+            "tproxy",
+            "run",
+            "--mode",
+            f"transparent@127.0.0.1:{port}",
+            "-i",
+            "block",
+            "-o",
+            "host=ads\\.example",
+            "-i",
+            "label",
+            "--when",
+            "sni=x",
+            "--when",
+            "mode=socks",
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "block host= never matches on transparent listeners" in done.stderr

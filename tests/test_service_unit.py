@@ -42,8 +42,12 @@ def _command(line: str, config: Path) -> list[str]:
     """The unit's command line with this checkout's tproxy and the test's config."""
     argv = shlex.split(line)
     assert argv[0].endswith("/tproxy")
-    return [sys.executable, "-m", "tproxy", *(str(config) if a.endswith(".toml") else a
-                                              for a in argv[1:])]
+    return [
+        sys.executable,
+        "-m",
+        "tproxy",
+        *(str(config) if a.endswith(".toml") else a for a in argv[1:]),
+    ]
 
 
 def _receive(sock: socket.socket, want: str, timeout: float = 20.0) -> list[str]:
@@ -72,8 +76,13 @@ def test_notifications_as_systemd_sees_them(tmp_path: Path, workers: int) -> Non
             f'mode = ["forward:127.0.0.1:{echo}@127.0.0.1:{port}"]\nworkers = {workers}\n'
             '[[interceptor]]\nspec = "label"\n'
         )
-        check = subprocess.run(_command(unit["ExecStartPre"], config), capture_output=True,
-                               text=True, timeout=60, cwd=ROOT)
+        check = subprocess.run(
+            _command(unit["ExecStartPre"], config),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert check.returncode == 0, check.stderr
         notify_path = tmp_path / "notify.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:

@@ -90,6 +90,7 @@ def test_cancelled_timers_do_not_fire() -> None:
 def test_due_callbacks_run_in_deadline_then_creation_order() -> None:
     mid = Later(FLOW)
     d = Driver(mid)
+
     def record(name: str) -> None:
         mid.fired.append((name, mid.now()))
 

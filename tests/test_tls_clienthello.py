@@ -160,7 +160,9 @@ def test_any_record_split_gives_the_same_hello(
     name: str, sizes: list[int], protocols: list[bytes], padding: int
 ) -> None:
     message = handshake(
-        sni_ext(name.encode()) + alpn_ext(protocols) + versions_ext([0x0304, 0x0303])
+        sni_ext(name.encode())
+        + alpn_ext(protocols)
+        + versions_ext([0x0304, 0x0303])
         + extension(21, bytes(padding))
     )
     data = records(message, sizes)

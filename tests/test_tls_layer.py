@@ -89,8 +89,18 @@ def flow(dst: str = "198.51.100.20", client: str = "192.0.2.10") -> FlowInfo:
     return FlowInfo.example(client=(client, 40000), destination=(dst, 443))
 
 
-def connect(tls, upstream, *, interceptors=(), client_ca, names=(NAME,), sni=NAME,
-            client_alpn=None, server_alpn=None, info=None) -> Wire:
+def connect(
+    tls,
+    upstream,
+    *,
+    interceptors=(),
+    client_ca,
+    names=(NAME,),
+    sni=NAME,
+    client_alpn=None,
+    server_alpn=None,
+    info=None,
+) -> Wire:
     info = info or flow()
     built = [i(info) if isinstance(i, type) else i for i in interceptors]
     layer = tls.wrap(Chain(built), info)
@@ -119,8 +129,7 @@ def test_interceptors_see_plaintext_both_ways(pki):
     tls = interception(pki)
     info = flow()
     replace = Replace(info, Replace.parse_options({"old": "page", "new": "PAGE"}))
-    wire = connect(tls, upstream, client_ca=authority.cert_path, interceptors=[replace],
-                   info=info)
+    wire = connect(tls, upstream, client_ca=authority.cert_path, interceptors=[replace], info=info)
     wire.client.obj.write(b"GET /page HTTP/1.1\r\n\r\n")
     wire.run()
     assert wire.server.received == b"GET /PAGE HTTP/1.1\r\n\r\n"
@@ -133,12 +142,22 @@ def test_interceptors_see_plaintext_both_ways(pki):
 def test_alpn_http1_offers_only_http11_mirror_passes_h2(pki):
     authority, upstream = pki
     both = ["h2", "http/1.1"]
-    wire = connect(interception(pki), upstream, client_ca=authority.cert_path,
-                   client_alpn=both, server_alpn=both)
+    wire = connect(
+        interception(pki),
+        upstream,
+        client_ca=authority.cert_path,
+        client_alpn=both,
+        server_alpn=both,
+    )
     assert wire.client.obj.selected_alpn_protocol() == "http/1.1"
     assert wire.layer.info.tls.client_alpn == ("h2", "http/1.1")
-    wire = connect(interception(pki, alpn="mirror"), upstream, client_ca=authority.cert_path,
-                   client_alpn=both, server_alpn=both)
+    wire = connect(
+        interception(pki, alpn="mirror"),
+        upstream,
+        client_ca=authority.cert_path,
+        client_alpn=both,
+        server_alpn=both,
+    )
     assert wire.client.obj.selected_alpn_protocol() == "h2"
     assert wire.layer.info.tls.alpn == "h2"
 
@@ -220,8 +239,14 @@ def test_no_sni_uses_the_destination_address(pki):
     authority, upstream = pki
     tls = interception(pki)
     info = flow(dst="127.0.0.1")
-    wire = connect(tls, upstream, client_ca=authority.cert_path, names=("127.0.0.1",),
-                   sni="127.0.0.1", info=info)
+    wire = connect(
+        tls,
+        upstream,
+        client_ca=authority.cert_path,
+        names=("127.0.0.1",),
+        sni="127.0.0.1",
+        info=info,
+    )
     assert wire.client.done and info.tls.sni is None
     assert info.tls.names == ("127.0.0.1",)
 
@@ -249,8 +274,7 @@ class Guard(Interceptor):
 
 def test_abort_sends_the_reply_then_close_notify(pki):
     authority, upstream = pki
-    wire = connect(interception(pki), upstream, client_ca=authority.cert_path,
-                   interceptors=[Guard])
+    wire = connect(interception(pki), upstream, client_ca=authority.cert_path, interceptors=[Guard])
     wire.client.obj.write(b"GET /forbidden HTTP/1.1\r\n\r\n")
     wire.run()
     assert wire.aborted is not None and wire.aborted.reason == "forbidden"
@@ -267,8 +291,9 @@ class Banner(Interceptor):
 
 def test_start_injections_wait_for_the_handshake_and_are_encrypted(pki):
     authority, upstream = pki
-    wire = connect(interception(pki), upstream, client_ca=authority.cert_path,
-                   interceptors=[Banner])
+    wire = connect(
+        interception(pki), upstream, client_ca=authority.cert_path, interceptors=[Banner]
+    )
     assert wire.client.received == b"hello client\n"
     assert wire.server.received == b"hello server\n"
 
@@ -470,8 +495,9 @@ def test_a_builder_is_called_after_the_hello_with_sni_and_alpn(pki):
 def test_a_builder_that_selects_nothing_still_intercepts(pki):
     authority, upstream = pki
     made: list[FlowInfo] = []
-    wire = wire_for(interception(pki), upstream, builder(made, "other.example.test"),
-                    authority.cert_path)
+    wire = wire_for(
+        interception(pki), upstream, builder(made, "other.example.test"), authority.cert_path
+    )
     assert [i.sni for i in made] == [NAME]
     wire.server.obj.write(b"hello")
     wire.run()
@@ -499,8 +525,7 @@ def test_tls_when_passes_unselected_names_untouched_and_builds_nothing(pki):
     meta = wire.layer.info.tls
     assert not meta.intercepted and meta.passthrough_reason == "not selected by --tls-when"
     assert wire.layer.passthrough
-    chosen = wire_for(tls, upstream, builder(made), authority.cert_path,
-                      sni="other.example.test")
+    chosen = wire_for(tls, upstream, builder(made), authority.cert_path, sni="other.example.test")
     assert chosen.layer.info.tls.intercepted and [i.sni for i in made] == ["other.example.test"]
 
 

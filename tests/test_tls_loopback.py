@@ -49,7 +49,6 @@ def server(pki: tuple[Path, Upstream]) -> Iterator[int]:
         yield port
 
 
-
 def https(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return curl("--resolve", f"{NAME}:{port}:127.0.0.1", *args, f"https://{NAME}:{port}/")
 
@@ -64,16 +63,23 @@ def test_ca_init_show_export(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(ca_dir).st_mode) == 0o700
     shown = run_tproxy("ca", "show", "--dir", str(ca_dir))
     assert shown.returncode == 0
-    fingerprint = subprocess.run(
-        ["openssl", "x509", "-in", str(ca_dir / "ca.pem"), "-noout", "-fingerprint",
-         "-sha256"], capture_output=True, text=True, check=True,
-    ).stdout.strip().split("=", 1)[1]
+    fingerprint = (
+        subprocess.run(
+            ["openssl", "x509", "-in", str(ca_dir / "ca.pem"), "-noout", "-fingerprint", "-sha256"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .split("=", 1)[1]
+    )
     assert fingerprint in shown.stdout
     assert "update-ca-certificates" in shown.stdout and "--cacert" in shown.stdout
     assert "Firefox" in shown.stdout
     der = subprocess.run(
-        [sys.executable, "-m", "tproxy", "ca", "export", "--dir", str(ca_dir), "--format",
-         "der"], capture_output=True, check=True,
+        [sys.executable, "-m", "tproxy", "ca", "export", "--dir", str(ca_dir), "--format", "der"],
+        capture_output=True,
+        check=True,
     ).stdout
     cert = x509.load_der_x509_certificate(der)
     assert cert.public_bytes(ssl_pem()) == (ca_dir / "ca.pem").read_bytes()
@@ -92,8 +98,15 @@ def ssl_pem():  # type: ignore[no-untyped-def]
 
 
 def test_run_without_a_ca_is_a_usage_error(tmp_path: Path) -> None:
-    done = run_tproxy("run", "--mode", "socks@127.0.0.1:1", "--tls", "intercept",
-                      "--ca-dir", str(tmp_path / "none"))
+    done = run_tproxy(
+        "run",
+        "--mode",
+        "socks@127.0.0.1:1",
+        "--tls",
+        "intercept",
+        "--ca-dir",
+        str(tmp_path / "none"),
+    )
     assert done.returncode == 2
     assert "no CA in" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -103,24 +116,31 @@ def test_run_without_a_ca_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_curl_through_forward_gets_the_page_rewritten(tmp_path, pki, server) -> None:
     ca_dir, _ = pki
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki), *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki), *REPLACE
+    ) as proxy:
         port = proxy.port("forward")
         done = https(port, "--cacert", str(ca_dir / "ca.pem"))
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("hello WORLD, from the server")
         # keep-alive: two requests on one connection, both rewritten
         url = f"https://{NAME}:{port}/"
-        done = curl("--resolve", f"{NAME}:{port}:127.0.0.1", "--cacert",
-                    str(ca_dir / "ca.pem"), url, url)
+        done = curl(
+            "--resolve", f"{NAME}:{port}:127.0.0.1", "--cacert", str(ca_dir / "ca.pem"), url, url
+        )
         assert done.stdout.count("hello WORLD") == 2, done.stderr
 
 
 def test_curl_through_socks_gets_the_page_rewritten(tmp_path, pki, server) -> None:
     ca_dir, _ = pki
     with running_proxy(tmp_path, ["socks"], *tls_args(pki), *REPLACE) as proxy:
-        done = https(server, "--socks5", f"127.0.0.1:{proxy.port('socks')}",
-                     "--cacert", str(ca_dir / "ca.pem"))
+        done = https(
+            server,
+            "--socks5",
+            f"127.0.0.1:{proxy.port('socks')}",
+            "--cacert",
+            str(ca_dir / "ca.pem"),
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("hello WORLD")
 
@@ -129,10 +149,23 @@ def test_openssl_shows_the_forged_chain(tmp_path, pki, server) -> None:
     ca_dir, _ = pki
     with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki)) as proxy:
         done = subprocess.run(
-            ["openssl", "s_client", "-showcerts", "-connect",
-             f"127.0.0.1:{proxy.port('forward')}", "-servername", NAME,
-             "-CAfile", str(ca_dir / "ca.pem"), "-verify_hostname", NAME],
-            input="", capture_output=True, text=True, timeout=HANG_GUARD,
+            [
+                "openssl",
+                "s_client",
+                "-showcerts",
+                "-connect",
+                f"127.0.0.1:{proxy.port('forward')}",
+                "-servername",
+                NAME,
+                "-CAfile",
+                str(ca_dir / "ca.pem"),
+                "-verify_hostname",
+                NAME,
+            ],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD,
         )
     out = done.stdout
     assert out.count("-----BEGIN CERTIFICATE-----") == 2  # the leaf, then the CA
@@ -144,8 +177,9 @@ def test_a_client_that_does_not_trust_the_ca_fails_once_then_passes_through(
     tmp_path, pki, server
 ) -> None:
     _, upstream = pki
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki), *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki), *REPLACE
+    ) as proxy:
         port = proxy.port("forward")
         # this client trusts the real server's CA only
         first = https(port, "--cacert", str(upstream.ca_file))
@@ -162,24 +196,34 @@ def test_a_client_that_does_not_trust_the_ca_fails_once_then_passes_through(
 def test_an_unverifiable_server_is_an_alert_and_a_log_line(tmp_path, pki, server) -> None:
     ca_dir, _ = pki
     # no --tls-upstream-ca: the system store does not know the test PKI
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"], "--tls", "intercept",
-                       "--ca-dir", str(ca_dir)) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], "--tls", "intercept", "--ca-dir", str(ca_dir)
+    ) as proxy:
         done = https(proxy.port("forward"), "--cacert", str(ca_dir / "ca.pem"))
         assert done.returncode != 0
         assert "alert" in done.stderr.lower()
         log = proxy.wait_log("upstream certificate")
         assert re.search(r"upstream certificate of site\.example\.test rejected: \w", log)
         # --tls-upstream-verify no accepts it
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"], "--tls", "intercept",
-                       "--ca-dir", str(ca_dir), "--tls-upstream-verify", "no") as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{server}"],
+        "--tls",
+        "intercept",
+        "--ca-dir",
+        str(ca_dir),
+        "--tls-upstream-verify",
+        "no",
+    ) as proxy:
         done = https(proxy.port("forward"), "--cacert", str(ca_dir / "ca.pem"))
         assert done.returncode == 0, done.stderr
 
 
 def test_plain_http_is_untouched_by_tls_and_still_intercepted(tmp_path, pki) -> None:
-    with http_server(tmp_path) as port, running_proxy(
-        tmp_path, [f"forward:127.0.0.1:{port}"], *tls_args(pki), *REPLACE
-    ) as proxy:
+    with (
+        http_server(tmp_path) as port,
+        running_proxy(tmp_path, [f"forward:127.0.0.1:{port}"], *tls_args(pki), *REPLACE) as proxy,
+    ):
         done = curl(f"http://127.0.0.1:{proxy.port('forward')}/")
         assert done.stdout.startswith("hello WORLD"), done.stderr
 
@@ -241,9 +285,12 @@ def sha(data: bytes) -> str:
 def test_tls_ignore_gives_byte_identical_ciphertext(tmp_path, pki) -> None:
     _, upstream = pki
     raw_server = RawServer(upstream)
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{raw_server.port}"],
-                       *tls_args(pki, "--tls-ignore", r"^site\.example\.test$"),
-                       *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path,
+        [f"forward:127.0.0.1:{raw_server.port}"],
+        *tls_args(pki, "--tls-ignore", r"^site\.example\.test$"),
+        *REPLACE,
+    ) as proxy:
         client = raw_client(proxy.port("forward"), upstream.ca_file)
         client.handshake()
         leaf = x509.load_der_x509_certificate(client.end.obj.getpeercert(binary_form=True))
@@ -263,8 +310,9 @@ def test_a_2100_byte_hello_in_two_segments_200ms_apart_is_intercepted(
     ca_dir, _ = pki
     # A long ALPN list makes the hello as big as a post-quantum one.
     alpn = [f"x-padding-{i:03d}" for i in range(128)] + ["http/1.1"]
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki), *REPLACE) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki), *REPLACE
+    ) as proxy:
         client = raw_client(proxy.port("forward"), ca_dir / "ca.pem", alpn)
         client.end.step()
         hello = client.end.take()
@@ -282,8 +330,9 @@ def test_a_2100_byte_hello_in_two_segments_200ms_apart_is_intercepted(
 
 def test_a_client_stalling_mid_hello_is_closed_after_the_timeout(tmp_path, pki, server):
     ca_dir, _ = pki
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki, "--tls-handshake-timeout", "0.5")) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki, "--tls-handshake-timeout", "0.5")
+    ) as proxy:
         client = raw_client(proxy.port("forward"), ca_dir / "ca.pem")
         client.end.step()
         client.sock.sendall(client.end.take()[:40])
@@ -315,8 +364,9 @@ def test_garbage_after_a_hello_prefix_ends_only_its_flow(tmp_path, pki, server) 
 def test_keylog_gets_both_sides(tmp_path, pki, server) -> None:
     ca_dir, _ = pki
     keylog = tmp_path / "keys.log"
-    with running_proxy(tmp_path, [f"forward:127.0.0.1:{server}"],
-                       *tls_args(pki, "--tls-keylog", str(keylog))) as proxy:
+    with running_proxy(
+        tmp_path, [f"forward:127.0.0.1:{server}"], *tls_args(pki, "--tls-keylog", str(keylog))
+    ) as proxy:
         done = https(proxy.port("forward"), "--cacert", str(ca_dir / "ca.pem"))
         assert done.returncode == 0, done.stderr
         proxy.wait_log("flow 1 end")
@@ -349,7 +399,12 @@ def test_curl_through_http_connect_gets_the_page_rewritten(tmp_path, pki, server
     ca_dir, _ = pki
     with running_proxy(tmp_path, ["http"], *tls_args(pki), *REPLACE) as proxy:
         # CONNECT localhost:PORT: the proxy resolves the name, which is the SNI too
-        done = curl("--proxy", f"http://127.0.0.1:{proxy.port('http')}",
-                    "--cacert", str(ca_dir / "ca.pem"), f"https://localhost:{server}/")
+        done = curl(
+            "--proxy",
+            f"http://127.0.0.1:{proxy.port('http')}",
+            "--cacert",
+            str(ca_dir / "ca.pem"),
+            f"https://localhost:{server}/",
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("hello WORLD")

@@ -20,9 +20,7 @@ from tproxy.tls.layer import TlsInterception, TlsSettings
 async def test_a_client_stalling_mid_hello_is_ended_by_the_relay(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    tls = TlsInterception(
-        TlsSettings(handshake_timeout=10), LeafForge(ca.create(tmp_path / "ca"))
-    )
+    tls = TlsInterception(TlsSettings(handshake_timeout=10), LeafForge(ca.create(tmp_path / "ca")))
     info = FlowInfo.example()
     client_end, incoming = memory_stream_pair()
     outgoing, _server_end = memory_stream_pair()

@@ -51,13 +51,23 @@ def test_transparent_udp_mode() -> None:
 
 
 def test_original_destination_from_ancillary_data() -> None:
-    sin = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 53) + socket.inet_aton(
-        "198.51.100.2") + bytes(8)
-    sin6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 443, 0)
-            + socket.inet_pton(socket.AF_INET6, "2001:db8::2") + bytes(4))
+    sin = (
+        struct.pack("=H", socket.AF_INET)
+        + struct.pack("!H", 53)
+        + socket.inet_aton("198.51.100.2")
+        + bytes(8)
+    )
+    sin6 = (
+        struct.pack("=H", socket.AF_INET6)
+        + struct.pack("!HI", 443, 0)
+        + socket.inet_pton(socket.AF_INET6, "2001:db8::2")
+        + bytes(4)
+    )
     assert original_destination([(socket.SOL_IP, IP_ORIGDSTADDR, sin)]) == ("198.51.100.2", 53)
     assert original_destination([(socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR, sin6)]) == (
-        "2001:db8::2", 443)
+        "2001:db8::2",
+        443,
+    )
     assert original_destination([]) is None
     assert original_destination([(socket.SOL_IP, IP_ORIGDSTADDR, sin[:5])]) is None
     assert original_destination([(socket.SOL_SOCKET, 1, sin)]) is None
@@ -95,7 +105,8 @@ def test_a_udp_only_listener_runs_and_stops_on_sigterm() -> None:
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tproxy", "run", "--mode", f"transparent-udp@127.0.0.1:{port}"],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 20

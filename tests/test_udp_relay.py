@@ -66,7 +66,8 @@ async def echo_once(server: trio.socket.SocketType, prefix: bytes = b"re:") -> A
 
 @pytest.mark.trio
 async def test_a_session_relays_both_ways_and_ends_idle(
-    server: trio.socket.SocketType, autojump_clock: trio.testing.MockClock,
+    server: trio.socket.SocketType,
+    autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, "tproxy.flow")

@@ -32,9 +32,19 @@ def openssl_client_hello(server_name: str, alpn: str, timeout: float = 10.0) -> 
         port = listener.getsockname()[1]
         listener.settimeout(timeout)
         proc = subprocess.Popen(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
-             "-servername", server_name, "-alpn", alpn],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{port}",
+                "-servername",
+                server_name,
+                "-alpn",
+                alpn,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             conn, _ = listener.accept()
@@ -86,11 +96,13 @@ def handshake(extensions: bytes, *, legacy_version: int = 0x0303, suites: int = 
     body = (
         struct.pack("!H", legacy_version)
         + os.urandom(32)
-        + b"\x20" + os.urandom(32)
-        + struct.pack("!H", 2 * suites) + b"".join(struct.pack("!H", 0x1301 + i)
-                                                   for i in range(suites))
+        + b"\x20"
+        + os.urandom(32)
+        + struct.pack("!H", 2 * suites)
+        + b"".join(struct.pack("!H", 0x1301 + i) for i in range(suites))
         + b"\x01\x00"
-        + struct.pack("!H", len(extensions)) + extensions
+        + struct.pack("!H", len(extensions))
+        + extensions
     )
     return b"\x01" + len(body).to_bytes(3, "big") + body
 

@@ -154,8 +154,14 @@ def tls_server(upstream: Upstream, names: Sequence[str]) -> Iterator[int]:
     chain = upstream.forge.chain_file(tuple(names))
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), "127.0.0.1", str(port), str(chain),
-         str(upstream.forge.key_path)],
+        [
+            sys.executable,
+            str(SERVER_SCRIPT),
+            "127.0.0.1",
+            str(port),
+            str(chain),
+            str(upstream.forge.key_path),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -169,5 +175,12 @@ def tls_server(upstream: Upstream, names: Sequence[str]) -> Iterator[int]:
 def tls_args(pki: tuple[Path, Upstream], *more: str) -> list[str]:
     """``tproxy run`` options for TLS interception with this CA, trusting the stand-in PKI."""
     ca_dir, upstream = pki
-    return ["--tls", "intercept", "--ca-dir", str(ca_dir),
-            "--tls-upstream-ca", str(upstream.ca_file), *more]
+    return [
+        "--tls",
+        "intercept",
+        "--ca-dir",
+        str(ca_dir),
+        "--tls-upstream-ca",
+        str(upstream.ca_file),
+        *more,
+    ]

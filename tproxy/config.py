@@ -36,8 +36,21 @@ from . import run_options
 from .errors import UsageError
 
 SECTIONS = frozenset(
-    {"run", "listeners", "flows", "routing", "logging", "metrics", "recording", "explicit",
-     "workers", "limits", "timeouts", "tls", "udp"}
+    {
+        "run",
+        "listeners",
+        "flows",
+        "routing",
+        "logging",
+        "metrics",
+        "recording",
+        "explicit",
+        "workers",
+        "limits",
+        "timeouts",
+        "tls",
+        "udp",
+    }
 )
 """Tables that only group keys (a key means the same in any of them)."""
 
@@ -157,7 +170,7 @@ def file_tokens(path: str, parser: argparse.ArgumentParser | None = None) -> lis
         for n, entry in enumerate(entries):
             line = source.line_of("", key, n)
             if not isinstance(entry, dict) or not isinstance(entry.get("spec"), str):
-                raise source.error(line, f"{key}: each entry needs spec = \"NAME\"")
+                raise source.error(line, f'{key}: each entry needs spec = "NAME"')
             piece = ["-i", entry["spec"]]
             for ekey, value in entry.items():
                 if ekey == "spec":
@@ -206,8 +219,10 @@ def _scalar(value: Any) -> str:
 
 def _expected(action: argparse.Action) -> str:
     if action.nargs == 0:
-        return "expected true or false" if not isinstance(action, argparse._CountAction) else (
-            "expected a number or true/false"
+        return (
+            "expected true or false"
+            if not isinstance(action, argparse._CountAction)
+            else ("expected a number or true/false")
         )
     return "expected a value or a list"
 

@@ -332,8 +332,18 @@ def flows_main(args: argparse.Namespace) -> int:
 
 def format_table(flows: list[dict[str, Any]]) -> str:
     """The live flows as an aligned text table."""
-    header = ["ID", "MODE", "CLIENT", "DESTINATION", "SNI", "AGE", "IDLE", "UP", "DOWN",
-              "INTERCEPTORS"]
+    header = [
+        "ID",
+        "MODE",
+        "CLIENT",
+        "DESTINATION",
+        "SNI",
+        "AGE",
+        "IDLE",
+        "UP",
+        "DOWN",
+        "INTERCEPTORS",
+    ]
     rows = [header]
     for f in flows:
         rows.append(
@@ -352,6 +362,5 @@ def format_table(flows: list[dict[str, Any]]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
     )

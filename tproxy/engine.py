@@ -149,9 +149,7 @@ class Engine:
         if self.tls is not None:
             # --tls intercept: every flow gets the layer (it passes non-TLS flows on)
             return self.tls.wrap(self._build_chain, info)
-        if any(
-            getattr(f, "wants_client_hello", _never)(info) for f in self.factories
-        ):
+        if any(getattr(f, "wants_client_hello", _never)(info) for f in self.factories):
             return Peek(info, self._build_chain, timeout=self.config.peek_timeout)
         return self._build_chain(info)
 

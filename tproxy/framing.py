@@ -125,8 +125,10 @@ class FramedInterceptor(Interceptor):
                     self._too_long(side)
                 break
             if length < 1 or length > len(buffer) - start:
-                raise ValueError(f"{side}_frame_length returned {length} for "
-                                 f"{len(buffer) - start} buffered bytes")
+                raise ValueError(
+                    f"{side}_frame_length returned {length} for "
+                    f"{len(buffer) - start} buffered bytes"
+                )
             if length > self.max_frame:
                 self._too_long(side)
             frame = bytes(buffer[start : start + length])
@@ -139,9 +141,7 @@ class FramedInterceptor(Interceptor):
         return b"".join(out)
 
     def _too_long(self, side: str) -> None:
-        self.abort(
-            f"{type(self).__name__}: a frame from the {side} exceeds {self.max_frame} bytes"
-        )
+        self.abort(f"{type(self).__name__}: a frame from the {side} exceeds {self.max_frame} bytes")
 
 
 class LineInterceptor(FramedInterceptor):
@@ -194,9 +194,7 @@ class LineInterceptor(FramedInterceptor):
         return end - start + len(self.delimiter)
 
     def _too_long(self, side: str) -> None:
-        self.abort(
-            f"{type(self).__name__}: a line from the {side} exceeds {self.max_line} bytes"
-        )
+        self.abort(f"{type(self).__name__}: a line from the {side} exceeds {self.max_line} bytes")
 
 
 class LengthPrefixedInterceptor(FramedInterceptor):
@@ -242,8 +240,10 @@ class LengthPrefixedInterceptor(FramedInterceptor):
         length = int.from_bytes(field, self.byteorder)  # type: ignore[arg-type]
         total = length if self.length_includes_header else self.header_size + length
         if total < self.header_size:
-            self.abort(f"{type(self).__name__}: a length field of {length} is shorter "
-                       f"than the {self.header_size}-byte header")
+            self.abort(
+                f"{type(self).__name__}: a length field of {length} is shorter "
+                f"than the {self.header_size}-byte header"
+            )
         if total > self.max_frame:
             self._too_long(CLIENT if buffer is self._buffer(CLIENT) else SERVER)
         if len(buffer) - start < total:
@@ -257,8 +257,10 @@ class LengthPrefixedInterceptor(FramedInterceptor):
             return frame
         length = len(new) + (self.header_size if self.length_includes_header else 0)
         if length >= 1 << (8 * self.length_size):
-            self.abort(f"{type(self).__name__}: a rewritten payload of {len(new)} bytes "
-                       f"does not fit a {self.length_size}-byte length")
+            self.abort(
+                f"{type(self).__name__}: a rewritten payload of {len(new)} bytes "
+                f"does not fit a {self.length_size}-byte length"
+            )
         field = length.to_bytes(self.length_size, self.byteorder)  # type: ignore[arg-type]
         start, end = self.length_offset, self.length_offset + self.length_size
         return header[:start] + field + header[end:] + bytes(new)

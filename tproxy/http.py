@@ -306,8 +306,10 @@ def _parse_head(raw: bytes, side: str, request: Request | None) -> _Head:
             raise HttpError(f"bad request line {start[:60]!r}")
         method, target, version = match.groups()
         message = Request(
-            method=method.decode("latin-1"), target=target.decode("latin-1"),
-            version=version.decode("latin-1"), headers=headers,
+            method=method.decode("latin-1"),
+            target=target.decode("latin-1"),
+            version=version.decode("latin-1"),
+            headers=headers,
         )
     else:
         match = _STATUS_LINE.fullmatch(start)
@@ -340,8 +342,9 @@ def _parse_head(raw: bytes, side: str, request: Request | None) -> _Head:
     no_body = request.method == "HEAD" or status < 200 or status in (204, 304)
     tunnel = status == 101 or (request.method == "CONNECT" and 200 <= status < 300)
     until_close = not no_body and not tunnel and content_length is None and not chunked
-    return _Head(message, len(raw) + 4, chunked, content_length, until_close,
-                 no_body or tunnel, tunnel)
+    return _Head(
+        message, len(raw) + 4, chunked, content_length, until_close, no_body or tunnel, tunnel
+    )
 
 
 def _serialize_head(message: Message) -> bytes:
@@ -368,7 +371,8 @@ class HttpInterceptor(Interceptor):
     @classmethod
     def parse_options(cls, options: Any) -> Any:
         return _options.parse(
-            cls.__name__, options,
+            cls.__name__,
+            options,
             max_body=(_options.parse_size, cls.max_body),
             **cls.option_schema,
         )
@@ -488,7 +492,7 @@ class HttpInterceptor(Interceptor):
                 raise HttpError(f"not an HTTP request: {first!r}")
             line_end = buf.find(b"\r\n", 0, 8192 + 2)
             if line_end >= 0 and _REQUEST_LINE.fullmatch(buf, 0, line_end) is None:
-                raise HttpError(f"bad request line {bytes(buf[:min(line_end, 60)])!r}")
+                raise HttpError(f"bad request line {bytes(buf[: min(line_end, 60)])!r}")
             if line_end < 0 and len(buf) > 8192:
                 raise HttpError("request line longer than 8192 bytes")
         else:
@@ -592,10 +596,12 @@ class HttpInterceptor(Interceptor):
     def _give_up(self, reader: _Reader, out: list[bytes], why: str) -> bytes:
         log.warning(
             "flow %d: %s: not HTTP/1.1 as expected from the %s (%s); passing the rest through",
-            self.flow.id, type(self).__name__, reader.side, why,
+            self.flow.id,
+            type(self).__name__,
+            reader.side,
+            why,
         )
         out.append(bytes(reader.buffer))
         reader.buffer.clear()
         self._hand_over(reader)
         return b"".join(out)
-

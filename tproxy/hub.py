@@ -899,4 +899,3 @@ def _socket_error(flow: HubFlow, fd: int) -> str:
         err = exc.errno or 0
     side = "client" if sock is flow.client else "server"
     return f"{side}: {os.strerror(err) if err else 'hung up'}"
-

@@ -242,6 +242,7 @@ class Interceptor:
         return self._flow_timers("run_in_thread()").run_in_thread(
             self._tproxy_index, fn, then, hold
         )
+
     # -- datagrams (UDP sessions) ----------------------------------------------
     #
     # In a UDP session (one per client address and original destination) the

@@ -182,9 +182,7 @@ def load_interceptor(
             message = message[len(short) + 2 :]
         raise LoadError(f"interceptor {spec!r}: {message}") from exc
     except Exception as exc:
-        raise LoadError(
-            f"interceptor {spec!r}: parse_options raised {_one_line(exc)}"
-        ) from exc
+        raise LoadError(f"interceptor {spec!r}: parse_options raised {_one_line(exc)}") from exc
     return InterceptorFactory(cls=cls, options=parsed, spec=spec.strip(), selection=selection)
 
 
@@ -313,17 +311,28 @@ def add_interceptor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(interceptors=[])
     group = parser.add_argument_group("interceptors")
     group.add_argument(
-        "-i", "--interceptor", dest="interceptors", metavar="SPEC", action=InterceptorAction,
+        "-i",
+        "--interceptor",
+        dest="interceptors",
+        metavar="SPEC",
+        action=InterceptorAction,
         help="add an interceptor to the chain (repeatable, in order): a built-in name "
         f"({', '.join(sorted(builtin_names()))}), MODULE:NAME, FILE.py:NAME, or an "
         f"installed '{ENTRY_POINT_GROUP}' entry point",
     )
     group.add_argument(
-        "-o", "--option", dest="interceptors", metavar="KEY=VALUE", action=OptionAction,
+        "-o",
+        "--option",
+        dest="interceptors",
+        metavar="KEY=VALUE",
+        action=OptionAction,
         help="an option of the preceding -i (repeatable; max-bytes and max_bytes are one key)",
     )
     group.add_argument(
-        "--when", dest="interceptors", metavar="EXPR", action=WhenAction,
+        "--when",
+        dest="interceptors",
+        metavar="EXPR",
+        action=WhenAction,
         help="limit the preceding -i to flows matching EXPR: comma-separated KEY=VALUE terms "
         "that must all hold, keys dst=CIDR[;CIDR], port=PORTS (80;8000-8100), "
         "client=CIDR[;CIDR], mode=transparent|forward|socks|http, host=REGEX, sni=REGEX; "
@@ -423,9 +432,7 @@ def _interceptor_class(spec: str, obj: Any) -> type[Interceptor]:
     if isinstance(obj, type) and issubclass(obj, Interceptor):
         return obj
     what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
-    raise LoadError(
-        f"interceptor {spec!r}: {what} is not a subclass of tproxy.Interceptor"
-    )
+    raise LoadError(f"interceptor {spec!r}: {what} is not a subclass of tproxy.Interceptor")
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:

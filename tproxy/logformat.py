@@ -140,9 +140,7 @@ class ReopeningFileHandler(logging.FileHandler):
 _handler: logging.Handler | None = None
 
 
-def configure(
-    level: int, log_format: str = "text", log_file: str | None = None
-) -> logging.Handler:
+def configure(level: int, log_format: str = "text", log_file: str | None = None) -> logging.Handler:
     """Set up the root logger with one handler; return it. Replaces an earlier setup."""
     global _handler
     root = logging.getLogger()

@@ -41,7 +41,21 @@ from .flow import EndReason, FlowRecord
 log = logging.getLogger("tproxy.metrics")
 
 BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    3600.0,
 )
 """Upper bounds of the flow duration histogram, in seconds (``+Inf`` is implied)."""
 
@@ -109,10 +123,16 @@ class FlowStats:
         if record.reason is EndReason.CONNECT_FAILED:
             cause = record.detail.partition(":")[0].strip() if ":" in record.detail else "error"
             self.connect_failures[cause or "error"] += 1
-        elif info.mode != "transparent" and record.reason in (
-            EndReason.REJECTED,
-            EndReason.TIMEOUT,
-        ) and not record.bytes_down and record.outgoing_source is None:
+        elif (
+            info.mode != "transparent"
+            and record.reason
+            in (
+                EndReason.REJECTED,
+                EndReason.TIMEOUT,
+            )
+            and not record.bytes_down
+            and record.outgoing_source is None
+        ):
             self.rejections[_key(info.mode, reason)] += 1
         if record.reason is EndReason.ERROR:
             match = _INTERCEPTOR_DETAIL.match(record.detail)
@@ -166,8 +186,14 @@ def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Add snapshots up (counters, live flows and histogram buckets alike)."""
     total = empty_snapshot()
     for snap in snapshots:
-        for name in ("opened", "ended", "bytes", "connect_failures", "rejections",
-                     "interceptor_errors"):
+        for name in (
+            "opened",
+            "ended",
+            "bytes",
+            "connect_failures",
+            "rejections",
+            "interceptor_errors",
+        ):
             into = total[name]
             for key, value in snap.get(name, {}).items():
                 into[key] = into.get(key, 0) + value
@@ -195,18 +221,23 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
         return family
 
     yield counter(
-        "tproxy_flows_opened", "Flows opened, by listener and mode.",
-        ["listener", "mode"], snap["opened"],
+        "tproxy_flows_opened",
+        "Flows opened, by listener and mode.",
+        ["listener", "mode"],
+        snap["opened"],
     )
     yield counter(
-        "tproxy_flows", "Flows ended, by listener, mode and end reason.",
-        ["listener", "mode", "reason"], snap["ended"],
+        "tproxy_flows",
+        "Flows ended, by listener, mode and end reason.",
+        ["listener", "mode", "reason"],
+        snap["ended"],
     )
     live = GaugeMetricFamily("tproxy_flows_live", "Flows open now.")
     live.add_metric([], snap["live"])
     yield live
     read = CounterMetricFamily(
-        "tproxy_bytes_read", "Bytes the proxy received: up from clients, down from servers.",
+        "tproxy_bytes_read",
+        "Bytes the proxy received: up from clients, down from servers.",
         labels=["direction"],
     )
     delivered = CounterMetricFamily(
@@ -220,17 +251,22 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
     yield read
     yield delivered
     yield counter(
-        "tproxy_connect_failures", "Outgoing connects that failed, by cause.",
-        ["cause"], snap["connect_failures"],
+        "tproxy_connect_failures",
+        "Outgoing connects that failed, by cause.",
+        ["cause"],
+        snap["connect_failures"],
     )
     yield counter(
         "tproxy_handshake_rejections",
         "Explicit-mode flows refused before relaying, by mode and code (end reason).",
-        ["mode", "code"], snap["rejections"],
+        ["mode", "code"],
+        snap["rejections"],
     )
     yield counter(
-        "tproxy_interceptor_errors", "Flows ended by an interceptor that raised.",
-        ["interceptor"], snap["interceptor_errors"],
+        "tproxy_interceptor_errors",
+        "Flows ended by an interceptor that raised.",
+        ["interceptor"],
+        snap["interceptor_errors"],
     )
     cumulative = 0
     buckets = []

@@ -86,9 +86,7 @@ def normalize(name: str, options: Mapping[str, str], allowed: Iterable[str]) -> 
     for key, value in options.items():
         norm = key.strip().replace("_", "-")
         if norm not in allowed:
-            raise OptionError(
-                f"{name}: unknown option {norm!r} (accepted: {', '.join(allowed)})"
-            )
+            raise OptionError(f"{name}: unknown option {norm!r} (accepted: {', '.join(allowed)})")
         if norm in result:
             raise OptionError(f"{name}: option {norm!r} given twice")
         result[norm] = value
@@ -338,9 +336,7 @@ def parse_ports(
             low = int(low_s, 10)
             high = int(high_s, 10) if dash else low
         except ValueError:
-            raise OptionError(
-                f"{name}: {key}: {part!r} is not a port or PORT-PORT range"
-            ) from None
+            raise OptionError(f"{name}: {key}: {part!r} is not a port or PORT-PORT range") from None
         if not (0 <= low <= high <= 65535):
             raise OptionError(f"{name}: {key}: {part!r} is not a valid port range (0-65535)")
         ranges.append((low, high))

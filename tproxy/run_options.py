@@ -109,11 +109,15 @@ def _add_optional_arguments(p: argparse.ArgumentParser) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``-c/--config FILE`` and ``--check`` (read by :mod:`tproxy.config`)."""
     parser.add_argument(
-        "-c", "--config", default=None, metavar="FILE",
+        "-c",
+        "--config",
+        default=None,
+        metavar="FILE",
         help="read options from a TOML file (the command line overrides it; SIGHUP reloads it)",
     )
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="check the configuration (file and command line), load the interceptors, and exit",
     )
 

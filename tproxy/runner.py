@@ -66,8 +66,10 @@ def main(args: argparse.Namespace) -> int:
     loading.warn_unmatchable(factories, specs)
     routing = routing_for(args, specs)
     if args.check:
-        print(f"{args.config or 'command line'}: ok ({len(specs)} listener(s), "
-              f"{len(factories)} interceptor(s))")
+        print(
+            f"{args.config or 'command line'}: ok ({len(specs)} listener(s), "
+            f"{len(factories)} interceptor(s))"
+        )
         return 0
     if workers.wants_supervisor(args):
         # N processes, each with its own listeners (SO_REUSEPORT); the routing is
@@ -108,8 +110,10 @@ def main(args: argparse.Namespace) -> int:
                 door.close()
             for sock in udp_listeners:
                 sock.close()
-            raise UsageError(f"cannot serve --metrics on {args.metrics[0]}:"
-                             f"{args.metrics[1]}: {exc.strerror or exc}") from None
+            raise UsageError(
+                f"cannot serve --metrics on {args.metrics[0]}:"
+                f"{args.metrics[1]}: {exc.strerror or exc}"
+            ) from None
     if worker is not None:
         worker.ready()
     server = udp.UdpServer(engine, doors, udp_listeners, udp_config)
@@ -158,9 +162,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(str(exc)) from None
 
 
-def reloader(
-    args: argparse.Namespace, specs: list[ModeSpec]
-) -> lifecycle.Reloader:
+def reloader(args: argparse.Namespace, specs: list[ModeSpec]) -> lifecycle.Reloader:
     """What SIGHUP does: re-read ``-c FILE`` and the interceptor modules; apply both to
     new flows. Listeners, routing and workers stay as they are (a restart changes them)."""
 
@@ -254,8 +256,10 @@ def routing_for(args: argparse.Namespace, specs: list[ModeSpec]) -> Callable[[],
         raise UsageError("--setup needs all transparent listeners on one port")
     if getattr(args, "worker_index", None) is not None:
         return None  # a --workers worker: its supervisor checked and owns the routing
-    addresses = {"proxy_address_v4": v4.host if v4 else None,
-                 "proxy_address_v6": v6.host if v6 else None}
+    addresses = {
+        "proxy_address_v4": v4.host if v4 else None,
+        "proxy_address_v6": v6.host if v6 else None,
+    }
     # Every routing argument is checked now, before any listener opens.
     plan = routing.check_for_run(args, transparent[0].port, **addresses)
 
@@ -271,5 +275,3 @@ def _configure_logging(args: argparse.Namespace) -> None:
         logformat.configure(level, args.log_format, args.log_file)
     except OSError as exc:
         raise UsageError(f"cannot open --log-file {args.log_file}: {exc.strerror or exc}") from None
-
-

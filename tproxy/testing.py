@@ -260,9 +260,9 @@ class Driver:
     ) -> Driver:
         """A driver for a UDP session: built like ``Driver(...)``, started as a session.
 
-            >>> d = Driver.datagrams(Interceptor)
-            >>> d.client_datagram(b"ping").to_server
-            [b'ping']
+        >>> d = Driver.datagrams(Interceptor)
+        >>> d.client_datagram(b"ping").to_server
+        [b'ping']
         """
         driver = cls(*interceptors, flow=flow, start=False, **options)
         driver.datagram_start()

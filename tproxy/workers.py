@@ -400,8 +400,9 @@ class Supervisor:
             return {"killed": any(a.get("killed") for a in answers)}
         return {"error": f"unknown op {op!r}"}
 
-    async def _control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                       ) -> None:
+    async def _control(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         await control.serve(control.socket_path(), self._answer, task_status=task_status)
 
     async def _spawn(self, slot: _Slot, nursery: trio.Nursery) -> None:

@@ -74,8 +74,9 @@ def main() -> int:
             print(f"BAD {peer[0]} {peer[1]} {exc!r}", flush=True)
             continue
         for q in query.question:
-            print(f"QUERY {peer[0]} {peer[1]} {q.name} {dns.rdatatype.to_text(q.rdtype)}",
-                  flush=True)
+            print(
+                f"QUERY {peer[0]} {peer[1]} {q.name} {dns.rdatatype.to_text(q.rdtype)}", flush=True
+            )
         sock.sendto(answer(query, table, peer), source)
 
 

@@ -230,9 +230,7 @@ class Recorder:
         self.ended = True
         note = f"flow {self.info.id} ended: {reason}"
         if self._held is not None:
-            up_read, up_delivered, down_read, down_delivered = (
-                d.digest() for d in self._digests
-            )
+            up_read, up_delivered, down_read, down_delivered = (d.digest() for d in self._digests)
             if up_read == up_delivered and down_read == down_delivered:
                 self._held = None  # the interceptors changed nothing: one conversation
                 self.server_side = None
@@ -264,8 +262,7 @@ class Recording:
     shared file.
     """
 
-    def __init__(self, path: str, max_bytes: int | None = None, worker: str | None = None
-                 ) -> None:
+    def __init__(self, path: str, max_bytes: int | None = None, worker: str | None = None) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.per_flow = not (path.endswith(".pcapng") or self.path.is_file())
@@ -284,12 +281,15 @@ class Recording:
         """The tap of one flow (the engine calls ``feed``/``end`` on it)."""
         if self._shared is not None:
             shared = self._shared
-            return Recorder(shared, info, interceptors, via=via, max_bytes=self.max_bytes,
-                            on_end=shared.flush)
-        writer = PcapngWriter(_open(self.path / f"flow-{info.id}.pcapng"),
-                              comment=f"tproxy flow {info.id}")
-        return Recorder(writer, info, interceptors, via=via, max_bytes=self.max_bytes,
-                        on_end=writer.close)
+            return Recorder(
+                shared, info, interceptors, via=via, max_bytes=self.max_bytes, on_end=shared.flush
+            )
+        writer = PcapngWriter(
+            _open(self.path / f"flow-{info.id}.pcapng"), comment=f"tproxy flow {info.id}"
+        )
+        return Recorder(
+            writer, info, interceptors, via=via, max_bytes=self.max_bytes, on_end=writer.close
+        )
 
     def close(self) -> None:
         if self._shared is not None:

@@ -70,10 +70,21 @@ def tcp_packet(
     if flags & SYN:  # MSS option, so the reader knows the segment size
         opts = struct.pack("!BBH", 2, 4, MSS_V4 if s_version == 4 else MSS_V6)
     offset = (20 + len(opts)) // 4
-    header = struct.pack(
-        "!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF if flags & ACK else 0,
-        offset << 4, flags, WINDOW, 0, 0,
-    ) + opts
+    header = (
+        struct.pack(
+            "!HHIIBBHHH",
+            src[1],
+            dst[1],
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF if flags & ACK else 0,
+            offset << 4,
+            flags,
+            WINDOW,
+            0,
+            0,
+        )
+        + opts
+    )
     segment = header + payload
     if s_version == 4:
         pseudo = s_packed + d_packed + struct.pack("!BBH", 0, 6, len(segment))
@@ -83,8 +94,17 @@ def tcp_packet(
     segment = segment[:16] + struct.pack("!H", csum) + segment[18:]
     if s_version == 4:
         ip = struct.pack(
-            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), ident & 0xFFFF, 0x4000, 64, 6, 0,
-            s_packed, d_packed,
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(segment),
+            ident & 0xFFFF,
+            0x4000,
+            64,
+            6,
+            0,
+            s_packed,
+            d_packed,
         )
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
         return ip + segment
@@ -150,7 +170,7 @@ class Conversation:
             self.next_server += count
 
     def fin(self, from_client: bool) -> Iterator[bytes]:
-        if (self.closed_client if from_client else self.closed_server):
+        if self.closed_client if from_client else self.closed_server:
             return
         yield self._pkt(from_client, FIN | ACK)
         if from_client:

@@ -78,10 +78,14 @@ def rule_spec(rule: MangleRule) -> list[str]:
         args += ["-j", "REJECT", "--reject-with", f"{icmp}-port-unreachable"]
     elif isinstance(target, Tproxy):
         args += [
-            "-j", "TPROXY",
-            "--on-port", str(target.on_port),
-            "--on-ip", target.on_ip,
-            "--tproxy-mark", f"{target.mark:#x}/{target.mask:#x}",
+            "-j",
+            "TPROXY",
+            "--on-port",
+            str(target.on_port),
+            "--on-ip",
+            target.on_ip,
+            "--tproxy-mark",
+            f"{target.mark:#x}/{target.mask:#x}",
         ]
     return args
 
@@ -109,8 +113,9 @@ def add_command(item: Item) -> list[str]:
 def remove_commands(item: Item | UnknownRule) -> list[list[str]]:
     """The argv(s) that remove one item (a chain is flushed, then deleted)."""
     if isinstance(item, UnknownRule):
-        return [[IPTABLES[item.family], "-t", item.table, "-D", item.chain,
-                 *shlex.split(item.text)]]
+        return [
+            [IPTABLES[item.family], "-t", item.table, "-D", item.chain, *shlex.split(item.text)]
+        ]
     if isinstance(item, Chain):
         base = [IPTABLES[item.family], "-t", "mangle"]
         return [[*base, "-F", item.name], [*base, "-X", item.name]]
@@ -127,10 +132,14 @@ def remove_commands(item: Item | UnknownRule) -> list[list[str]]:
 
 def _rule_args(item: IpRule) -> list[str]:
     return [
-        "fwmark", f"{item.fwmark:#x}/{item.fwmask:#x}",
-        "lookup", str(item.table),
-        "priority", str(item.priority),
-        "protocol", str(RT_PROTO),
+        "fwmark",
+        f"{item.fwmark:#x}/{item.fwmask:#x}",
+        "lookup",
+        str(item.table),
+        "priority",
+        str(item.priority),
+        "protocol",
+        str(RT_PROTO),
     ]
 
 
@@ -176,6 +185,7 @@ def removal_order(
     diverts traffic goes first and the local route last, so a half-done
     removal never leaves packets diverted to a port without a route.
     """
+
     def rank(item: Item | UnknownRule) -> int:
         if isinstance(item, NftTable):
             return 0  # one transaction: the switch and everything behind it

@@ -39,8 +39,12 @@ def _read(path: str) -> str | None:
 def check_privileges() -> Finding:
     if has_net_admin():
         return Finding("privileges", "ok", "root or CAP_NET_ADMIN")
-    return Finding("privileges", "fail", "neither root nor CAP_NET_ADMIN",
-                   "run as root (sudo tproxy ...) or grant CAP_NET_ADMIN")
+    return Finding(
+        "privileges",
+        "fail",
+        "neither root nor CAP_NET_ADMIN",
+        "run as root (sudo tproxy ...) or grant CAP_NET_ADMIN",
+    )
 
 
 def check_forwarding() -> list[Finding]:
@@ -53,10 +57,14 @@ def check_forwarding() -> list[Finding]:
         if value == "1":
             found.append(Finding(f"{family} forwarding", "ok", f"{knob} = 1"))
         else:
-            found.append(Finding(
-                f"{family} forwarding", "warn",
-                f"{knob} = {value}: traffic not diverted is not routed through this gateway",
-                f"sysctl -w {knob}=1"))
+            found.append(
+                Finding(
+                    f"{family} forwarding",
+                    "warn",
+                    f"{knob} = {value}: traffic not diverted is not routed through this gateway",
+                    f"sysctl -w {knob}=1",
+                )
+            )
     return found
 
 
@@ -69,10 +77,14 @@ def check_rp_filter(interfaces: list[str]) -> list[Finding]:
             continue
         effective = max(int(all_value), int(value))
         if effective == 1:
-            found.append(Finding(
-                f"rp_filter {name}", "warn",
-                "strict reverse-path filtering can drop diverted packets and spoofed replies",
-                f"sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{name}.rp_filter=2"))
+            found.append(
+                Finding(
+                    f"rp_filter {name}",
+                    "warn",
+                    "strict reverse-path filtering can drop diverted packets and spoofed replies",
+                    f"sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{name}.rp_filter=2",
+                )
+            )
         else:
             found.append(Finding(f"rp_filter {name}", "ok", f"rp_filter = {effective}"))
     return found
@@ -82,8 +94,11 @@ def check_plugins() -> Finding:
     dirs = xtables_dirs()
     problem = plugins_problem(dirs)
     if problem is not None:
-        fix = ("apt install iptables" if dirs
-               else "apt install iptables (python-iptables needs its extension plugins)")
+        fix = (
+            "apt install iptables"
+            if dirs
+            else "apt install iptables (python-iptables needs its extension plugins)"
+        )
         return Finding("xtables plugins", "fail", problem, fix)
     return Finding("xtables plugins", "ok", f"TPROXY, socket, MARK, comment in {dirs[0]}")
 
@@ -92,19 +107,28 @@ def check_python_iptables() -> Finding:
     try:
         import iptc  # noqa: F401
     except Exception as exc:
-        return Finding("python-iptables", "fail", f"cannot load: {exc}",
-                       "apt install iptables; pip install python-iptables")
+        return Finding(
+            "python-iptables",
+            "fail",
+            f"cannot load: {exc}",
+            "apt install iptables; pip install python-iptables",
+        )
     return Finding("python-iptables", "ok", "loads (libip4tc, libxtables)")
 
 
 def check_iptables_variant() -> Finding:
     tool = shutil.which("iptables")
     if tool is None:
-        return Finding("iptables command", "warn", "no iptables command on PATH",
-                       "apt install iptables (to inspect: iptables-legacy-save)")
+        return Finding(
+            "iptables command",
+            "warn",
+            "no iptables command on PATH",
+            "apt install iptables (to inspect: iptables-legacy-save)",
+        )
     try:
-        version = subprocess.run([tool, "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
+        version = subprocess.run(
+            [tool, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError) as exc:
         return Finding("iptables command", "warn", f"cannot run iptables: {exc}")
     if "nf_tables" not in version:
@@ -117,20 +141,27 @@ def check_iptables_variant() -> Finding:
             rules = sum(1 for line in out.splitlines() if line.startswith("-A "))
         except (OSError, subprocess.SubprocessError):
             pass
-    detail = (f"{version}: plain 'iptables' shows the nft ruleset, not tproxy's legacy rules "
-              "(see them with iptables-legacy-save)")
+    detail = (
+        f"{version}: plain 'iptables' shows the nft ruleset, not tproxy's legacy rules "
+        "(see them with iptables-legacy-save)"
+    )
     if rules:
         detail += f"; the nft ruleset has {rules} rule(s) of its own, and both rulesets apply"
-    return Finding("iptables command", "warn", detail,
-                   "inspect with iptables-legacy-save / ip6tables-legacy-save")
+    return Finding(
+        "iptables command",
+        "warn",
+        detail,
+        "inspect with iptables-legacy-save / ip6tables-legacy-save",
+    )
 
 
 def check_loopback() -> Finding:
     flags = _read("/sys/class/net/lo/flags")
     if flags is None or int(flags, 16) & 1:
         return Finding("loopback", "ok", "lo is up")
-    return Finding("loopback", "fail", "lo is down: the IPv6 local route cannot be added",
-                   "ip link set lo up")
+    return Finding(
+        "loopback", "fail", "lo is down: the IPv6 local route cannot be added", "ip link set lo up"
+    )
 
 
 def check_interfaces(interfaces: list[str]) -> list[Finding]:
@@ -140,8 +171,11 @@ def check_interfaces(interfaces: list[str]) -> list[Finding]:
             socket.if_nametoindex(name)
             found.append(Finding(f"interface {name}", "ok", "exists"))
         except OSError:
-            found.append(Finding(f"interface {name}", "fail", "no such interface",
-                                 "check the name with: ip link"))
+            found.append(
+                Finding(
+                    f"interface {name}", "fail", "no such interface", "check the name with: ip link"
+                )
+            )
     return found
 
 
@@ -161,8 +195,11 @@ def check_mark_and_table(mark: int, mask: int, table: int) -> list[Finding]:
                     fwmark = rule.get_attr("FRA_FWMARK")
                     fwmask = rule.get_attr("FRA_FWMASK") or 0xFFFFFFFF
                     rtable = rule.get_attr("FRA_TABLE") or rule["table"]
-                    if fwmark is not None and fwmask & mask and (fwmark & fwmask & mask) == (
-                            mark & fwmask):
+                    if (
+                        fwmark is not None
+                        and fwmask & mask
+                        and (fwmark & fwmask & mask) == (mark & fwmask)
+                    ):
                         marks.append(f"fwmark {fwmark:#x}/{fwmask:#x} lookup {rtable}")
                     elif rtable == table:
                         marks.append(f"priority {rule.get_attr('FRA_PRIORITY')} lookup {rtable}")
@@ -174,19 +211,30 @@ def check_mark_and_table(mark: int, mask: int, table: int) -> list[Finding]:
         return [Finding("mark and table", "warn", f"cannot read rules: {exc}")]
     found = []
     if marks:
-        found.append(Finding(
-            f"mark {mark:#x}/{mask:#x}", "warn",
-            "already used by foreign ip rule(s): " + "; ".join(marks),
-            "pick another with --mark / --table"))
+        found.append(
+            Finding(
+                f"mark {mark:#x}/{mask:#x}",
+                "warn",
+                "already used by foreign ip rule(s): " + "; ".join(marks),
+                "pick another with --mark / --table",
+            )
+        )
     else:
         found.append(Finding(f"mark {mark:#x}/{mask:#x}", "ok", "no foreign ip rule uses it"))
     if routes:
-        found.append(Finding(
-            f"table {table}", "warn",
-            f"already holds foreign route(s): {', '.join(routes)}"
-            + (" (a default route there clashes with ours)" if any(
-                r.startswith(("default", "0.0.0.0/0", "::/0")) for r in routes) else ""),
-            "pick another with --table"))
+        found.append(
+            Finding(
+                f"table {table}",
+                "warn",
+                f"already holds foreign route(s): {', '.join(routes)}"
+                + (
+                    " (a default route there clashes with ours)"
+                    if any(r.startswith(("default", "0.0.0.0/0", "::/0")) for r in routes)
+                    else ""
+                ),
+                "pick another with --table",
+            )
+        )
     else:
         found.append(Finding(f"table {table}", "ok", "no foreign routes"))
     return found
@@ -205,17 +253,29 @@ def check_backend(wanted: str, instance: str) -> list[Finding]:
         level = "fail" if chosen == "nft" else "warn"
         found.append(Finding("nftables", level, f"not usable: {problem}", "apt install nftables"))
         return found
-    found.append(Finding("nftables", "ok", "libnftables answers"
-                         + ("" if nft.Nft()._lib is not None else " (through the nft command)")))
+    found.append(
+        Finding(
+            "nftables",
+            "ok",
+            "libnftables answers"
+            + ("" if nft.Nft()._lib is not None else " (through the nft command)"),
+        )
+    )
     name = nftrules.table_name(instance)
     objects = nft.Nft().list_json(f"table inet {name}")
     if objects and nftrules.read_table(objects, name) is None:
-        found.append(Finding(f"nft table {name}", "fail",
-                             "exists and is not ours: setup with the nft backend would replace it",
-                             "pick another --instance"))
+        found.append(
+            Finding(
+                f"nft table {name}",
+                "fail",
+                "exists and is not ours: setup with the nft backend would replace it",
+                "pick another --instance",
+            )
+        )
     else:
-        found.append(Finding(f"nft table {name}", "ok",
-                             "ours (installed)" if objects else "name is free"))
+        found.append(
+            Finding(f"nft table {name}", "ok", "ours (installed)" if objects else "name is free")
+        )
     ours = {(hook, prio) for _, _, hook, prio in nftrules.BASE_CHAINS.values()}
     same = []
     for entry in nft.Nft().list_json("chains"):
@@ -223,16 +283,27 @@ def check_backend(wanted: str, instance: str) -> list[Finding]:
         if str(chain.get("table", "")).startswith("tproxy_"):
             continue
         if (chain.get("hook"), chain.get("prio")) in ours:
-            same.append(f"{chain.get('family')} {chain.get('table')} {chain.get('name')} "
-                        f"({chain.get('hook')} {chain.get('prio')})")
+            same.append(
+                f"{chain.get('family')} {chain.get('table')} {chain.get('name')} "
+                f"({chain.get('hook')} {chain.get('prio')})"
+            )
     if same:
-        found.append(Finding(
-            "nft priorities", "warn",
-            "foreign base chains at our hooks and priorities (they run too, in no fixed order "
-            "with ours; a drop there drops diverted packets): " + "; ".join(same)))
+        found.append(
+            Finding(
+                "nft priorities",
+                "warn",
+                "foreign base chains at our hooks and priorities (they run too, in no fixed order "
+                "with ours; a drop there drops diverted packets): " + "; ".join(same),
+            )
+        )
     else:
-        found.append(Finding("nft priorities", "ok",
-                             "no foreign base chain at prerouting/output -150 or forward 0"))
+        found.append(
+            Finding(
+                "nft priorities",
+                "ok",
+                "no foreign base chain at prerouting/output -150 or forward 0",
+            )
+        )
     return found
 
 
@@ -240,36 +311,62 @@ def check_local(mark: int, mask: int, proxy_mark: int) -> list[Finding]:
     """What ``--local`` needs: a proxy mark apart from the route mark, loopback rp_filter."""
     found = []
     if proxy_mark & mask == mark:
-        found.append(Finding("local: proxy mark", "fail",
-                             f"{proxy_mark:#x} matches the route mark {mark:#x}/{mask:#x}: "
-                             "the proxy's own connections would be diverted again",
-                             "pick another with --proxy-mark (and tproxy run --mark)"))
+        found.append(
+            Finding(
+                "local: proxy mark",
+                "fail",
+                f"{proxy_mark:#x} matches the route mark {mark:#x}/{mask:#x}: "
+                "the proxy's own connections would be diverted again",
+                "pick another with --proxy-mark (and tproxy run --mark)",
+            )
+        )
     else:
-        found.append(Finding("local: proxy mark", "ok",
-                             f"{proxy_mark:#x} (tproxy run --mark) is skipped by OUTPUT and "
-                             f"apart from {mark:#x}/{mask:#x}"))
-    strict = [name for name in ("all", "lo")
-              if _read(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") == "1"]
+        found.append(
+            Finding(
+                "local: proxy mark",
+                "ok",
+                f"{proxy_mark:#x} (tproxy run --mark) is skipped by OUTPUT and "
+                f"apart from {mark:#x}/{mask:#x}",
+            )
+        )
+    strict = [
+        name for name in ("all", "lo") if _read(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") == "1"
+    ]
     if strict:
-        found.append(Finding("local: rp_filter", "warn",
-                             f"strict on {', '.join(strict)}: looped-back local flows carry "
-                             "this host's outside addresses on lo",
-                             "sysctl -w " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2"
-                                                     for n in strict)))
+        found.append(
+            Finding(
+                "local: rp_filter",
+                "warn",
+                f"strict on {', '.join(strict)}: looped-back local flows carry "
+                "this host's outside addresses on lo",
+                "sysctl -w " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict),
+            )
+        )
     else:
         found.append(Finding("local: rp_filter", "ok", "not strict on all/lo"))
     localnet = _read("/proc/sys/net/ipv4/conf/all/route_localnet")
-    found.append(Finding(
-        "local: route_localnet", "ok",
-        f"= {localnet}; not needed: local flows are diverted on lo, where 127.0.0.0/8 "
-        "is always routable"))
+    found.append(
+        Finding(
+            "local: route_localnet",
+            "ok",
+            f"= {localnet}; not needed: local flows are diverted on lo, where 127.0.0.0/8 "
+            "is always routable",
+        )
+    )
     return found
 
 
-def run_checks(interfaces: list[str] | None = None, mark: int = DEFAULT_MARK,
-               mask: int = DEFAULT_MASK, table: int = DEFAULT_TABLE, *,
-               backend: str = "auto", instance: str = "default", local: bool = False,
-               proxy_mark: int = DEFAULT_PROXY_MARK) -> list[Finding]:
+def run_checks(
+    interfaces: list[str] | None = None,
+    mark: int = DEFAULT_MARK,
+    mask: int = DEFAULT_MASK,
+    table: int = DEFAULT_TABLE,
+    *,
+    backend: str = "auto",
+    instance: str = "default",
+    local: bool = False,
+    proxy_mark: int = DEFAULT_PROXY_MARK,
+) -> list[Finding]:
     """Every check, in the order they are printed."""
     interfaces = interfaces or []
     findings = [check_privileges(), *check_backend(backend, instance)]

@@ -95,8 +95,9 @@ def ipv6_hint(step: str, cause: str) -> str:
     if not ("ip -6 " in step or "ip6tables" in step):
         return ""
     if "EACCES" in cause or ipv6_disabled():
-        return ("IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1): "
-                "use --ipv4, or enable IPv6")
+        return (
+            "IPv6 is disabled here (net.ipv6.conf.all.disable_ipv6=1): use --ipv4, or enable IPv6"
+        )
     return ""
 
 
@@ -246,8 +247,10 @@ def _instance_of(item: Found) -> str | None:
     return None
 
 
-def inspect(instance: str | None = None, backends: list[Backend] | None = None,
-            ) -> dict[str, InstanceState]:
+def inspect(
+    instance: str | None = None,
+    backends: list[Backend] | None = None,
+) -> dict[str, InstanceState]:
     """What is installed per instance (all, or just ``instance``), with records.
 
     Ours but unattributable ip rules and routes (record gone and no iptables
@@ -269,11 +272,19 @@ def inspect(instance: str | None = None, backends: list[Backend] | None = None,
         recorded, record_status = record if record else (None, None)
         mine = [i for i in found if _instance_of(i) == name]
         planned: list[Found] = list(make_plan(recorded).items) if recorded else []
-        marks = {(t.mark, t.mask) for r in mine if isinstance(r, MangleRule)
-                 for t in [r.target] if isinstance(t, SetMark | Tproxy)}
+        marks = {
+            (t.mark, t.mask)
+            for r in mine
+            if isinstance(r, MangleRule)
+            for t in [r.target]
+            if isinstance(t, SetMark | Tproxy)
+        }
         marks |= {(t.mark, t.mask) for t in mine if isinstance(t, NftTable)}
-        rules = [i for i in ip_items if i in planned or (
-            isinstance(i, IpRule) and (i.fwmark, i.fwmask) in marks)]
+        rules = [
+            i
+            for i in ip_items
+            if i in planned or (isinstance(i, IpRule) and (i.fwmark, i.fwmask) in marks)
+        ]
         tables = {r.table for r in rules if isinstance(r, IpRule)}
         tables |= {i.table for i in planned if isinstance(i, LocalRoute)}
         routes = [i for i in ip_items if isinstance(i, LocalRoute) and i.table in tables]
@@ -307,8 +318,13 @@ def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[F
     """
     items = list(items)
     chains = {(i.family, i.name) for i in items if isinstance(i, Chain)}
-    inside = [i for i in items if isinstance(i, MangleRule | UnknownRule)
-              and i.table == "mangle" and (i.family, i.chain) in chains]
+    inside = [
+        i
+        for i in items
+        if isinstance(i, MangleRule | UnknownRule)
+        and i.table == "mangle"
+        and (i.family, i.chain) in chains
+    ]
     removed: list[Found] = []
     errors: list[str] = []
     for item in removal_order([i for i in items if i not in inside]):
@@ -316,15 +332,21 @@ def _remove_all(items: Iterable[Found], backends: list[Backend]) -> tuple[list[F
             if _backend_for(backends, item).remove(item):
                 removed.append(item)
                 if isinstance(item, Chain):
-                    removed += [i for i in inside if (i.family, i.chain) == (item.family,
-                                                                             item.name)]
+                    removed += [
+                        i for i in inside if (i.family, i.chain) == (item.family, item.name)
+                    ]
         except StepError as exc:
             errors.append(str(exc))
     return removed, errors
 
 
-def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None = None,
-            owner: str = "setup") -> str:
+def install(
+    plan: Plan,
+    *,
+    replace: bool = False,
+    backends: list[Backend] | None = None,
+    owner: str = "setup",
+) -> str:
     """Install ``plan``; return ``"installed"``, ``"unchanged"`` or ``"replaced"``.
 
     ``owner`` goes into the record (``setup`` or ``run``); an unchanged
@@ -352,13 +374,15 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                 return "unchanged"
             same_plan = current.recorded == request
             if not replace and not same_plan:
-                raise ConflictError(_conflict_text(request.instance)
-                                    + "; use --replace, or tproxy teardown first")
+                raise ConflictError(
+                    _conflict_text(request.instance) + "; use --replace, or tproxy teardown first"
+                )
             if not atomic:
                 _, errors = _remove_all(current.live, opened)
                 if errors:
-                    raise TeardownError("could not remove the old installation: "
-                                        + "; ".join(errors))
+                    raise TeardownError(
+                        "could not remove the old installation: " + "; ".join(errors)
+                    )
             outcome = "replaced" if not same_plan else "installed"
         # nft: the table replaces its predecessor in one transaction, so the old
         # installation stays until the new one is in (and stays if it fails).
@@ -392,14 +416,22 @@ def install(plan: Plan, *, replace: bool = False, backends: list[Backend] | None
                 raise SetupError(exc.step, exc.cause, len(applied), leftovers) from exc
             raise
         if keep:
-            stale = [i for i in current.live if i not in set(plan.items) and not (
-                isinstance(i, NftTable) and any(isinstance(n, NftTable) and n.name == i.name
-                                                for n in plan.items))]
+            stale = [
+                i
+                for i in current.live
+                if i not in set(plan.items)
+                and not (
+                    isinstance(i, NftTable)
+                    and any(isinstance(n, NftTable) and n.name == i.name for n in plan.items)
+                )
+            ]
             _, errors = _remove_all(stale, opened)
             if errors:
                 state.save(request, "installed", owner)
-                raise TeardownError("installed, but could not remove parts of the old "
-                                    "installation: " + "; ".join(errors))
+                raise TeardownError(
+                    "installed, but could not remove parts of the old "
+                    "installation: " + "; ".join(errors)
+                )
         state.save(request, "installed", owner)
         return outcome
 

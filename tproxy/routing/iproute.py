@@ -107,13 +107,15 @@ class IPRouteBackend:
                 if rule.get_attr("FRA_PROTOCOL") != RT_PROTO:
                     continue
                 table = rule.get_attr("FRA_TABLE") or rule["table"]
-                found.append(IpRule(
-                    family,
-                    rule.get_attr("FRA_FWMARK") or 0,
-                    rule.get_attr("FRA_FWMASK") or 0,
-                    table,
-                    rule.get_attr("FRA_PRIORITY") or 0,
-                ))
+                found.append(
+                    IpRule(
+                        family,
+                        rule.get_attr("FRA_FWMARK") or 0,
+                        rule.get_attr("FRA_FWMASK") or 0,
+                        table,
+                        rule.get_attr("FRA_PRIORITY") or 0,
+                    )
+                )
             for route in self._ipr.get_routes(family=_AF[family], table=None):
                 if route["proto"] != RT_PROTO:
                     continue

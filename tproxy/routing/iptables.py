@@ -261,8 +261,9 @@ class FamilyTables:
             except StepError:
                 raise
             except Exception as exc:
-                raise StepError(f"read {'ip' if family == 4 else 'ip6'}tables {which}",
-                                _error_text(exc)) from exc
+                raise StepError(
+                    f"read {'ip' if family == 4 else 'ip6'}tables {which}", _error_text(exc)
+                ) from exc
         return found
 
     def close(self) -> None:
@@ -274,8 +275,9 @@ class FamilyTables:
 
     # -- reading rules back
 
-    def _parse(self, family: Family, chain: str, live: Any,
-               which: str = "mangle") -> MangleRule | UnknownRule:
+    def _parse(
+        self, family: Family, chain: str, live: Any, which: str = "mangle"
+    ) -> MangleRule | UnknownRule:
         """Turn a live rule into a :class:`MangleRule`, or an :class:`UnknownRule`."""
         matches = [(m.name, m.get_all_parameters()) for m in live.matches]
         target_name = live.target.name if live.target else ""
@@ -326,11 +328,20 @@ class FamilyTables:
         if target is None or (dport is False or sport is False):
             return unknown
         return MangleRule(
-            family, chain, target, comment, live.in_interface or None, protocol,
-            dport=dport or None, sport=sport or None, not_syn=not_syn,
+            family,
+            chain,
+            target,
+            comment,
+            live.in_interface or None,
+            protocol,
+            dport=dport or None,
+            sport=sport or None,
+            not_syn=not_syn,
             socket_transparent=transparent,
             first=chain in ("PREROUTING", "FORWARD", "OUTPUT"),
-            table=which, dst=dst or None, **extra,
+            table=which,
+            dst=dst or None,
+            **extra,
         )
 
 
@@ -390,8 +401,12 @@ def _parse_target(family: Family, name: str, params: dict[str, list[str]]) -> Ta
     return None
 
 
-def _rule_text(live: Any, matches: list[tuple[str, dict[str, list[str]]]],
-               target_name: str, target_params: dict[str, list[str]]) -> str:
+def _rule_text(
+    live: Any,
+    matches: list[tuple[str, dict[str, list[str]]]],
+    target_name: str,
+    target_params: dict[str, list[str]],
+) -> str:
     """An iptables-style spec of a live rule, used to name and find unknown rules."""
     args: list[str] = []
     for flag, value in (("-s", live.src), ("-d", live.dst)):
@@ -434,8 +449,11 @@ class IptablesBackend:
         if worker is None or worker.poll() is not None:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "tproxy.routing.iptables", "--worker", str(family)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, bufsize=1,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                bufsize=1,
                 start_new_session=True,  # a Ctrl-C meant for us must not kill it mid-step
             )
             self._workers[family] = worker

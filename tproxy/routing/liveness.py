@@ -73,8 +73,15 @@ def listeners(request: PlanRequest, proc: Path = Path("/proc/net")) -> list[List
         sockets = bound_sockets(protocol, proc)
         for family in request.families:
             address = request.proxy_v4 if family == 4 else request.proxy_v6
-            result.append(Listener(family, protocol, address, request.proxy_port,
-                                   serves(sockets, family, address, request.proxy_port)))
+            result.append(
+                Listener(
+                    family,
+                    protocol,
+                    address,
+                    request.proxy_port,
+                    serves(sockets, family, address, request.proxy_port),
+                )
+            )
     return result
 
 

@@ -41,8 +41,10 @@ class Nft:
             lib = ctypes.CDLL("libnftables.so.1")
         except OSError:
             if shutil.which("nft") is None:
-                raise StepError("load libnftables", "neither libnftables.so.1 nor nft found "
-                                "(apt install nftables)") from None
+                raise StepError(
+                    "load libnftables",
+                    "neither libnftables.so.1 nor nft found (apt install nftables)",
+                ) from None
             return
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
@@ -61,8 +63,14 @@ class Nft:
     def run(self, command: str) -> tuple[int, str, str]:
         """Run a JSON batch or a text command with JSON output: (rc, output, errors)."""
         if self._lib is None:
-            proc = subprocess.run(["nft", "-j", "-f", "-"], input=command, text=True,
-                                  capture_output=True, timeout=60, check=False)
+            proc = subprocess.run(
+                ["nft", "-j", "-f", "-"],
+                input=command,
+                text=True,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
             return proc.returncode, proc.stdout, proc.stderr
         lib = self._lib
         ctx = lib.nft_ctx_new(0)
@@ -118,8 +126,9 @@ class NftBackend:
         assert isinstance(item, NftTable)
         rc, _, err = self._nft.run(item.script)
         if rc != 0:
-            raise StepError(f"nft -j -f - (table inet {item.name}, {item.rules} rules)",
-                            _error_lines(err))
+            raise StepError(
+                f"nft -j -f - (table inet {item.name}, {item.rules} rules)", _error_lines(err)
+            )
 
     def remove(self, item: Found) -> bool:
         assert isinstance(item, NftTable)

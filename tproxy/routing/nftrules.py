@@ -75,7 +75,6 @@ def chain_name(family: Family, chain: str) -> str:
     return f"{chain.lower()}{family}"
 
 
-
 # ---------------------------------------------------------------- rendering
 
 
@@ -118,18 +117,26 @@ def rule_exprs(rule: MangleRule, ports: list[PortRange] | None = None) -> list[d
         exprs.append(_match(_meta("iifname"), rule.in_interface))
     if rule.dst is not None:
         address, _, length = rule.dst.partition("/")
-        exprs.append(_match({"payload": {"protocol": "ip" if rule.family == 4 else "ip6",
-                                         "field": "daddr"}},
-                            {"prefix": {"addr": address, "len": int(length)}}))
+        exprs.append(
+            _match(
+                {"payload": {"protocol": "ip" if rule.family == 4 else "ip6", "field": "daddr"}},
+                {"prefix": {"addr": address, "len": int(length)}},
+            )
+        )
     if rule.protocol is not None:
         exprs.append(_match(_meta("l4proto"), rule.protocol))
     for field, one in (("sport", rule.sport), ("dport", rule.dport)):
         if one is not None:
-            exprs.append(_match({"payload": {"protocol": rule.protocol or "tcp",
-                                             "field": field}}, _ports(ports or [one])))
+            exprs.append(
+                _match(
+                    {"payload": {"protocol": rule.protocol or "tcp", "field": field}},
+                    _ports(ports or [one]),
+                )
+            )
     if rule.not_syn:
-        flags = {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
-                       ["fin", "syn", "rst", "ack"]]}
+        flags = {
+            "&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["fin", "syn", "rst", "ack"]]
+        }
         exprs.append(_match(flags, "syn", "!="))
     if rule.socket_transparent:
         exprs.append(_match({"socket": {"key": "transparent"}}, 1))
@@ -151,13 +158,26 @@ def rule_exprs(rule: MangleRule, ports: list[PortRange] | None = None) -> list[d
     elif isinstance(target, SetMark):
         exprs.append(_set_mark(target.mark, target.mask))
     elif isinstance(target, Tproxy):
-        exprs.append({"tproxy": {"family": "ip" if rule.family == 4 else "ip6",
-                                 "addr": target.on_ip, "port": target.on_port}})
+        exprs.append(
+            {
+                "tproxy": {
+                    "family": "ip" if rule.family == 4 else "ip6",
+                    "addr": target.on_ip,
+                    "port": target.on_port,
+                }
+            }
+        )
         exprs.append(_set_mark(target.mark, target.mask))
         exprs.append({"accept": None})
     elif isinstance(target, Reject):
-        exprs.append({"reject": {"type": "icmp" if rule.family == 4 else "icmpv6",
-                                 "expr": "port-unreachable"}})
+        exprs.append(
+            {
+                "reject": {
+                    "type": "icmp" if rule.family == 4 else "icmpv6",
+                    "expr": "port-unreachable",
+                }
+            }
+        )
     return exprs
 
 
@@ -174,8 +194,7 @@ def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     merged: dict[tuple[MangleRule, bool], tuple[MangleRule, list[PortRange]]] = {}
     for item in items:
         if isinstance(item, Chain):
-            chains.append({"add": {"chain": {**where,
-                                             "name": chain_name(item.family, item.name)}}})
+            chains.append({"add": {"chain": {**where, "name": chain_name(item.family, item.name)}}})
             continue
         assert isinstance(item, MangleRule)
         one = item.dport or item.sport
@@ -187,26 +206,58 @@ def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     for item, ports in merged.values():
         if item.chain in BASE_CHAINS:
             nft_name, kind, hook, prio = BASE_CHAINS[item.chain]
-            bases.setdefault(nft_name, {"add": {"chain": {
-                **where, "name": nft_name, "type": kind, "hook": hook, "prio": prio,
-                "policy": "accept"}}})
+            bases.setdefault(
+                nft_name,
+                {
+                    "add": {
+                        "chain": {
+                            **where,
+                            "name": nft_name,
+                            "type": kind,
+                            "hook": hook,
+                            "prio": prio,
+                            "policy": "accept",
+                        }
+                    }
+                },
+            )
             chain = nft_name
         else:
             chain = chain_name(item.family, item.chain)
-        rules.append({"add": {"rule": {**where, "chain": chain, "comment": item.comment,
-                                       "expr": rule_exprs(item, ports or None)}}})
+        rules.append(
+            {
+                "add": {
+                    "rule": {
+                        **where,
+                        "chain": chain,
+                        "comment": item.comment,
+                        "expr": rule_exprs(item, ports or None),
+                    }
+                }
+            }
+        )
     body = list(bases.values()) + chains + rules
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     if rules:
         first = rules[0]["add"]["rule"]
-        first["comment"] = (f"{first['comment']} d={digest} n={len(rules)} "
-                            f"m={request.mark:#x}/{request.mask:#x} t={request.table}")
+        first["comment"] = (
+            f"{first['comment']} d={digest} n={len(rules)} "
+            f"m={request.mark:#x}/{request.mask:#x} t={request.table}"
+        )
     table = {"table": {"family": FAMILY, "name": name}}
     batch = [{"add": table}, {"delete": table}, {"add": table}, *body]
     # One command per line: readable in --dry-run, still one JSON document.
     script = '{"nftables": [\n' + ",\n".join(json.dumps(c) for c in batch) + "\n]}"
-    return NftTable(name, request.instance, digest, len(rules), request.mark, request.mask,
-                    request.table, script)
+    return NftTable(
+        name,
+        request.instance,
+        digest,
+        len(rules),
+        request.mark,
+        request.mask,
+        request.table,
+        script,
+    )
 
 
 def delete_script(name: str) -> str:
@@ -219,10 +270,9 @@ def setup_lines(table: NftTable) -> list[str]:
     return ["nft -j -f - <<'EOF'", *table.script.splitlines(), "EOF"]
 
 
-
 def read_table(objects: list[dict[str, Any]], name: str) -> NftTable | None:
     """An installed table of ours as an :class:`NftTable` (None if it is not ours)."""
-    instance = name[len(NFT_TABLE_PREFIX):]
+    instance = name[len(NFT_TABLE_PREFIX) :]
     rules = [o["rule"] for o in objects if "rule" in o]
     comments = [str(r.get("comment", "")) for r in rules]
     if not any(c.startswith("tproxy:" + instance) for c in comments):
@@ -231,6 +281,7 @@ def read_table(objects: list[dict[str, Any]], name: str) -> NftTable | None:
         meta = _META_RE.search(comment)
         if meta:
             digest, _, mark, mask, table = meta.groups()
-            return NftTable(name, instance, digest, len(rules), int(mark, 16), int(mask, 16),
-                            int(table))
+            return NftTable(
+                name, instance, digest, len(rules), int(mark, 16), int(mask, 16), int(table)
+            )
     return NftTable(name, instance, "?", len(rules), 0, 0, 0)

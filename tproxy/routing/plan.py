@@ -186,27 +186,55 @@ def make_plan(request: PlanRequest) -> Plan:
         items.append(MangleRule(family, divert, Accept(), comment))
         for ports in request.ports:
             items.append(
-                MangleRule(family, pre, Jump(divert), comment, request.in_interface, "tcp",
-                           dport=ports, not_syn=True, socket_transparent=True)
+                MangleRule(
+                    family,
+                    pre,
+                    Jump(divert),
+                    comment,
+                    request.in_interface,
+                    "tcp",
+                    dport=ports,
+                    not_syn=True,
+                    socket_transparent=True,
+                )
             )
             items.append(
-                MangleRule(family, pre, Jump(divert), comment, request.out_interface, "tcp",
-                           sport=ports, socket_transparent=True)
+                MangleRule(
+                    family,
+                    pre,
+                    Jump(divert),
+                    comment,
+                    request.out_interface,
+                    "tcp",
+                    sport=ports,
+                    socket_transparent=True,
+                )
             )
         # UDP: only the servers' replies take the socket shortcut. The client's
         # datagrams always meet TPROXY, whose own socket lookup finds a session
         # socket (transparent, bound to the original destination) before the listener.
         for ports in request.udp_ports:
             items.append(
-                MangleRule(family, pre, Jump(divert), comment, request.out_interface, "udp",
-                           sport=ports, socket_transparent=True)
+                MangleRule(
+                    family,
+                    pre,
+                    Jump(divert),
+                    comment,
+                    request.out_interface,
+                    "udp",
+                    sport=ports,
+                    socket_transparent=True,
+                )
             )
         tproxy = Tproxy(on_ip, request.proxy_port, request.mark, request.mask)
         by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
         for protocol, port_ranges in by_protocol:
             for ports in port_ranges:
-                items.append(MangleRule(family, pre, tproxy, comment, request.in_interface,
-                                        protocol, dport=ports))
+                items.append(
+                    MangleRule(
+                        family, pre, tproxy, comment, request.in_interface, protocol, dport=ports
+                    )
+                )
         if request.local:
             items += _local_items(request, family, tproxy, comment)
         items.append(MangleRule(family, "PREROUTING", Jump(pre), comment, first=True))
@@ -214,8 +242,19 @@ def make_plan(request: PlanRequest) -> Plan:
             out = out_chain_name(request.instance)
             items.append(MangleRule(family, "OUTPUT", Jump(out), comment, first=True))
         if request.block_quic:
-            items.append(MangleRule(family, "FORWARD", Reject(), comment, request.in_interface,
-                                    "udp", dport=QUIC_PORT, first=True, table="filter"))
+            items.append(
+                MangleRule(
+                    family,
+                    "FORWARD",
+                    Reject(),
+                    comment,
+                    request.in_interface,
+                    "udp",
+                    dport=QUIC_PORT,
+                    first=True,
+                    table="filter",
+                )
+            )
     if request.backend == "nft":
         per_item = [i for i in items if isinstance(i, IpRule | LocalRoute)]
         rules = [i for i in items if isinstance(i, Chain | MangleRule)]
@@ -223,8 +262,7 @@ def make_plan(request: PlanRequest) -> Plan:
     return Plan(request, tuple(items))
 
 
-def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy,
-                 comment: str) -> list[Item]:
+def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy, comment: str) -> list[Item]:
     """``--local``: the OUTPUT chain marking the gateway's own flows, and TPROXY on ``lo``.
 
     Marked in a route-type OUTPUT hook, the packets are routed again: the
@@ -241,19 +279,40 @@ def _local_items(request: PlanRequest, family: Family, tproxy: Tproxy,
         MangleRule(family, out, Return(), comment, dst=loopback),
         MangleRule(family, out, Return(), comment, match_mark=request.proxy_mark),
     ]
-    items += [MangleRule(family, out, Return(), comment, uid_owner=uid)
-              for uid in request.exclude_uids]
-    items += [MangleRule(family, out, Return(), comment, cgroup=path)
-              for path in request.exclude_cgroups]
+    items += [
+        MangleRule(family, out, Return(), comment, uid_owner=uid) for uid in request.exclude_uids
+    ]
+    items += [
+        MangleRule(family, out, Return(), comment, cgroup=path) for path in request.exclude_cgroups
+    ]
     by_protocol = (("tcp", request.ports), ("udp", request.udp_ports))
     for protocol, port_ranges in by_protocol:
         for ports in port_ranges:
-            items.append(MangleRule(family, out, SetMark(request.mark, request.mask), comment,
-                                    protocol=protocol, dport=ports))
+            items.append(
+                MangleRule(
+                    family,
+                    out,
+                    SetMark(request.mark, request.mask),
+                    comment,
+                    protocol=protocol,
+                    dport=ports,
+                )
+            )
     for protocol, port_ranges in by_protocol:
         for ports in port_ranges:
-            items.append(MangleRule(family, pre, tproxy, comment, "lo", protocol, dport=ports,
-                                    match_mark=request.mark, match_mask=request.mask))
+            items.append(
+                MangleRule(
+                    family,
+                    pre,
+                    tproxy,
+                    comment,
+                    "lo",
+                    protocol,
+                    dport=ports,
+                    match_mark=request.mark,
+                    match_mask=request.mask,
+                )
+            )
     return items
 
 
@@ -276,8 +335,9 @@ def validate_request(request: PlanRequest) -> None:
     if not request.ports and not request.udp_ports:
         raise PlanError("no ports given")
     if request.block_quic and any(r.first <= 443 <= r.last for r in request.udp_ports):
-        raise PlanError("--block-quic rejects UDP port 443, which --udp-port diverts: "
-                        "drop one of them")
+        raise PlanError(
+            "--block-quic rejects UDP port 443, which --udp-port diverts: drop one of them"
+        )
     if not 1 <= request.proxy_port <= 65535:
         raise PlanError(f"proxy port {request.proxy_port} is out of range 1-65535")
     if not request.families or set(request.families) - {4, 6}:
@@ -301,18 +361,22 @@ def validate_request(request: PlanRequest) -> None:
     if not 0 < request.proxy_mark <= 0xFFFFFFFF:
         raise PlanError(f"proxy mark {request.proxy_mark:#x} must be 1-0xffffffff")
     if request.local and request.proxy_mark & request.mask == request.mark:
-        raise PlanError(f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
-                        f"(mark {request.mark:#x}/{request.mask:#x}): pick another")
+        raise PlanError(
+            f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
+            f"(mark {request.mark:#x}/{request.mask:#x}): pick another"
+        )
     if request.exclude_cgroups and request.backend == "nft":
-        raise PlanError("--exclude-cgroup needs --backend iptables: nftables' JSON interface "
-                        "(1.0.6) has no cgroupv2 match")
+        raise PlanError(
+            "--exclude-cgroup needs --backend iptables: nftables' JSON interface "
+            "(1.0.6) has no cgroupv2 match"
+        )
     if (request.exclude_uids or request.exclude_cgroups) and not request.local:
         raise PlanError("--exclude-uid and --exclude-cgroup need --local")
     for uid in request.exclude_uids:
         if not 0 <= uid <= 0xFFFFFFFE:
             raise PlanError(f"bad uid {uid}")
     for path in request.exclude_cgroups:
-        if not path or len(path) > 100 or any(c in path for c in "\"\n\0"):
+        if not path or len(path) > 100 or any(c in path for c in '"\n\0'):
             raise PlanError(f"bad cgroup path {path!r}")
 
 
@@ -448,7 +512,7 @@ def _cgroup(text: str) -> str:
     path = text.strip()
     root = cgroup2_root()
     if path.startswith(root + "/"):
-        path = path[len(root):]
+        path = path[len(root) :]
     return path.strip("/")
 
 
@@ -456,8 +520,21 @@ def _cgroup(text: str) -> str:
 
 _CODEC_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (Jump, SetMark, Accept, Tproxy, Reject, Return, NftTable, Chain, MangleRule,
-                IpRule, LocalRoute, UnknownRule, PortRange)
+    for cls in (
+        Jump,
+        SetMark,
+        Accept,
+        Tproxy,
+        Reject,
+        Return,
+        NftTable,
+        Chain,
+        MangleRule,
+        IpRule,
+        LocalRoute,
+        UnknownRule,
+        PortRange,
+    )
 }
 
 

@@ -36,15 +36,26 @@ from .plan import DEFAULT_PROXY_MARK, DEFAULT_PROXY_V4, DEFAULT_PROXY_V6, Plan, 
 
 log = logging.getLogger("tproxy")
 
-__all__ = ["RoutingError", "add_run_arguments", "check_for_run", "installed_for_run",
-           "prepare_run_args", "wants_setup"]
+__all__ = [
+    "RoutingError",
+    "add_run_arguments",
+    "check_for_run",
+    "installed_for_run",
+    "prepare_run_args",
+    "wants_setup",
+]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--setup IN OUT`` and the plan options (prefixed ``--route-``) to ``run``."""
-    parser.add_argument("--setup", nargs=2, metavar=("IN", "OUT"), default=None,
-                        help="install the TPROXY routing for IN -> OUT while running "
-                             "(needs --port); removed when the engine stops")
+    parser.add_argument(
+        "--setup",
+        nargs=2,
+        metavar=("IN", "OUT"),
+        default=None,
+        help="install the TPROXY routing for IN -> OUT while running "
+        "(needs --port); removed when the engine stops",
+    )
     add_plan_arguments(parser, prefix="route-")
 
 
@@ -64,8 +75,12 @@ def wants_setup(args: argparse.Namespace) -> bool:
     return getattr(args, "setup", None) is not None
 
 
-def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: str | None,
-                 proxy_address_v6: str | None) -> Plan:
+def plan_for_run(
+    args: argparse.Namespace,
+    proxy_port: int,
+    proxy_address_v4: str | None,
+    proxy_address_v6: str | None,
+) -> Plan:
     """The plan ``run`` would install; raises ``tproxy.cli.UsageError`` on bad options.
 
     An address of None means no listener of that family: the family is left
@@ -95,8 +110,12 @@ def plan_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: st
     return make_plan(request)
 
 
-def check_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: str | None,
-                  proxy_address_v6: str | None) -> Plan:
+def check_for_run(
+    args: argparse.Namespace,
+    proxy_port: int,
+    proxy_address_v4: str | None,
+    proxy_address_v6: str | None,
+) -> Plan:
     """Every check ``run --setup`` can make before anything listens; returns the plan.
 
     Bad options (ports, mark, ...), a missing interface, no privileges, or a
@@ -114,18 +133,23 @@ def check_for_run(args: argparse.Namespace, proxy_port: int, proxy_address_v4: s
     except Exception as exc:  # a backend's StepError (python-iptables cannot load, ...)
         raise UsageError(f"cannot read the installed routing: {exc}") from None
     if clash:
-        raise UsageError(clash + "; tproxy teardown"
-                         + ("" if plan.instance == "default" else f" --instance {plan.instance}")
-                         + " first")
+        raise UsageError(
+            clash
+            + "; tproxy teardown"
+            + ("" if plan.instance == "default" else f" --instance {plan.instance}")
+            + " first"
+        )
     return plan
 
 
 @contextlib.contextmanager
-def installed_for_run(args: argparse.Namespace, proxy_port: int,
-                      proxy_address_v4: str | None = DEFAULT_PROXY_V4,
-                      proxy_address_v6: str | None = DEFAULT_PROXY_V6,
-                      plan: Plan | None = None,
-                      ) -> Iterator[Plan | None]:
+def installed_for_run(
+    args: argparse.Namespace,
+    proxy_port: int,
+    proxy_address_v4: str | None = DEFAULT_PROXY_V4,
+    proxy_address_v6: str | None = DEFAULT_PROXY_V6,
+    plan: Plan | None = None,
+) -> Iterator[Plan | None]:
     """Install ``run``'s plan for the block's duration; yields the plan (None without --setup).
 
     Raises ``tproxy.cli.UsageError`` for bad options and
@@ -147,13 +171,19 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
     request = plan.request
     log.info("routing installed (%s backend, instance %s)", request.backend, request.instance)
     if request.local:
-        log.info("--local: this host's own connections to the diverted ports are intercepted; "
-                 "their outgoing source is this host's own address (there is no other client "
-                 "address to keep, whatever --source says); the proxy's sockets carry mark "
-                 "%#x and are never captured again", request.proxy_mark)
+        log.info(
+            "--local: this host's own connections to the diverted ports are intercepted; "
+            "their outgoing source is this host's own address (there is no other client "
+            "address to keep, whatever --source says); the proxy's sockets carry mark "
+            "%#x and are never captured again",
+            request.proxy_mark,
+        )
     if outcome == "unchanged" and state.owner(plan.instance) == "setup":
-        print(f"tproxy run: routing instance {plan.instance!r} was installed by tproxy setup; "
-              "using it and leaving it in place", file=sys.stderr)
+        print(
+            f"tproxy run: routing instance {plan.instance!r} was installed by tproxy setup; "
+            "using it and leaving it in place",
+            file=sys.stderr,
+        )
         yield plan
         return
     try:
@@ -162,5 +192,7 @@ def installed_for_run(args: argparse.Namespace, proxy_port: int,
         try:
             installer.teardown(plan.instance)
         except RoutingError as exc:  # report, but do not hide the block's own error
-            print(f"tproxy run: removing the routing failed: {exc}; "
-                  "run tproxy teardown", file=sys.stderr)
+            print(
+                f"tproxy run: removing the routing failed: {exc}; run tproxy teardown",
+                file=sys.stderr,
+            )

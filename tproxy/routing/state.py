@@ -37,8 +37,9 @@ def namespace_key() -> str:
     """A name for the current network namespace, unique within this boot."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         try:
-            cookie = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
-                                    "little")
+            cookie = int.from_bytes(
+                sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little"
+            )
             return f"ns-{cookie}"
         except OSError:
             pass
@@ -80,8 +81,12 @@ def load(instance: str) -> tuple[PlanRequest, str] | None:
         return None
 
 
-def save(request: PlanRequest, status: str, owner: str = "setup",
-         process: tuple[int | None, str | None] | None = None) -> None:
+def save(
+    request: PlanRequest,
+    status: str,
+    owner: str = "setup",
+    process: tuple[int | None, str | None] | None = None,
+) -> None:
     """Record an instance's request atomically (write, fsync, rename).
 
     ``owner`` is ``setup`` (installed by the command, removed by ``teardown``)
@@ -94,9 +99,14 @@ def save(request: PlanRequest, status: str, owner: str = "setup",
     from .liveness import start_time
 
     pid, started = process or (os.getpid(), start_time(os.getpid()))
-    data = {"request": request.to_json(), "status": status, "owner": owner,
-            "pid": pid, "pid_start": started,
-            "netns_inode": os.stat("/proc/self/ns/net").st_ino}
+    data = {
+        "request": request.to_json(),
+        "status": status,
+        "owner": owner,
+        "pid": pid,
+        "pid_start": started,
+        "netns_inode": os.stat("/proc/self/ns/net").st_ino,
+    }
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1)
         handle.flush()

@@ -235,9 +235,7 @@ ChainBuilder = Callable[[FlowInfo], Chain | None]
 class TlsLayer:
     """A flow's chain behind TLS interception; drivable as a :class:`Chain` (see module doc)."""
 
-    def __init__(
-        self, tls: TlsInterception, inner: Chain | ChainBuilder, info: FlowInfo
-    ) -> None:
+    def __init__(self, tls: TlsInterception, inner: Chain | ChainBuilder, info: FlowInfo) -> None:
         self.tls = tls
         self._builder: ChainBuilder | None = None
         if isinstance(inner, Chain):
@@ -747,9 +745,7 @@ class TlsLayer:
     def _fail(self, reason: str, *, alert: int | None = None) -> NoReturn:
         """End this flow: one log line, a fatal alert to a client still waiting for its
         ServerHello, then the relay resets."""
-        log.warning(
-            "flow %d: tls: %s (client %s)", self.info.id, reason, self.info.client[0]
-        )
+        log.warning("flow %d: tls: %s (client %s)", self.info.id, reason, self.info.client[0])
         exc = AbortFlow(f"tls: {reason}")
         if alert is not None and self.state in (_State.SNIFF, _State.UPSTREAM):
             exc.to_client = alert_record(alert)

@@ -37,16 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the UDP options to ``tproxy run``."""
     g = parser.add_argument_group("UDP (transparent)")
     g.add_argument(
-        "--udp-idle", type=_positive_float, default=DEFAULT_IDLE, metavar="SECONDS",
+        "--udp-idle",
+        type=_positive_float,
+        default=DEFAULT_IDLE,
+        metavar="SECONDS",
         help="end a UDP session after this long without a datagram either way (default 60)",
     )
     g.add_argument(
-        "--udp-max-sessions", type=_positive_int, default=DEFAULT_MAX_SESSIONS, metavar="N",
+        "--udp-max-sessions",
+        type=_positive_int,
+        default=DEFAULT_MAX_SESSIONS,
+        metavar="N",
         help="most UDP sessions at once; a new one evicts the least recently used "
         "(default 16384; not counted in --max-flows)",
     )
     g.add_argument(
-        "--no-udp", dest="udp", action="store_false",
+        "--no-udp",
+        dest="udp",
+        action="store_false",
         help="transparent listeners take TCP only (--mode transparent-udp@... still listens)",
     )
 
@@ -66,7 +74,8 @@ def open_listeners(
 ) -> list[socket.socket]:
     """Bind the UDP listeners; a failure closes what was opened and is a usage error."""
     wanted = [
-        s for s in specs
+        s
+        for s in specs
         if is_udp_only(s) or (s.kind == "transparent" and getattr(args, "udp", True))
     ]
     opened: list[socket.socket] = []

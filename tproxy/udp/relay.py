@@ -301,7 +301,9 @@ class UdpRelay:
                 session.reply_failed = True
                 log.warning(
                     "flow %d: cannot answer from %s (answers are dropped): %s",
-                    session.record.info.id, format_address(session.destination), exc,
+                    session.record.info.id,
+                    format_address(session.destination),
+                    exc,
                 )
                 return
         try:
@@ -376,7 +378,9 @@ class UdpRelay:
         self.evicted += 1
         log.info(
             "udp: %s (%d sessions): evicting flow %d, the least recently used",
-            why, len(self.sessions), oldest.record.info.id,
+            why,
+            len(self.sessions),
+            oldest.record.info.id,
         )
         self._end(oldest, EndReason.EVICTED, why)
 
@@ -427,8 +431,7 @@ class UdpRelay:
                 continue
             if (source[0], source[1]) != destination:
                 # queued between bind and connect: not this session's
-                log.debug("flow %d: dropped a datagram from %s", session.record.info.id,
-                          source[:2])
+                log.debug("flow %d: dropped a datagram from %s", session.record.info.id, source[:2])
                 continue
             self.from_server(session, data)
 
