@@ -667,15 +667,27 @@ class Bench:
         return result
 
     def profile(self, cfg: Config, out: Path, seconds: int) -> None:
-        """py-spy on the proxy while wrk opens connections (Connection: close); top frames."""
+        """py-spy on the proxy while wrk runs (new connections, or keep-alive with
+        ``--profile-keepalive``); top frames."""
         t = self.target(cfg)
         spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        close = [] if self.args.profile_keepalive else ["-H", "Connection: close"]
         with self.running(cfg) as pids:
             wrk = self.client.popen(
                 "wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds + 2}s", "--latency",
-                "-H", "Connection: close", f"http://{t.host}:{t.http}/", log_name="wrk",
+                *close, f"http://{t.host}:{t.http}/", log_name="wrk",
             )  # fmt: skip
             time.sleep(1)
+            if self.args.profile_with:  # another profiler, e.g. "perf record -g -o FILE"
+                cmd = [*self.args.profile_with.split(), "-p", str(pids[0])]
+                r = subprocess.run(
+                    ["timeout", "-s", "INT", str(seconds), *cmd],
+                    capture_output=True, text=True, timeout=seconds + 60,
+                )  # fmt: skip
+                print(r.stdout[-6000:], r.stderr[-6000:])
+                wrk.wait(timeout=60)
+                print(self.client.read_log(wrk))
+                return
             subprocess.run(
                 [spy, "record", "--pid", str(pids[0]), "--duration", str(seconds), "--rate", "200",
                  "--format", "raw", "--nonblocking", "-o", str(out),
@@ -1197,6 +1209,11 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write raw results here")
     p.add_argument("--alt-note", default=None, help="what --alt-tree is, for the report")
     p.add_argument("--native", action="store_true", help="--profile with native frames")
+    p.add_argument("--profile-keepalive", action="store_true",
+                   help="--profile under wrk's keep-alive test instead")  # fmt: skip
+    p.add_argument("--profile-with", default=None, metavar="COMMAND",
+                   help="--profile with this command instead of py-spy, given '-p PID' and "
+                   "stopped with SIGINT (e.g. 'perf record -g -o FILE')")  # fmt: skip
     p.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the processes' logs here")
     p.add_argument("--alt-tree", default=None, metavar="DIR",
                    help="also run tproxy (passthrough) from this checkout, "

@@ -16,6 +16,7 @@ position in the stream.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -148,17 +149,17 @@ class Interceptor:
 
     # -- time, pacing and threads (the state lives in tproxy.timers) -----------
 
-    _tproxy_timers: FlowTimers | None = None
+    _tproxy_chain: Chain | None = None
     _tproxy_index = 0
 
     def _flow_timers(self, what: str) -> FlowTimers:
-        timers = self._tproxy_timers
-        if timers is None:
+        chain = self._tproxy_chain
+        if chain is None:
             raise RuntimeError(
                 f"{what} needs a relay that drives timers, and this flow's chain has no "
                 "clock (Chain.set_clock was never called)"
             )
-        return timers
+        return chain.timers()
 
     def now(self) -> float:
         """The flow's clock in seconds: the relay's monotonic time, the Driver's virtual time.
@@ -284,7 +285,7 @@ class InterceptorError(Exception):
         self.error = error
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """What one chain call asks the engine to send."""
 
@@ -296,6 +297,21 @@ class Output:
 
 
 _DATA_HOOKS = frozenset({"client_data", "server_data"})
+_WATCH = watchdog.WATCH
+_perf_counter = time.perf_counter
+
+
+def _as_bytes(ic: Interceptor, hook: str, result: object) -> bytes:
+    """A data hook's result that is not exactly ``bytes``: converted, or the hook's error."""
+    if result is None:
+        raise InterceptorError(
+            ic, hook, TypeError(f"{hook} returned None, not bytes: did you forget to return?")
+        )
+    if not isinstance(result, bytes | bytearray | memoryview):
+        raise InterceptorError(
+            ic, hook, TypeError(f"{hook} returned {type(result).__name__}, not bytes")
+        )
+    return bytes(result)
 
 
 class _Collect:
@@ -330,7 +346,10 @@ class Chain:
         A timer, a held end of stream or a thread job still pending keeps the
         chain in the engine's hands until it is done.
         """
-        return all(i.is_passthrough for i in self.interceptors) and not self._timers_busy()
+        for ic in self.interceptors:
+            if not ic._passthrough:
+                return False
+        return not self._timers_busy()
 
     def start(self) -> Output:
         """Call every interceptor's :meth:`Interceptor.start`, in order.
@@ -363,14 +382,66 @@ class Chain:
         return out.output()
 
     def client_data(self, data: bytes) -> Output:
-        out = _Collect()
-        self._to_server(0, data, out)
-        return out.output()
+        # The common case inline (every chunk of every watched flow comes here): each
+        # interceptor in turn, no injection. The first one that injected hands the
+        # rest of the trip to the general routing (_call's tail, _to_server).
+        ics = self.interceptors
+        perf_counter = _perf_counter
+        for k, ic in enumerate(ics):
+            if ic._passthrough:
+                continue
+            began = perf_counter()
+            try:
+                result = ic.client_data(data)
+            except AbortFlow as exc:
+                out = _Collect()
+                self._keep_reply(k, exc, out)
+                raise
+            except Exception as exc:
+                raise InterceptorError(ic, "client_data", exc) from exc
+            finally:
+                if perf_counter() - began >= _WATCH.threshold:
+                    watchdog.hook_ended(began, ic, "client_data")
+            if type(result) is not bytes:
+                result = _as_bytes(ic, "client_data", result)
+            if ic._to_server or ic._to_client:
+                out = _Collect()
+                self._to_server(k + 1, self._route(k, result, out, toward_server=True), out)
+                return out.output()
+            data = result
+            if not data:
+                return Output()
+        return Output(data, b"")
 
     def server_data(self, data: bytes) -> Output:
-        out = _Collect()
-        self._to_client(len(self.interceptors) - 1, data, out)
-        return out.output()
+        ics = self.interceptors
+        perf_counter = _perf_counter
+        for k in range(len(ics) - 1, -1, -1):
+            ic = ics[k]
+            if ic._passthrough:
+                continue
+            began = perf_counter()
+            try:
+                result = ic.server_data(data)
+            except AbortFlow as exc:
+                out = _Collect()
+                self._keep_reply(k, exc, out)
+                raise
+            except Exception as exc:
+                raise InterceptorError(ic, "server_data", exc) from exc
+            finally:
+                if perf_counter() - began >= _WATCH.threshold:
+                    watchdog.hook_ended(began, ic, "server_data")
+            if type(result) is not bytes:
+                result = _as_bytes(ic, "server_data", result)
+            if ic._to_server or ic._to_client:
+                out = _Collect()
+                self._to_client(k - 1, self._route(k, result, out, toward_server=False), out)
+                return out.output()
+            data = result
+            if not data:
+                return Output()
+        return Output(b"", data)
 
     def client_eof(self) -> Output:
         """Flush the client-to-server direction, interceptor by interceptor."""
@@ -449,23 +520,26 @@ class Chain:
             raise InterceptorError(ic, hook, exc) from exc
         finally:
             watchdog.hook_ended(began, ic, hook)
-        if result is None and hook in _DATA_HOOKS:
-            raise InterceptorError(
-                ic, hook, TypeError(f"{hook} returned None, not bytes: did you forget to return?")
-            )
-        if result is None:
+        if result is None and hook not in _DATA_HOOKS:
             result = b""  # the eof hooks: None is "nothing held"
-        elif not isinstance(result, bytes | bytearray | memoryview):
-            raise InterceptorError(
-                ic, hook, TypeError(f"{hook} returned {type(result).__name__}, not bytes")
-            )
-        result = bytes(result)
+        elif type(result) is not bytes:
+            result = _as_bytes(ic, hook, result)
+        return self._route(k, result, out, toward_server=to_server_from is not None)
+
+    def _route(self, k: int, result: bytes, out: _Collect, *, toward_server: bool) -> bytes:
+        """What interceptor ``k`` injected during a call that returned ``result``.
+
+        Injections in the direction being processed go in front of the result
+        (they were made during the call, before it returned), which the caller
+        passes on; injections the other way start their own trip from ``k``'s
+        neighbour.
+        """
+        ic = self.interceptors[k]
         inj_server = b"".join(ic._to_server)
         inj_client = b"".join(ic._to_client)
         ic._to_server.clear()
         ic._to_client.clear()
-        if to_server_from is not None:
-            # processing toward the server (or start): same-direction injections lead
+        if toward_server:
             result = inj_server + result
             if inj_client:
                 self._to_client(k - 1, inj_client, out)
@@ -496,6 +570,7 @@ class Chain:
     # -- time: optional members a relay honours (contract in tproxy.timers) -----
 
     _flow_timers: FlowTimers | None = None
+    _clock: Callable[[], float] | None = None
 
     def set_clock(self, clock: Callable[[], float]) -> None:
         """Give the chain the relay's clock; call once, before :meth:`start`.
@@ -503,11 +578,23 @@ class Chain:
         Calling it promises that the caller honours every member below; an
         interceptor asking for time in a chain without a clock fails its flow.
         """
-        timers = FlowTimers(clock)
-        self._flow_timers = timers
+        self._clock = clock
         for k, ic in enumerate(self.interceptors):
-            ic._tproxy_timers = timers
+            ic._tproxy_chain = self
             ic._tproxy_index = k
+
+    def timers(self) -> FlowTimers:
+        """The flow's timer state, made when an interceptor first asks for time.
+
+        Most flows never do: until then every question below is answered
+        without it, and an idle flow does not carry its tables.
+        """
+        timers = self._flow_timers
+        if timers is None:
+            if self._clock is None:
+                raise RuntimeError("the chain has no clock (Chain.set_clock was never called)")
+            timers = self._flow_timers = FlowTimers(self._clock)
+        return timers
 
     def _timers_busy(self) -> bool:
         timers = self._flow_timers
@@ -626,7 +713,6 @@ class Chain:
         then its eof hook; one that holds the eof keeps it, and what it
         flushed goes on as data only.
         """
-        timers = self._flow_timers
         pending = b""
         if side == CLIENT:
             for k in range(start, len(self.interceptors)):
@@ -635,6 +721,8 @@ class Chain:
                 if pending:
                     pending = self._call(k, "client_data", (pending,), out, to_server_from=k)
                 pending += self._call(k, "client_eof", (), out, to_server_from=k)
+                # read each time: the hook may have made the timers (hold_eof)
+                timers = self._flow_timers
                 if timers is not None and timers.stops_eof(k, CLIENT):
                     self._to_server(k + 1, pending, out)
                     return
@@ -647,6 +735,7 @@ class Chain:
                 if pending:
                     pending = self._call(k, "server_data", (pending,), out, to_client_from=k)
                 pending += self._call(k, "server_eof", (), out, to_client_from=k)
+                timers = self._flow_timers
                 if timers is not None and timers.stops_eof(k, SERVER):
                     self._to_client(k - 1, pending, out)
                     return
