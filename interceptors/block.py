@@ -1,8 +1,10 @@
 """``block``: abort flows by destination (CIDR, port, host name) or by their first bytes.
 
-The destination is checked in :meth:`Block.start`, before any data. Flows
-that are not blocked by destination and need no content check go to
-passthrough at once, so they cost nothing afterwards. With ``pattern``, the
+The destination is checked before the flow's interceptors are made
+(:meth:`Block.applies_to`): a flow whose destination does not match gets no
+``block`` instance, and with no other interceptor it is spliced like any
+passthrough flow. :meth:`Block.start` checks again (a test driving the class
+directly). With ``pattern``, the
 first ``first-bytes`` bytes from the client are searched; a match aborts the
 flow, no match within that many bytes hands the flow back to the engine.
 
@@ -118,22 +120,15 @@ class Block(Interceptor):
         self.seen = b""
         """The client's first bytes, kept for the pattern search."""
 
+    @classmethod
+    def applies_to(cls, options: BlockOptions, flow: FlowInfo) -> bool:
+        """A flow whose destination no cidr/host/port matches gets no instance (it is
+        spliced as passthrough from the start)."""
+        return not options.by_destination or _destination_matches(options, flow)
+
     def destination_matches(self) -> bool:
         """Whether the flow's destination matches cidr/host (either) and port."""
-        opts = self.options
-        host, port = self.flow.destination[0], self.flow.destination[1]
-        if opts.ports and not any(low <= port <= high for low, high in opts.ports):
-            return False
-        if not (opts.cidrs or opts.host):
-            return True
-        address = _ip(host)
-        if address is None:
-            name = host.rstrip(".")
-            return opts.host is not None and opts.host.fullmatch(name) is not None
-        candidates = [address]
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            candidates.append(address.ipv4_mapped)
-        return any(a.version == net.version and a in net for a in candidates for net in opts.cidrs)
+        return _destination_matches(self.options, self.flow)
 
     def start(self) -> None:
         opts = self.options
@@ -163,6 +158,22 @@ class Block(Interceptor):
         if self.options.reply:
             self.inject_to_client(self.options.reply)
         self.abort(f"block: {reason}")
+
+
+def _destination_matches(opts: BlockOptions, flow: FlowInfo) -> bool:
+    host, port = flow.destination[0], flow.destination[1]
+    if opts.ports and not any(low <= port <= high for low, high in opts.ports):
+        return False
+    if not (opts.cidrs or opts.host):
+        return True
+    address = _ip(host)
+    if address is None:
+        name = host.rstrip(".")
+        return opts.host is not None and opts.host.fullmatch(name) is not None
+    candidates = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)
+    return any(a.version == net.version and a in net for a in candidates for net in opts.cidrs)
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

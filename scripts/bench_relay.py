@@ -3,15 +3,13 @@
 ``scripts/bench`` measures the proxy on a real namespace path, where the
 kernel's TCP work (and the peers') dominates and rounds spread widely. This
 measures only what the proxy's Python costs: one process runs the epoll hub
-(:mod:`tproxy.hub`) over ``--pairs`` flow pairs made of Unix socketpairs, a
+(:mod:`tproxy.hub`) over ``--pairs`` flow pairs (TCP over loopback), a
 child process plays the clients and servers (keep-alive: a request up, a
 reply down, one in flight on every pair at once, ``--requests`` in all), and the hub process's CPU
 time per request is reported for each configuration, side by side in one
 run:
 
-- ``splice``: no interceptor (passthrough, splice where the kernel allows;
-  Unix sockets do not splice to Unix sockets the way TCP does, so this is the
-  copy path without a chain)
+- ``splice``: no interceptor (passthrough, spliced)
 - ``copy``: no interceptor, ``splice=False``
 - ``unchanged``: an interceptor that returns every chunk unchanged (the
   cost of watching a flow, issue 11)
@@ -91,8 +89,26 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _pair(transport: str) -> tuple[socket.socket, socket.socket]:
+    """Two connected sockets: a Unix socketpair, or TCP over loopback."""
+    if transport == "unix":
+        return socket.socketpair()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
 async def _run(
-    config: str, pairs: int, requests: int, up: int, down: int, profile: str | None
+    config: str,
+    pairs: int,
+    requests: int,
+    up: int,
+    down: int,
+    profile: str | None,
+    transport: str,
 ) -> float:
     chains = {"unchanged": 1, "unchanged2": 2}.get(config, 0)
 
@@ -110,8 +126,8 @@ async def _run(
         await nursery.start(hub.run)
         flows = []
         for k in range(pairs):
-            client_peer, client = socket.socketpair()
-            server, server_peer = socket.socketpair()
+            client_peer, client = _pair(transport)
+            server, server_peer = _pair(transport)
             for s in (client, server):
                 s.setblocking(False)
             info = FlowInfo(k + 1, ("192.0.2.1", 40000 + k), ("192.0.2.2", 80), mode="forward")
@@ -151,6 +167,8 @@ def main() -> int:
     p.add_argument("--up", type=int, default=100, help="request size, bytes")
     p.add_argument("--down", type=int, default=600, help="reply size, bytes")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
+                   help="TCP over loopback (default; splice works) or Unix socketpairs")  # fmt: skip
     p.add_argument("--only", default="splice,copy,unchanged,unchanged2")
     p.add_argument("--profile", default=None, help="cProfile stats of the last round here")
     args = p.parse_args()
@@ -160,9 +178,19 @@ def main() -> int:
         for config in configs:
             prof = args.profile if r == args.rounds - 1 else None
             results[config].append(
-                trio.run(_run, config, args.pairs, args.requests, args.up, args.down, prof)
+                trio.run(
+                    _run,
+                    config,
+                    args.pairs,
+                    args.requests,
+                    args.up,
+                    args.down,
+                    prof,
+                    args.transport,
+                )  # fmt: skip
             )
-    print(f"hub CPU µs per request ({args.requests} requests over {args.pairs} pairs, "
+    print(f"hub CPU µs per request ({args.requests} requests over {args.pairs} "
+          f"{args.transport} pairs, "
           f"{args.up} B up, {args.down} B down; best of {args.rounds}):")  # fmt: skip
     # The least CPU of the rounds: other work on the machine only ever adds to it.
     base = min(results[configs[0]])

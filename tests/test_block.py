@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tproxy import loading
+from tproxy.engine import Engine, EngineConfig
 from tproxy.flow import FlowInfo
 from tproxy.interceptor import AbortFlow, Chain, OptionError
 from tproxy.interceptors.block import Block
@@ -118,3 +120,26 @@ def test_server_data_is_untouched() -> None:
 def test_bad_options(options: dict[str, str], message: str) -> None:
     with pytest.raises(OptionError, match=message):
         Block.parse_options(options)
+
+
+@pytest.mark.parametrize(
+    ("options", "destination", "applies"),
+    [
+        ({"cidr": "198.51.100.0/24"}, ("198.51.100.20", 80), True),
+        ({"cidr": "198.51.100.0/24"}, ("192.0.2.1", 80), False),
+        ({"port": "22"}, ("192.0.2.1", 80), False),
+        ({"host": r"(.*\.)?example\.com"}, ("www.example.com", 443), True),
+        ({"pattern": "GET"}, ("192.0.2.1", 80), True),  # content checks need every flow
+        ({"cidr": "198.51.100.0/24", "pattern": "x"}, ("192.0.2.1", 80), False),
+    ],
+)
+def test_a_flow_whose_destination_does_not_match_gets_no_instance(
+    options: dict[str, str], destination: tuple[str, int], applies: bool
+) -> None:
+    """The engine asks before it builds a chain: an unmatched flow has no interceptor to
+    call, so it is relayed (spliced) like passthrough from its first byte."""
+    factory = loading.load_interceptor("block", options)
+    info = to(*destination)
+    assert factory.selects(info) is applies
+    chain = Engine(EngineConfig(), [factory]).chain_for(info)
+    assert (chain is not None) is applies

@@ -87,6 +87,18 @@ class Interceptor:
             raise OptionError(f"{cls.__name__} takes no options (got {', '.join(options)})")
         return None
 
+    @classmethod
+    def applies_to(cls, options: Any, flow: FlowInfo) -> bool:
+        """Whether a flow gets an instance at all, decided from its addresses and the
+        options (``parse_options``' value) before one is made. Default: every flow.
+
+        Override it where ``start`` would pass most flows through at once (a
+        filter by destination): a flow no interceptor applies to is relayed as
+        passthrough from its first byte (spliced), without an instance, a chain
+        or their memory. ``--when`` selects first; this narrows what it selected.
+        """
+        return True
+
     # -- hooks ----------------------------------------------------------
 
     def start(self) -> None:

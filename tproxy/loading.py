@@ -77,8 +77,9 @@ class InterceptorFactory:
     """Which flows get this interceptor (``--when``, else the class's ``when``)."""
 
     def selects(self, info: FlowInfo) -> bool:
-        """Whether the flow ``info`` gets this interceptor (decided once, at its start)."""
-        return self.selection.matches(info)
+        """Whether the flow ``info`` gets this interceptor (decided once, at its start):
+        ``--when`` (or the class's ``when``), then the class's ``applies_to``."""
+        return self.selection.matches(info) and self.cls.applies_to(self.options, info)
 
     def wants_client_hello(self, info: FlowInfo) -> bool:
         """Whether ``info.sni`` (a peeked ClientHello) could change :meth:`selects`."""
