@@ -17,6 +17,7 @@ run:
 
     .venv/bin/python scripts/bench_relay.py [--requests 20000] [--pairs 16]
     .venv/bin/python scripts/bench_relay.py --only unchanged --profile /tmp/relay.prof
+    .venv/bin/python scripts/bench_relay.py --memory 2000
 
 No root, no namespaces. Run it beside ``scripts/bench``, not instead.
 """
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,38 @@ def _pair(transport: str) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
+async def _memory(config: str, flows: int) -> float:
+    """Python memory per idle flow pair in the hub (tracemalloc), sockets included."""
+    chains = {"unchanged": 1, "unchanged2": 2}.get(config, 0)
+    hub = SpliceHub(
+        opened=lambda info, local: FlowRecord(info, time.time()),
+        rejected=lambda *a: None,
+        closed=lambda record: None,
+        splice=config == "splice",
+    )
+    keep: list[socket.socket] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for k in range(flows):
+            client_peer, client = socket.socketpair()
+            server, server_peer = socket.socketpair()
+            for s in (client, server):
+                s.setblocking(False)
+            info = FlowInfo(k + 1, ("192.0.2.1", 40000 + k), ("192.0.2.2", 80), mode="forward")
+            chain = Chain([Unchanged(info) for _ in range(chains)]) if chains else None
+            hub.adopt(client, server, FlowRecord(info, time.time()), chain)
+            keep += [client_peer, server_peer]
+        await trio.sleep(0.2)
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        nursery.cancel_scope.cancel()
+    for s in keep:
+        s.close()
+    return used / flows
+
+
 async def _run(
     config: str,
     pairs: int,
@@ -168,27 +202,25 @@ def main() -> int:
     p.add_argument("--down", type=int, default=600, help="reply size, bytes")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
-                   help="TCP over loopback (default; splice works) or Unix socketpairs")  # fmt: skip
+                   help="TCP on loopback (default; splice works), or Unix socketpairs")  # fmt: skip
     p.add_argument("--only", default="splice,copy,unchanged,unchanged2")
     p.add_argument("--profile", default=None, help="cProfile stats of the last round here")
+    p.add_argument("--memory", type=int, default=0, metavar="FLOWS",
+                   help="instead: Python memory per idle flow pair over FLOWS pairs "
+                   "(tracemalloc; the proxy-side objects, sockets included)")  # fmt: skip
     args = p.parse_args()
     configs = args.only.split(",")
+    if args.memory:
+        print(f"bytes of Python memory per idle flow pair ({args.memory} pairs, tracemalloc):")
+        for config in configs:
+            print(f"  {config:12s} {trio.run(_memory, config, args.memory):7.0f}")
+        return 0
     results: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for config in configs:
             prof = args.profile if r == args.rounds - 1 else None
-            results[config].append(
-                trio.run(
-                    _run,
-                    config,
-                    args.pairs,
-                    args.requests,
-                    args.up,
-                    args.down,
-                    prof,
-                    args.transport,
-                )  # fmt: skip
-            )
+            run = (config, args.pairs, args.requests, args.up, args.down, prof, args.transport)
+            results[config].append(trio.run(_run, *run))
     print(f"hub CPU µs per request ({args.requests} requests over {args.pairs} "
           f"{args.transport} pairs, "
           f"{args.up} B up, {args.down} B down; best of {args.rounds}):")  # fmt: skip

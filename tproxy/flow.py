@@ -55,7 +55,7 @@ def set_flow_ids(start: int, step: int = 1) -> None:
     _ids = itertools.count(start, step)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowInfo:
     """Who talks to whom through one flow pair.
 
@@ -100,7 +100,7 @@ def format_address(address: Address) -> str:
     return f"{host}:{port}"
 
 
-@dataclass
+@dataclass(slots=True)
 class FlowRecord:
     """Counters of one flow pair, logged when it opens and when it ends."""
 

@@ -114,6 +114,13 @@ Action = Send | ShutdownWrite | Reset | End
 _BOTH = (True, True)
 _NEITHER = (False, False)
 _NONE: list[Action] = []
+_PAIRS = ((_NEITHER, (False, True)), ((True, False), _BOTH))
+"""Every pair of per-side flags, shared: a flow's flags are one of these (no list each)."""
+
+
+def _set(flags: tuple[bool, bool], side: int, value: bool) -> tuple[bool, bool]:
+    """``flags`` with ``side`` set to ``value`` (one of the shared pairs)."""
+    return _PAIRS[value][flags[1]] if side == CLIENT else _PAIRS[flags[0]][value]
 _NO_JOBS: list[Any] = []  # shared and never filled: see FlowCore.take_thread_jobs
 
 
@@ -139,8 +146,8 @@ class FlowCore:
     """
 
     __slots__ = (
-        "_chain_deadline",
-        "_on_timer",
+        "_has_deadline",
+        "_has_timer",
         "chain",
         "clock_now",
         "closed_by_chain",
@@ -190,8 +197,10 @@ class FlowCore:
         self.chain: Any = None
         self.watching = False
         """The chain exists and some interceptor still wants to see data."""
-        self._chain_deadline: Callable[[], float | None] | None = None
-        self._on_timer: Callable[[float], Output] | None = None
+        self._has_deadline = False
+        """The chain has ``next_deadline`` (asked while it watches)."""
+        self._has_timer = False
+        """The chain has ``on_timer``."""
         self.clock_now = now
         """The time of the event being handled: the chain's clock."""
         self.timed = False
@@ -217,15 +226,15 @@ class FlowCore:
         """Bytes written to each side (as the shell reported them)."""
         self.queued = [0, 0]
         """Bytes handed out in :class:`Send` and not yet reported written, per side."""
-        self.eof_in = [False, False]
+        self.eof_in: tuple[bool, bool] = _NEITHER
         """End of stream (or a reset) came from this side: it is read no more."""
-        self.eof_held = [False, False]
+        self.eof_held: tuple[bool, bool] = _NEITHER
         """This side's end of stream came and the chain holds it back (not passed on yet)."""
-        self.shut_due = [False, False]
+        self.shut_due: tuple[bool, bool] = _NEITHER
         """End of stream is owed to this side, once its queue is written."""
-        self.shut = [False, False]
+        self.shut: tuple[bool, bool] = _NEITHER
         """This side's write was shut down."""
-        self.small = [False, False]
+        self.small: tuple[bool, bool] = _NEITHER
         """The last read from this side was a small message (the source is likely empty)."""
         self.reason: EndReason | None = None
         self.detail = ""
@@ -235,8 +244,9 @@ class FlowCore:
             chain = None  # an empty Chain watches nothing
         self.chain = chain
         self.watching = chain is not None and not chain.passthrough
-        self._chain_deadline = getattr(chain, "next_deadline", None)
-        self._on_timer = getattr(chain, "on_timer", None)
+        # Flags, not bound methods: an idle flow should not carry them.
+        self._has_deadline = hasattr(chain, "next_deadline")
+        self._has_timer = hasattr(chain, "on_timer")
         set_clock = getattr(chain, "set_clock", None)
         self.timed = set_clock is not None
         if set_clock is not None:
@@ -285,8 +295,8 @@ class FlowCore:
         elif self.phase == OPEN:
             if self.idle_timeout is not None:
                 times.append(self.last + self.idle_timeout)
-            if self._chain_deadline is not None and self.watching:
-                at = self._chain_deadline()
+            if self._has_deadline and self.watching:
+                at = self.chain.next_deadline()
                 if at is not None:
                     times.append(at)
         elif self.phase == LINGERING and self.linger_deadline is not None:
@@ -298,8 +308,9 @@ class FlowCore:
         idle and connect timeouts, which a shell may check coarsely."""
         if self.phase == LINGERING:
             return self.linger_deadline
-        if self.phase == OPEN and self._chain_deadline is not None and self.watching:
-            return self._chain_deadline()
+        if self.phase == OPEN and self._has_deadline and self.watching:
+            at: float | None = self.chain.next_deadline()
+            return at
         return None
 
     # -- events -------------------------------------------------------------------------
@@ -335,7 +346,7 @@ class FlowCore:
             else:
                 record.bytes_down += n
         self.last = now
-        self.small[side] = n < self.next_read_size(side) // 4
+        self.small = _set(self.small, side, n < self.next_read_size(side) // 4)
         if self.tap is not None:
             self.tap.on_read(side, data)
         if not self.watching:
@@ -384,7 +395,7 @@ class FlowCore:
         """End of stream from ``side``: flush the chain, then pass it on."""
         if self.phase != OPEN or self.eof_in[side]:
             return _NONE
-        self.eof_in[side] = True
+        self.eof_in = _set(self.eof_in, side, True)
         self.last = now
         actions: list[Action] = []
         if self.watching:
@@ -394,7 +405,7 @@ class FlowCore:
                 return actions
             held = chain.holds_client_eof if side == CLIENT else chain.holds_server_eof
             if self.timed and held:
-                self.eof_held[side] = True
+                self.eof_held = _set(self.eof_held, side, True)
                 return actions
         self._pass_eof(actions, side)
         return actions
@@ -402,7 +413,7 @@ class FlowCore:
     def _pass_eof(self, actions: list[Action], side: int) -> None:
         """``side``'s end of stream went through the chain: the other side gets it."""
         other = 1 - side
-        self.shut_due[other] = True
+        self.shut_due = _set(self.shut_due, other, True)
         if not self.queued[other]:
             self._shut(actions, other)
 
@@ -449,11 +460,11 @@ class FlowCore:
         idle = self.idle_timeout
         if idle is not None and now - self.last >= idle:
             return [self._finish(EndReason.TIMEOUT, f"idle for {idle:g}s", _BOTH)]
-        if self._chain_deadline is not None and self._on_timer is not None and self.watching:
-            at = self._chain_deadline()
+        if self._has_deadline and self._has_timer and self.watching:
+            at = self.chain.next_deadline()
             if at is not None and now >= at:
                 actions: list[Action] = []
-                self._run(actions, now, self._on_timer, now)
+                self._run(actions, now, self.chain.on_timer, now)
                 return actions
         return _NONE
 
@@ -543,16 +554,16 @@ class FlowCore:
         for side in (CLIENT, SERVER):
             if self.eof_held[side] and self.phase == OPEN:
                 if not (chain.holds_client_eof if side == CLIENT else chain.holds_server_eof):
-                    self.eof_held[side] = False
+                    self.eof_held = _set(self.eof_held, side, False)
                     self._pass_eof(actions, side)
         closing = chain.closing
         if not self.closed_by_chain and closing is not None and self.phase == OPEN:
             # A polite close: read no more, FIN each side once its queue is written.
             self.closed_by_chain = closing or "closed by interceptor"
-            self.eof_in[CLIENT] = self.eof_in[SERVER] = True
+            self.eof_in = _BOTH
             for side in (CLIENT, SERVER):
                 if not self.shut[side] and self.phase == OPEN:
-                    self.shut_due[side] = True
+                    self.shut_due = _set(self.shut_due, side, True)
                     if not self.queued[side]:
                         self._shut(actions, side)
         jobs = chain.take_thread_jobs()
@@ -574,7 +585,7 @@ class FlowCore:
         actions.append(self._finish(EndReason.INTERCEPTOR_ABORT, exc.reason, _BOTH))
 
     def _shut(self, actions: list[Action], side: int) -> None:
-        self.shut_due[side] = False
+        self.shut_due = _set(self.shut_due, side, False)
         if not self.half_close[side]:
             # No half-close on this side (TLS): the end of stream toward it ends the
             # pair; a side with a write cut mid-way is reset, not passed off as whole.
@@ -584,7 +595,7 @@ class FlowCore:
                 )
             )
             return
-        self.shut[side] = True
+        self.shut = _set(self.shut, side, True)
         actions.append(ShutdownWrite(side))
         if self.shut[1 - side]:
             actions.append(self._finish(EndReason.EOF, self.closed_by_chain, _NEITHER))
