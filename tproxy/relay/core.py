@@ -121,6 +121,8 @@ _PAIRS = ((_NEITHER, (False, True)), ((True, False), _BOTH))
 def _set(flags: tuple[bool, bool], side: int, value: bool) -> tuple[bool, bool]:
     """``flags`` with ``side`` set to ``value`` (one of the shared pairs)."""
     return _PAIRS[value][flags[1]] if side == CLIENT else _PAIRS[flags[0]][value]
+
+
 _NO_JOBS: list[Any] = []  # shared and never filled: see FlowCore.take_thread_jobs
 
 
