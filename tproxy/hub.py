@@ -62,6 +62,7 @@ from .relay.core import (
     CONNECTING,
     OPEN,
     SERVER,
+    SMALL_READ,
     Action,
     End,
     FlowCore,
@@ -570,7 +571,7 @@ class SpliceHub:
             self._drain(flow, side)
         if flow.live and ev & (_IN | _BAD) and not reading.held and core.may_read(side):
             handled = True
-            self._pump(flow, reading)
+            self._pump(flow, reading)  # may_read was asked: _pump's first chunk goes at once
         if not flow.live:
             return
         if not handled and ev & _BAD:
@@ -596,17 +597,22 @@ class SpliceHub:
             flow.mask_server = _PARKED
 
     def _pump(self, flow: HubFlow, way: _Way) -> None:
-        """Move what ``way``'s source has (up to a budget), writing each chunk before the next."""
+        """Move what ``way``'s source has (up to a budget), writing each chunk before the next.
+
+        The caller checked ``core.may_read`` for the first chunk (this is per chunk).
+        """
         core = flow.core
         side = way.side
-        for _ in range(CHUNKS_PER_WAKE):
-            if not flow.live or way.held or not core.may_read(side):
-                return
-            # core.may_splice(side), without asking may_read twice (this is per chunk)
+        budget = CHUNKS_PER_WAKE
+        while True:
+            # core.may_splice(side), without asking may_read again
             if core.splice and not core.watching and core.tap is None:
                 if not self._splice_chunk(flow, way):
                     return
             elif not self._copy_chunk(flow, way):
+                return
+            budget -= 1
+            if not budget or not flow.live or way.held or not core.may_read(side):
                 return
 
     def _splice_chunk(self, flow: HubFlow, way: _Way) -> bool:
@@ -655,7 +661,9 @@ class SpliceHub:
         """One read through user space, handed to the core; False when the direction waits."""
         core = flow.core
         side = way.side
-        size = core.next_read_size(side)
+        size = core.read_size
+        if core.small[side] and size > SMALL_READ:  # core.next_read_size(side), inline
+            size = SMALL_READ
         buf = self._buffer
         try:
             n = way.src.recv_into(buf, size)
@@ -697,7 +705,7 @@ class SpliceHub:
             self._flush(flow, side)
             if not flow.live or flow.out[side]:
                 return
-        if flow.live and flow.core.may_read(1 - side):
+        if flow.live and not toward.held and flow.core.may_read(1 - side):
             self._pump(flow, toward)
 
     def _give_pipe(self, way: _Way) -> None:
@@ -767,7 +775,7 @@ class SpliceHub:
             out[side] += data  # behind what waits already
             return
         try:
-            n = flow.sock(side).send(data)
+            n = (flow.client if side == CLIENT else flow.server).send(data)
         except BlockingIOError:
             n = 0
         except OSError as exc:
@@ -776,7 +784,9 @@ class SpliceHub:
         if n < len(data):
             out[side] = data[n:]
         if n:
-            self._apply(flow, flow.core.sent(side, n, self._now))
+            actions = flow.core.sent(side, n, self._now)
+            if actions:
+                self._apply(flow, actions)
 
     def _flush(self, flow: HubFlow, side: int) -> None:
         sock = flow.sock(side)
