@@ -85,6 +85,8 @@ _BAD = select.EPOLLERR | select.EPOLLHUP
 MAX_EVENTS = 256
 """Readiness events taken per poll; the hub passes a checkpoint after each batch."""
 _NEVER = float("inf")
+_CHECKPOINT_EVERY = 0.0005
+"""Seconds of back-to-back batches after which the hub lets other tasks run."""
 CHUNKS_PER_WAKE = 4
 """Chunks one direction may move per readiness event before others get a turn."""
 
@@ -274,6 +276,7 @@ class SpliceHub:
         wait_readable = trio.lowlevel.wait_readable
         checkpoint = trio.lowlevel.checkpoint
         timers = self._timers
+        last_checkpoint = time.monotonic()
         while True:
             events = poll(0, MAX_EVENTS)
             self._now = now = time.monotonic()
@@ -291,7 +294,10 @@ class SpliceHub:
                 self._sweep()
                 self._plan_sweep()
             if events:
-                await checkpoint()
+                if now - last_checkpoint >= _CHECKPOINT_EVERY:
+                    # Busy: let the other tasks (accept loops, front doors) run.
+                    await checkpoint()
+                    last_checkpoint = time.monotonic()
                 continue
             # Nothing ready: sleep on the epoll descriptor until something is, or
             # until the next timeout check. A flow taken in meanwhile may bring
@@ -302,6 +308,7 @@ class SpliceHub:
                     self._sleep.deadline = trio.current_time() + (wake - now)
                 await wait_readable(epfd)
             self._sleep = None
+            last_checkpoint = time.monotonic()
 
     def _plan_sweep(self) -> None:
         """Schedule the next timeout check, a quarter of the shortest timeout that applies."""
