@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from . import ports
 from .flow import EndReason, FlowRecord
 
 log = logging.getLogger("tproxy.metrics")
@@ -78,9 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return (host or "127.0.0.1", int(port))
+    try:
+        return (host or "127.0.0.1", ports.parse_port(port))
+    except ports.PortSpecError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 class FlowStats:
