@@ -171,6 +171,8 @@ async def test_interceptors_selected_run_and_abort(
         relay.from_client(addr(client), addr(server), b"hi")
         await echo_once(server, b"")
         assert await client.recv(100) == b"HI!"
+        (session,) = relay.sessions.values()
+        assert session.record.interceptors == ("upper",)  # notme did not select it
         relay.from_client(addr(client), addr(server), b"stop")
         await echo_once(server, b"")
         await trio.testing.wait_all_tasks_blocked()

@@ -5,7 +5,10 @@ learn the destination. They all call the same two steps here:
 :meth:`Engine.connect` opens the outgoing flow (with the configured source
 policy, mark and timeout) and :meth:`Engine.relay` runs the pair through the
 interceptors, writes the flow records and closes both ends. A flow's
-interceptors are chosen and built in one place, :meth:`Engine.chain_for`.
+interceptors are chosen in one place, :meth:`Engine.select` (``--when``),
+for TCP flows and UDP sessions alike, and the flow record names what it
+chose (:meth:`Engine.interceptors_of`: the flow log, ``tproxy flows``,
+metrics and recordings all read that); :meth:`Engine.chain_for` builds them.
 Every flow with a socket on both ends is relayed by the hub
 (:mod:`tproxy.hub`), intercepted or not; the trio-stream shell
 (:mod:`tproxy.relay.streams`) serves the others (TLS, memory streams).
@@ -52,6 +55,13 @@ log = logging.getLogger("tproxy.flow")
 
 InterceptorFactory = Callable[[FlowInfo], Interceptor]
 MAX_READ_SIZE = 16 * 2**20
+
+
+def factory_name(factory: InterceptorFactory) -> str:
+    """How flow records, logs, ``tproxy flows``, metrics and recordings name an
+    interceptor: the ``-i`` spec as given, else the class's or function's name."""
+    name = getattr(factory, "name", "") or getattr(factory, "__name__", "")
+    return str(name or type(factory).__name__)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,9 @@ class Engine:
         """Told of every flow's open and end (metrics, control socket): see FlowObserver."""
         self.kills: dict[int, Callable[[], None]] = {}
         """Flow id -> how to end that flow now (``tproxy flows --kill``)."""
+        self._selection: dict[int, tuple[FlowInfo, list[InterceptorFactory]]] = {}
+        """Flow id -> the factories chosen when its record opened, for the chain built
+        right after from the same ``info`` (so a flow asks ``selects`` once)."""
         self.hub: SpliceHub | None = None
         """Relays every pair with sockets, all from one task (:mod:`tproxy.hub`);
         in use while its ``run`` runs (the server starts it)."""
@@ -132,6 +145,22 @@ class Engine:
             )
 
     # -- a flow's interceptors --------------------------------------------------
+
+    def select(self, info: FlowInfo) -> list[InterceptorFactory]:
+        """The factories whose selection (``--when``) takes the flow ``info``, in chain
+        order; a factory without ``selects`` takes every flow. TCP flows and UDP
+        sessions both choose their interceptors here."""
+        out = []
+        for factory in self.factories:
+            selects = getattr(factory, "selects", None)
+            if selects is None or selects(info):
+                out.append(factory)
+        return out
+
+    @staticmethod
+    def names(factories: Sequence[InterceptorFactory]) -> tuple[str, ...]:
+        """The names a flow record gives ``factories`` (see :func:`factory_name`)."""
+        return tuple(factory_name(f) for f in factories)
 
     def chain_for(self, info: FlowInfo) -> Any:
         """Build the interceptor chain of one flow: ``None`` when no interceptor selects
@@ -154,13 +183,23 @@ class Engine:
         return self._build_chain(info)
 
     def _build_chain(self, info: FlowInfo) -> Chain | None:
-        """The chain of the interceptors that select ``info`` now (``None``: none does)."""
+        """The chain of the interceptors that select ``info`` now (``None``: none does).
+
+        The live record's ``interceptors`` become their names: a flow whose
+        selection waited for its ClientHello (``sni=``/``host=``) gets its final
+        list here, after its open line was logged.
+        """
+        cached = self._selection.pop(info.id, None)
+        factories = cached[1] if cached is not None and cached[0] is info else None
+        if factories is None:
+            factories = self.select(info)
+            record = self.live.get(info.id)
+            if record is not None:
+                record.interceptors = self.names(factories)
         built: list[Interceptor] = []
         try:
-            for factory in self.factories:
-                selects = getattr(factory, "selects", None)
-                if selects is None or selects(info):
-                    built.append(factory(info))
+            for factory in factories:
+                built.append(factory(info))
         except Exception:
             try:
                 Chain(built).end(str(EndReason.ERROR))
@@ -179,13 +218,17 @@ class Engine:
         """
         if self.recording is None:
             return None
-        names = []
-        for factory in self.factories:
-            selects = getattr(factory, "selects", None)
-            if selects is None or selects(info):
-                names.append(str(getattr(factory, "name", type(factory).__name__)))
-        tap: FlowTap = self.recording.relay_tap(info, names)
+        tap: FlowTap = self.recording.relay_tap(info, self.interceptors_of(info))
         return tap
+
+    def interceptors_of(self, info: FlowInfo) -> tuple[str, ...]:
+        """The names of the interceptors the flow ``info`` gets, as its record gives them
+        (``--when`` applied): what flow records, the JSON log, ``tproxy flows``, metrics
+        and recordings show. Asks the factories only for a flow with no live record."""
+        record = self.live.get(info.id)
+        if record is not None:
+            return record.interceptors
+        return self.names(self.select(info))
 
     # -- flows --------------------------------------------------------------
 
@@ -359,7 +402,12 @@ class Engine:
 
     def _open(self, info: FlowInfo) -> FlowRecord:
         record = FlowRecord(info=info, started=time.monotonic())
-        record.interceptors = tuple(n for f in self.factories if (n := getattr(f, "name", "")))
+        if self.factories:
+            # Chosen once, from what is known as the flow opens; the chain built next
+            # takes the same factories (see _build_chain).
+            factories = self.select(info)
+            self._selection[info.id] = (info, factories)
+            record.interceptors = self.names(factories)
         self.live[info.id] = record
         self.total += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -372,6 +420,7 @@ class Engine:
             record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
         self.live.pop(record.info.id, None)
         self.kills.pop(record.info.id, None)
+        self._selection.pop(record.info.id, None)
         for observer in self.observers:
             observer.flow_ended(record)
         if log.isEnabledFor(logging.INFO):

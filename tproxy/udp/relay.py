@@ -361,17 +361,9 @@ class UdpRelay:
 
     def _interceptors(self, info: FlowInfo) -> tuple[list[Interceptor], tuple[str, ...]]:
         """The session's interceptors, those whose factory selects it (``--when``), and
-        their names as the flow record gives them."""
-        built: list[Interceptor] = []
-        names: list[str] = []
-        for factory in self.engine.factories:
-            selects = getattr(factory, "selects", None)
-            if selects is not None and not selects(info):
-                continue
-            built.append(factory(info))
-            if name := getattr(factory, "name", ""):
-                names.append(str(name))
-        return built, tuple(names)
+        their names as the flow record gives them (the engine's choice, as for TCP)."""
+        factories = self.engine.select(info)
+        return [factory(info) for factory in factories], self.engine.names(factories)
 
     def _evict(self, why: str) -> None:
         oldest = next(iter(self.sessions.values()))
