@@ -36,6 +36,7 @@ from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
 from .keepalive import Keepalive
+from .logformat import log_flow
 from .peek import DEFAULT_TIMEOUT as DEFAULT_PEEK_TIMEOUT
 from .peek import Peek
 from .relay.core import FlowTap
@@ -359,8 +360,7 @@ class Engine:
         """Open the record of a flow whose outgoing side is connected; log its open line."""
         record = self._open(info)
         record.outgoing_source = source
-        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(log, "open", record)
         return record
 
     @contextlib.contextmanager
@@ -373,8 +373,7 @@ class Engine:
         as ``shutdown``, an exception as ``error``.
         """
         record = self._open(info)
-        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(log, "open", record)
         try:
             yield record
         except BaseException as exc:
@@ -423,8 +422,7 @@ class Engine:
         self._selection.pop(record.info.id, None)
         for observer in self.observers:
             observer.flow_ended(record)
-        if log.isEnabledFor(logging.INFO):
-            log.info(record.close_line(), extra={"flow_event": ("end", record)})
+        log_flow(log, "end", record)
         if not self.live:
             self._idle.set()
 

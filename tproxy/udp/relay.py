@@ -49,6 +49,7 @@ import trio
 
 from ..flow import Address, EndReason, FlowInfo, FlowRecord, format_address
 from ..interceptor import AbortFlow, Interceptor, InterceptorError
+from ..logformat import log_flow
 from ..sockets import SourcePolicy
 from .chain import DatagramChain
 from .sockets import ANCILLARY_SPACE, MAX_DATAGRAM, original_destination, reply_socket
@@ -337,8 +338,7 @@ class UdpRelay:
         self.engine.total += 1
         for observer in self.engine.observers:  # metrics count sessions like TCP flows
             observer.flow_opened(record)
-        if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(flow_log, "open", record)
         chain = DatagramChain(interceptors) if interceptors else None
         session = Session((client, destination), record, sock, chain, trio.current_time())
         self.sessions[session.key] = session
@@ -392,8 +392,7 @@ class UdpRelay:
         record.end(reason, detail, now=time.monotonic())
         for observer in self.engine.observers:
             observer.flow_ended(record)
-        if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.close_line(), extra={"flow_event": ("end", record)})
+        log_flow(flow_log, "end", record)
         self._end_chain(session, str(reason))
 
     def _end_chain(self, session: Session, reason: str) -> None:
