@@ -125,7 +125,11 @@ class Engine:
         self.observers: list[FlowObserver] = []
         """Told of every flow's open and end (metrics, control socket): see FlowObserver."""
         self.kills: dict[int, Callable[[], None]] = {}
-        """Flow id -> how to end that flow now (``tproxy flows --kill``)."""
+        """Flow id -> how to end that flow now (``tproxy flows --kill``); UDP sessions too."""
+        self.udp_live: dict[int, FlowRecord] = {}
+        """The records of live UDP sessions by flow id, kept by :mod:`tproxy.udp` for
+        ``tproxy flows``. Unlike :attr:`live`, they do not count toward ``max_flows``
+        (sessions have their own cap) and the shutdown does not wait for them."""
         self._selection: dict[int, tuple[FlowInfo, list[InterceptorFactory]]] = {}
         """Flow id -> the factories chosen when its record opened, for the chain built
         right after from the same ``info`` (so a flow asks ``selects`` once)."""

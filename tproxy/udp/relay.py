@@ -117,7 +117,9 @@ class UdpRelay:
     """All UDP sessions of the process, fed by any number of listeners.
 
     ``engine`` provides flow ids, the interceptor factories and the flow
-    total; the relay keeps its own session table (not ``engine.live``).
+    total; the relay keeps its own session table (not ``engine.live``) and puts each
+    session's record in ``engine.udp_live`` and how to end it in ``engine.kills``, for
+    ``tproxy flows`` and ``--kill``.
     """
 
     def __init__(
@@ -342,6 +344,8 @@ class UdpRelay:
         chain = DatagramChain(interceptors) if interceptors else None
         session = Session((client, destination), record, sock, chain, trio.current_time())
         self.sessions[session.key] = session
+        self.engine.udp_live[info.id] = record  # listed and killed by tproxy flows
+        self.engine.kills[info.id] = functools.partial(self._end, session, EndReason.SHUTDOWN)
         self._wake.set()
         self._watch(sock, functools.partial(self._on_session, session))
         if chain is not None:
@@ -383,6 +387,9 @@ class UdpRelay:
         session.ended = True
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
+        flow_id = session.record.info.id
+        self.engine.udp_live.pop(flow_id, None)
+        self.engine.kills.pop(flow_id, None)
         self._unwatch(session.sock)
         session.sock.close()
         if session.reply is not None:
