@@ -294,6 +294,7 @@ def test_flows_lists_udp_sessions_and_kills_one(topology: Topology) -> None:
         ECHO_PORT,
         *("-i", "label", "--when", f"port={ECHO_PORT}"),
         *("-i", "hexdump", "--when", "port=1"),
+        *("--metrics", "127.0.0.1:9109"),
     )
     target = (topology.server_ip4, ECHO_PORT)
     with topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -311,6 +312,8 @@ def test_flows_lists_udp_sessions_and_kills_one(topology: Topology) -> None:
         assert flow["age"] >= 0 and flow["interceptors"] == ["label"]
         table = _flows(topology, proxy).stdout
         assert "PROTO" in table and client in table and "udp" in table
+        scrape = topology.gateway.run("curl", "-sf", "http://127.0.0.1:9109/metrics").stdout
+        assert "\ntproxy_flows_live 1.0\n" in scrape  # the session is a live flow
         killed = _flows(topology, proxy, "--kill", str(flow["id"]))
         assert killed.returncode == 0 and f"killed flow {flow['id']}" in killed.stdout
         wait_until(
