@@ -128,8 +128,11 @@ def test_an_unended_flow_and_an_exception_take_the_generic_path() -> None:
     assert out["event"] == "flow_end" and "RuntimeError: boom" in out["exception"]
 
 
+FlowLogger = tuple[logging.Logger, io.StringIO, "logging.StreamHandler[io.StringIO]"]
+
+
 @pytest.fixture
-def flow_logger() -> Iterator[tuple[logging.Logger, io.StringIO, logging.StreamHandler[io.StringIO]]]:
+def flow_logger() -> Iterator[FlowLogger]:
     # A logger outside the hierarchy: only this handler formats its records.
     logger = logging.Logger("tproxy.flow", logging.INFO)
     stream = io.StringIO()
@@ -139,7 +142,7 @@ def flow_logger() -> Iterator[tuple[logging.Logger, io.StringIO, logging.StreamH
 
 
 def test_json_never_builds_the_text_line(
-    flow_logger: tuple[logging.Logger, io.StringIO, logging.StreamHandler[io.StringIO]],
+    flow_logger: FlowLogger,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     logger, stream, handler = flow_logger
@@ -156,7 +159,7 @@ def test_json_never_builds_the_text_line(
 
 
 def test_text_shows_the_line_built_once(
-    flow_logger: tuple[logging.Logger, io.StringIO, logging.StreamHandler[io.StringIO]],
+    flow_logger: FlowLogger,
 ) -> None:
     logger, stream, handler = flow_logger
     handler.setFormatter(TextFormatter())
@@ -171,7 +174,7 @@ def test_text_shows_the_line_built_once(
 
 
 def test_nothing_is_logged_below_info(
-    flow_logger: tuple[logging.Logger, io.StringIO, logging.StreamHandler[io.StringIO]],
+    flow_logger: FlowLogger,
 ) -> None:
     logger, stream, _ = flow_logger
     logger.setLevel(logging.WARNING)
