@@ -105,6 +105,47 @@ def test_connect_failures_are_counted_by_cause(tmp_path: Path) -> None:
         assert proxy.stop() == 0, proxy.log
 
 
+def test_handshake_rejections_carry_the_protocol_reply_code(tmp_path: Path) -> None:
+    """A refused SOCKS5, SOCKS4 and HTTP CONNECT request and a timed-out HTTP head each
+    count under the code the client was answered with."""
+    socks, http, mport = free_port(), free_port(), free_port()
+    proxy = Proxy(
+        tmp_path,
+        *("--mode", f"socks@127.0.0.1:{socks}", "--mode", f"http@127.0.0.1:{http}"),
+        *("--deny-port", "7", "--metrics", f"127.0.0.1:{mport}", "--handshake-timeout", "0.5"),
+    )
+    target = socket.inet_aton("127.0.0.1")
+    try:
+        proxy.wait_port(socks)
+        proxy.wait_port(http)
+        with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(b"\x05\x01\x00\x01" + target + (7).to_bytes(2, "big"))
+            assert s.recv(100)[:2] == b"\x05\x02"
+        with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
+            s.sendall(b"\x04\x01" + (7).to_bytes(2, "big") + target + b"me\x00")
+            assert s.recv(100)[:2] == b"\x00\x5b"
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as s:
+            s.sendall(b"CONNECT 127.0.0.1:7 HTTP/1.1\r\nHost: 127.0.0.1:7\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 403 ")
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as s:
+            s.sendall(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n")  # and never the end of the head
+            assert s.recv(100).startswith(b"HTTP/1.1 408 ")
+        want = {
+            '{code="timeout",mode="http",reply="408"}': 1.0,
+            '{code="rejected",mode="socks",reply="0x02"}': 1.0,
+            '{code="rejected",mode="socks",reply="0x5b"}': 1.0,
+            '{code="rejected",mode="http",reply="403"}': 1.0,
+        }
+        wait_until(
+            lambda: samples(scrape(mport), "tproxy_handshake_rejections_total") == want,
+            what=f"the three rejections in the metrics:\n{scrape(mport)}",
+        )
+    finally:
+        assert proxy.stop() == 0, proxy.log
+
+
 def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(tmp_path: Path, echo: int) -> None:
     port = free_port()
     log_file = tmp_path / "tproxy.log"

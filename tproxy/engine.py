@@ -390,13 +390,21 @@ class Engine:
             self._close(record)
 
     def reject(
-        self, info: FlowInfo, reason: EndReason, detail: str, *, started: float | None = None
+        self,
+        info: FlowInfo,
+        reason: EndReason,
+        detail: str,
+        *,
+        started: float | None = None,
+        reply_code: str | None = None,
     ) -> FlowRecord:
         """Log a flow that ended before it was relayed (connect failed, refused by policy).
 
-        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier.
+        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier;
+        ``reply_code`` the protocol's code the client was refused with (metrics).
         """
         record = self._open(info)
+        record.reply_code = reply_code
         if started is not None:
             record.started = started
         record.end(reason, detail, now=time.monotonic())
