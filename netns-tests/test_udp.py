@@ -7,6 +7,7 @@ to it with TPROXY. Clients are dig and dnspython (DNS) and plain sockets
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -276,3 +277,59 @@ def _whoami(topology: Topology, client_port: int) -> tuple[str, int]:
     (txt,) = [rd for rrset in reply.answer for rd in rrset]
     ip, port = txt.strings[0].decode().split()
     return ip, int(port)
+
+
+def _flows(topology: Topology, proxy: subprocess.Popen[Any], *args: str) -> Any:
+    return topology.gateway.run(
+        sys.executable, "-m", "tproxy", "flows", "--pid", proxy.pid, *args, check=False
+    )
+
+
+def test_flows_lists_udp_sessions_and_kills_one(topology: Topology) -> None:
+    """``tproxy flows`` shows a live UDP session (protocol, client, destination, bytes,
+    age, the interceptors its --when selected) and ``--kill`` ends it, logged."""
+    echo_server(topology.server, "::", ECHO_PORT, udp=True)
+    proxy = start_proxy(
+        topology,
+        ECHO_PORT,
+        *("-i", "label", "--when", f"port={ECHO_PORT}"),
+        *("-i", "hexdump", "--when", "port=1"),
+        *("--metrics", "127.0.0.1:9109"),
+    )
+    target = (topology.server_ip4, ECHO_PORT)
+    with topology.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(b"hello", target)
+        data, source = s.recvfrom(65535)
+        assert data.endswith(b"hello") and source == target
+        client = f"{topology.client_ip4}:{s.getsockname()[1]}"
+        listed = _flows(topology, proxy, "--json")
+        assert listed.returncode == 0, listed.stderr
+        (flow,) = [f for f in json.loads(listed.stdout) if f["client"] == client]
+        assert flow["protocol"] == "udp" and flow["mode"] == "transparent-udp"
+        assert flow["destination"] == f"{topology.server_ip4}:{ECHO_PORT}"
+        assert flow["bytes_read_up"] == 5 and flow["bytes_read_down"] == len(data)
+        assert flow["age"] >= 0 and flow["interceptors"] == ["label"]
+        table = _flows(topology, proxy).stdout
+        assert "PROTO" in table and client in table and "udp" in table
+        scrape = topology.gateway.run("curl", "-sf", "http://127.0.0.1:9109/metrics").stdout
+        assert "\ntproxy_flows_live 1.0\n" in scrape  # the session is a live flow
+        killed = _flows(topology, proxy, "--kill", str(flow["id"]))
+        assert killed.returncode == 0 and f"killed flow {flow['id']}" in killed.stdout
+        wait_until(
+            lambda: f"flow {flow['id']} end reason=shutdown" in topology.gateway.read_log(proxy),
+            10,
+            "the killed session's end line",
+        )
+        assert "killed (tproxy flows --kill)" in topology.gateway.read_log(proxy)
+        listed_after = json.loads(_flows(topology, proxy, "--json").stdout)
+        assert all(f["id"] != flow["id"] for f in listed_after)
+        # the client's next datagram opens a new session: the old one is gone for good
+        s.sendto(b"again", target)
+        data, _ = s.recvfrom(65535)
+        assert data.endswith(b"again")
+    again = [
+        f for f in json.loads(_flows(topology, proxy, "--json").stdout) if f["client"] == client
+    ]
+    assert len(again) == 1 and again[0]["id"] != flow["id"]
+    assert _flows(topology, proxy, "--kill", str(flow["id"])).returncode == 1

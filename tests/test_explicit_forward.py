@@ -187,7 +187,7 @@ def test_an_idle_udp_association_ends_and_closes_its_control_connection(tmp_path
         (["--mode", "forward:x:1@0.0.0.0:9000", "--credentials", "a:b"], "give --allow-client"),
         (["--mode", "socks@:1080", "--allow-net", "10.0.0.0/33"], "bad network '10.0.0.0/33'"),
         (["--mode", "socks@:1080", "--allow-host", "(unclosed"], "bad host pattern"),
-        (["--mode", "socks@:1080", "--deny-port", "70000"], "bad port range"),
+        (["--mode", "socks@:1080", "--deny-port", "70000"], "--deny-port: port 70000 is out"),
         (["--mode", "socks@:1080", "--credentials", "nopassword"], "want user:password"),
         (["--mode", "socks@:1080", "--credentials-file", "/nonexistent"], "cannot read"),
         (["--mode", "socks@:1080", "--certfile", "/x.pem"], "add --mode http"),

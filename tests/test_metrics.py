@@ -3,10 +3,12 @@ merged snapshot is what one scrape of ``--workers N`` shows."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tproxy.flow import EndReason, FlowInfo, FlowRecord
 from tproxy.metrics import BUCKETS, FlowStats, SnapshotCollector, merge
+from tproxy.protocols import reply_code
 
 
 def _record(
@@ -18,6 +20,7 @@ def _record(
     up: int = 0,
     down: int = 0,
     via: bool = True,
+    reply: str | None = None,
 ) -> FlowRecord:
     record = FlowRecord(
         info=FlowInfo(id=1, client=("192.0.2.1", 1), destination=("198.51.100.1", 80), mode=mode),
@@ -26,6 +29,7 @@ def _record(
         bytes_down=down,
     )
     record.outgoing_source = ("192.0.2.1", 1) if via else None
+    record.reply_code = reply
     record.end(reason, detail, now=100.0 + duration)
     return record
 
@@ -49,7 +53,7 @@ def test_reasons_causes_codes_and_interceptors_are_labelled() -> None:
         _record("transparent", EndReason.EOF, up=10, down=20),
         _record("transparent", EndReason.CONNECT_FAILED, "refused: Connection refused", via=False),
         _record("socks", EndReason.CONNECT_FAILED, "dns: cannot resolve x", via=False),
-        _record("socks", EndReason.REJECTED, "destination not allowed", via=False),
+        _record("socks", EndReason.REJECTED, "destination not allowed", via=False, reply="0x02"),
         _record("http", EndReason.TIMEOUT, "handshake timed out", via=False),
         _record("transparent", EndReason.ERROR, "Shout.server_data raised ValueError('x')"),
         _record("transparent", EndReason.ERROR, "interceptor init: RuntimeError()"),
@@ -58,10 +62,13 @@ def test_reasons_causes_codes_and_interceptors_are_labelled() -> None:
     snap = stats.snapshot()
     assert snap["connect_failures"] == {"refused": 1, "dns": 1}
     assert snap["interceptor_errors"] == {"Shout": 1, "init": 1}
-    assert snap["rejections"] == {"socks\x1frejected": 1, "http\x1ftimeout": 1}
+    assert snap["rejections"] == {"socks\x1frejected\x1f0x02": 1, "http\x1ftimeout\x1fnone": 1}
     text = _text(snap)
     assert 'tproxy_connect_failures_total{cause="refused"} 1.0' in text
-    assert 'tproxy_handshake_rejections_total{code="rejected",mode="socks"} 1.0' in text
+    assert (
+        'tproxy_handshake_rejections_total{code="rejected",mode="socks",reply="0x02"} 1.0' in text
+    )
+    assert 'tproxy_handshake_rejections_total{code="timeout",mode="http",reply="none"} 1.0' in text
     assert 'tproxy_interceptor_errors_total{interceptor="Shout"} 1.0' in text
     assert 'tproxy_bytes_read_total{direction="up"} 10.0' in text
     assert "tproxy_flows_live 0.0" in text
@@ -96,3 +103,22 @@ def test_delivered_bytes_are_counted_only_where_the_relay_counts_them() -> None:
     assert 'tproxy_bytes_delivered_total{direction="up"} 4.0' in text
     assert 'tproxy_bytes_delivered_total{direction="down"} 9.0' in text
     assert 'tproxy_bytes_read_total{direction="up"} 6.0' in text
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        (b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00", "0x02"),  # SOCKS5 not allowed
+        (b"\x05\xff", "0xff"),  # SOCKS5: no acceptable method
+        (b"\x01\x01", "0x01"),  # RFC 1929: authentication failed
+        (b"\x00\x5b\x00\x00\x00\x00\x00\x00", "0x5b"),  # SOCKS4 rejected
+        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", "403"),
+        (b"HTTP/1.0 407 Proxy Authentication Required\r\n\r\n", "407"),
+        (b"", None),
+        (b"\x05", None),
+        (b"HTTP/1.1 4x3 Odd\r\n\r\n", None),
+        (b"garbage", None),
+    ],
+)
+def test_reply_codes_of_refusals(reply: bytes, code: str | None) -> None:
+    assert reply_code(reply) == code

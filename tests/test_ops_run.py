@@ -105,6 +105,47 @@ def test_connect_failures_are_counted_by_cause(tmp_path: Path) -> None:
         assert proxy.stop() == 0, proxy.log
 
 
+def test_handshake_rejections_carry_the_protocol_reply_code(tmp_path: Path) -> None:
+    """A refused SOCKS5, SOCKS4 and HTTP CONNECT request and a timed-out HTTP head each
+    count under the code the client was answered with."""
+    socks, http, mport = free_port(), free_port(), free_port()
+    proxy = Proxy(
+        tmp_path,
+        *("--mode", f"socks@127.0.0.1:{socks}", "--mode", f"http@127.0.0.1:{http}"),
+        *("--deny-port", "7", "--metrics", f"127.0.0.1:{mport}", "--handshake-timeout", "0.5"),
+    )
+    target = socket.inet_aton("127.0.0.1")
+    try:
+        proxy.wait_port(socks)
+        proxy.wait_port(http)
+        with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(b"\x05\x01\x00\x01" + target + (7).to_bytes(2, "big"))
+            assert s.recv(100)[:2] == b"\x05\x02"
+        with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
+            s.sendall(b"\x04\x01" + (7).to_bytes(2, "big") + target + b"me\x00")
+            assert s.recv(100)[:2] == b"\x00\x5b"
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as s:
+            s.sendall(b"CONNECT 127.0.0.1:7 HTTP/1.1\r\nHost: 127.0.0.1:7\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 403 ")
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as s:
+            s.sendall(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n")  # and never the end of the head
+            assert s.recv(100).startswith(b"HTTP/1.1 408 ")
+        want = {
+            '{code="timeout",mode="http",reply="408"}': 1.0,
+            '{code="rejected",mode="socks",reply="0x02"}': 1.0,
+            '{code="rejected",mode="socks",reply="0x5b"}': 1.0,
+            '{code="rejected",mode="http",reply="403"}': 1.0,
+        }
+        wait_until(
+            lambda: samples(scrape(mport), "tproxy_handshake_rejections_total") == want,
+            what=f"the three rejections in the metrics:\n{scrape(mport)}",
+        )
+    finally:
+        assert proxy.stop() == 0, proxy.log
+
+
 def test_json_log_is_one_object_per_line_and_reopens_on_sigusr1(tmp_path: Path, echo: int) -> None:
     port = free_port()
     log_file = tmp_path / "tproxy.log"
@@ -207,6 +248,68 @@ def test_flows_lists_a_held_flow_and_kills_it(tmp_path: Path, echo: int) -> None
     finally:
         assert proxy.stop() == 0, proxy.log
     assert not list((tmp_path / "run").glob("*.sock")), "the control socket is removed"
+
+
+def _client_hello(name: str) -> bytes:
+    """The first flight of a TLS client for ``name`` (a ClientHello), made in memory."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    outgoing = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_flow_names_only_the_interceptors_its_when_selected(tmp_path: Path, echo: int) -> None:
+    """The flow record, JSON log and ``tproxy flows`` name the interceptors a flow got,
+    not every one loaded; one selected by its ClientHello is named once it is read."""
+    port = free_port()
+    log_file = tmp_path / "tproxy.log"
+    proxy = Proxy(
+        tmp_path,
+        "--mode",
+        f"forward:127.0.0.1:{echo}@127.0.0.1:{port}",
+        "--log-format",
+        "json",
+        "--log-file",
+        str(log_file),
+        *("-i", "label", "--when", f"port={echo}"),
+        *("-i", "replace", "-o", "old=zzz", "-o", "new=yyy", "--when", "port=1"),
+        *("-i", "block", "-o", f"port={echo}", "--when", r"sni=blocked\.test"),
+    )
+    try:
+        wait_until(
+            lambda: log_file.exists() and "listening" in log_file.read_text(),
+            what=f"the listener in the log:\n{proxy.log}",
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+            held.sendall(b"ping")
+            assert held.recv(100) == b"[tproxy] ping"
+            (listed,) = json.loads(proxy.tproxy("flows", "--json").stdout)
+            assert listed["interceptors"] == ["label"]
+            assert "replace" not in proxy.tproxy("flows").stdout
+        assert echo_once(port, _client_hello("ok.test")).startswith(b"[tproxy] ")
+        try:
+            blocked = echo_once(port, _client_hello("blocked.test"))
+        except ConnectionResetError:
+            blocked = b""
+        assert b"[tproxy]" not in blocked
+        wait_until(lambda: log_file.read_text().count('"flow_end"') == 3, what="3 flow ends")
+    finally:
+        assert proxy.stop() == 0, proxy.log
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    opens = [rec["interceptors"] for rec in lines if rec.get("event") == "flow_open"]
+    ends = [rec for rec in lines if rec.get("event") == "flow_end"]
+    assert opens == [["label"]] * 3  # the sni= term is decided after the open line
+    assert [(rec["sni"], rec["interceptors"]) for rec in ends] == [
+        (None, ["label"]),
+        ("ok.test", ["label"]),
+        ("blocked.test", ["label", "block"]),
+    ], ends
 
 
 def test_control_socket_is_root_only(tmp_path: Path, echo: int) -> None:

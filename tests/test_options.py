@@ -97,9 +97,9 @@ def test_cidrs_and_ports() -> None:
     ports = o.parse_ports("t", "port", "80;8000-8100", separator=";")
     assert ports == ((80, 80), (8000, 8100))
     assert o.port_in(8050, ports) and not o.port_in(81, ports)
-    for bad in ("x", "90-80", "70000"):
+    for bad in ("x", "90-80", "70000", "0", "80;;81"):
         with pytest.raises(OptionError, match="t: port:"):
-            o.parse_ports("t", "port", bad)
+            o.parse_ports("t", "port", bad, separator=";")
 
 
 def test_regexes() -> None:

@@ -94,11 +94,12 @@ def test_ports() -> None:
 
 
 def test_parse_ports() -> None:
-    assert parse_ports("22, 80-81,") == (PortRange(22, 22), PortRange(80, 81))
+    assert parse_ports("80-81, 22") == (PortRange(22, 22), PortRange(80, 81))
+    assert parse_ports([]) == ()
     assert str(PortRange(1, 2)) == "1-2" and str(PortRange(5, 5)) == "5"
     assert 3 not in PortRange(1, 2) and "1" not in PortRange(1, 2)
-    for bad in ("x", "10-5", "70000", "1-2-3", "-1"):
-        with pytest.raises(PolicyError):
+    for bad in ("x", "10-5", "70000", "1-2-3", "-1", "0", "22,", ""):
+        with pytest.raises(PolicyError, match=r"^port: "):
             parse_ports(bad)
 
 

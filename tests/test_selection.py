@@ -91,7 +91,7 @@ def test_requested_host() -> None:
         ("colour=red", "unknown key 'colour'"),
         ("port=80,port=81", "port= given twice"),
         ("port=", "port= has no value"),
-        ("port=http", "is not a port"),
+        ("port=http", "port 'http' is not a number"),
         ("dst=300.1.1.1", "dst:"),
         ("mode=udp", "unknown mode 'udp'"),
         ("sni=(", "not a valid regular expression"),

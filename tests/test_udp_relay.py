@@ -17,7 +17,7 @@ import trio
 
 from tproxy import FlowInfo, Interceptor
 from tproxy.engine import Engine, EngineConfig
-from tproxy.flow import Address
+from tproxy.flow import Address, format_address
 from tproxy.loading import InterceptorFactory
 from tproxy.sockets import SourcePolicy
 from tproxy.udp.relay import UdpConfig, UdpRelay
@@ -171,6 +171,8 @@ async def test_interceptors_selected_run_and_abort(
         relay.from_client(addr(client), addr(server), b"hi")
         await echo_once(server, b"")
         assert await client.recv(100) == b"HI!"
+        (session,) = relay.sessions.values()
+        assert session.record.interceptors == ("upper",)  # notme did not select it
         relay.from_client(addr(client), addr(server), b"stop")
         await echo_once(server, b"")
         await trio.testing.wait_all_tasks_blocked()
@@ -238,3 +240,43 @@ async def test_sessions_reach_the_flow_observers(
         assert observer.ended == [(session.record.info.id, "idle")]
         nursery.cancel_scope.cancel()
     client.close()
+
+
+@pytest.mark.trio
+async def test_the_control_table_lists_and_kills_sessions(
+    server: trio.socket.SocketType, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tproxy.control import FlowTable, format_table
+
+    caplog.set_level(logging.INFO, "tproxy.flow")
+    factories = [InterceptorFactory(Upper, None, "upper"), Selective(NotMe, None, "notme")]
+    relay = make_relay(factories)
+    engine = relay.engine
+    table = FlowTable(engine.live, engine.kills, dict, sessions=engine.udp_live)
+    client = client_socket()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run, [])
+        relay.from_client(addr(client), addr(server), b"hi")
+        await echo_once(server, b"")
+        assert await client.recv(100) == b"HI!"
+        (flow,) = table.flows()
+        assert flow["protocol"] == "udp" and flow["mode"] == "transparent-udp"
+        assert flow["client"] == format_address(addr(client))
+        assert flow["destination"] == format_address(addr(server))
+        assert (flow["bytes_read_up"], flow["bytes_read_down"]) == (2, 2)
+        assert flow["interceptors"] == ["upper"] and flow["age"] >= 0
+        assert "PROTO" in format_table([flow]).splitlines()[0]
+        (session,) = relay.sessions.values()
+        assert table.kill(flow["id"]) is True
+        assert relay.sessions == {} and session.sock.fileno() == -1
+        assert engine.udp_live == {} and engine.kills == {} and table.flows() == []
+        assert table.kill(flow["id"]) is False
+        relay.from_client(addr(client), addr(server), b"again")  # a new session
+        await echo_once(server, b"")
+        assert await client.recv(100) == b"AGAIN!"
+        assert [f["id"] for f in table.flows()] != [flow["id"]]
+        nursery.cancel_scope.cancel()
+    client.close()
+    assert engine.udp_live == {}  # the shutdown ended the second session
+    assert f"flow {flow['id']} end reason=shutdown" in caplog.text
+    assert "killed (tproxy flows --kill)" in caplog.text

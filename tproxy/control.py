@@ -12,10 +12,12 @@ The protocol is one JSON object per connection each way, a line each:
 ``{"killed": true|false}``; ``{"op": "stats"}`` -> a metrics snapshot
 (:meth:`tproxy.metrics.FlowStats.snapshot`).
 
-``tproxy flows`` prints the live flows (id, mode, client, destination, sni,
-age, bytes read each way, interceptors, idle time); ``--json`` prints them as
-a JSON array; ``--kill ID`` ends one flow (both ends reset). With several
-``tproxy run`` processes, ``--pid PID`` chooses one.
+``tproxy flows`` prints the live flows (id, mode, protocol, client,
+destination, sni, age, bytes read each way, interceptors, idle time), TCP
+flow pairs and UDP sessions alike; ``--json`` prints them as a JSON array;
+``--kill ID`` ends one flow (a TCP pair's ends are reset; a UDP session is
+closed and its interceptors told). With several ``tproxy run`` processes,
+``--pid PID`` chooses one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ def run_dir() -> Path:
     return Path(os.environ.get("TPROXY_RUN_DIR", "/run/tproxy"))
 
 
+def protocol_of(mode: str) -> str:
+    """``"udp"`` for a flow of a UDP mode (``transparent-udp``, ``socks-udp``), else ``"tcp"``."""
+    return "udp" if mode.endswith("-udp") else "tcp"
+
+
 def socket_path(pid: int | None = None, worker: int | None = None) -> Path:
     """This process's control socket (or that of ``pid``; of its worker ``worker``)."""
     pid = os.getpid() if pid is None else pid
@@ -63,17 +70,24 @@ def socket_path(pid: int | None = None, worker: int | None = None) -> Path:
 
 
 class FlowTable:
-    """Answers the control requests of one engine process."""
+    """Answers the control requests of one engine process.
+
+    ``live`` holds the TCP flow pairs' records (and SOCKS UDP associations),
+    ``sessions`` the UDP sessions' (``Engine.udp_live``); ``kills`` ends any of
+    them by id.
+    """
 
     def __init__(
         self,
-        live: dict[int, FlowRecord],
-        kills: dict[int, Callable[[], None]],
+        live: Mapping[int, FlowRecord],
+        kills: Mapping[int, Callable[[], None]],
         stats: Callable[[], dict[str, Any]],
         hub_kill: Callable[[int], bool] | None = None,
         worker: str | None = None,
+        sessions: Mapping[int, FlowRecord] | None = None,
     ) -> None:
         self.live = live
+        self.sessions: Mapping[int, FlowRecord] = sessions if sessions is not None else {}
         self.kills = kills
         self.stats = stats
         self.hub_kill = hub_kill
@@ -86,7 +100,7 @@ class FlowTable:
         now = time.monotonic()
         seen = self._seen
         fresh: dict[int, tuple[int, float]] = {}
-        for fid, record in list(self.live.items()):
+        for fid, record in self._records():
             moved = record.bytes_up + record.bytes_down
             old = seen.get(fid)
             fresh[fid] = old if old is not None and old[0] == moved else (moved, now)
@@ -96,7 +110,7 @@ class FlowTable:
         self.sample()
         now = time.monotonic()
         out = []
-        for fid, record in sorted(self.live.items()):
+        for fid, record in sorted(self._records(), key=lambda item: item[0]):
             info = record.info
             since = self._seen.get(fid, (0, now))[1]
             out.append(
@@ -104,6 +118,7 @@ class FlowTable:
                     "id": fid,
                     "worker": self.worker,
                     "mode": info.mode,
+                    "protocol": protocol_of(info.mode),
                     "client": format_address(info.client),
                     "destination": format_address(info.destination),
                     "sni": getattr(info, "sni", None),
@@ -116,8 +131,12 @@ class FlowTable:
             )
         return out
 
+    def _records(self) -> list[tuple[int, FlowRecord]]:
+        """Every live flow's ``(id, record)``: TCP pairs and UDP sessions."""
+        return [*self.live.items(), *self.sessions.items()]
+
     def kill(self, fid: int) -> bool:
-        record = self.live.get(fid)
+        record = self.live.get(fid) or self.sessions.get(fid)
         if record is None:
             return False
         record.end(EndReason.SHUTDOWN, "killed (tproxy flows --kill)", now=time.monotonic())
@@ -335,6 +354,7 @@ def format_table(flows: list[dict[str, Any]]) -> str:
     header = [
         "ID",
         "MODE",
+        "PROTO",
         "CLIENT",
         "DESTINATION",
         "SNI",
@@ -350,6 +370,7 @@ def format_table(flows: list[dict[str, Any]]) -> str:
             [
                 str(f["id"]),
                 f["mode"],
+                f.get("protocol") or protocol_of(f["mode"]),
                 f["client"],
                 f["destination"],
                 f.get("sni") or "-",

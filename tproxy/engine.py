@@ -5,7 +5,10 @@ learn the destination. They all call the same two steps here:
 :meth:`Engine.connect` opens the outgoing flow (with the configured source
 policy, mark and timeout) and :meth:`Engine.relay` runs the pair through the
 interceptors, writes the flow records and closes both ends. A flow's
-interceptors are chosen and built in one place, :meth:`Engine.chain_for`.
+interceptors are chosen in one place, :meth:`Engine.select` (``--when``),
+for TCP flows and UDP sessions alike, and the flow record names what it
+chose (:meth:`Engine.interceptors_of`: the flow log, ``tproxy flows``,
+metrics and recordings all read that); :meth:`Engine.chain_for` builds them.
 Every flow with a socket on both ends is relayed by the hub
 (:mod:`tproxy.hub`), intercepted or not; the trio-stream shell
 (:mod:`tproxy.relay.streams`) serves the others (TLS, memory streams).
@@ -33,6 +36,7 @@ from .hub import SpliceHub
 from .interceptor import Chain, Interceptor, InterceptorError
 from .keepalive import DEFAULT as DEFAULT_KEEPALIVE
 from .keepalive import Keepalive
+from .logformat import log_flow
 from .peek import DEFAULT_TIMEOUT as DEFAULT_PEEK_TIMEOUT
 from .peek import Peek
 from .relay.core import FlowTap
@@ -52,6 +56,13 @@ log = logging.getLogger("tproxy.flow")
 
 InterceptorFactory = Callable[[FlowInfo], Interceptor]
 MAX_READ_SIZE = 16 * 2**20
+
+
+def factory_name(factory: InterceptorFactory) -> str:
+    """How flow records, logs, ``tproxy flows``, metrics and recordings name an
+    interceptor: the ``-i`` spec as given, else the class's or function's name."""
+    name = getattr(factory, "name", "") or getattr(factory, "__name__", "")
+    return str(name or type(factory).__name__)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,14 @@ class Engine:
         self.observers: list[FlowObserver] = []
         """Told of every flow's open and end (metrics, control socket): see FlowObserver."""
         self.kills: dict[int, Callable[[], None]] = {}
-        """Flow id -> how to end that flow now (``tproxy flows --kill``)."""
+        """Flow id -> how to end that flow now (``tproxy flows --kill``); UDP sessions too."""
+        self.udp_live: dict[int, FlowRecord] = {}
+        """The records of live UDP sessions by flow id, kept by :mod:`tproxy.udp` for
+        ``tproxy flows``. Unlike :attr:`live`, they do not count toward ``max_flows``
+        (sessions have their own cap) and the shutdown does not wait for them."""
+        self._selection: dict[int, tuple[FlowInfo, list[InterceptorFactory]]] = {}
+        """Flow id -> the factories chosen when its record opened, for the chain built
+        right after from the same ``info`` (so a flow asks ``selects`` once)."""
         self.hub: SpliceHub | None = None
         """Relays every pair with sockets, all from one task (:mod:`tproxy.hub`);
         in use while its ``run`` runs (the server starts it)."""
@@ -132,6 +150,22 @@ class Engine:
             )
 
     # -- a flow's interceptors --------------------------------------------------
+
+    def select(self, info: FlowInfo) -> list[InterceptorFactory]:
+        """The factories whose selection (``--when``) takes the flow ``info``, in chain
+        order; a factory without ``selects`` takes every flow. TCP flows and UDP
+        sessions both choose their interceptors here."""
+        out = []
+        for factory in self.factories:
+            selects = getattr(factory, "selects", None)
+            if selects is None or selects(info):
+                out.append(factory)
+        return out
+
+    @staticmethod
+    def names(factories: Sequence[InterceptorFactory]) -> tuple[str, ...]:
+        """The names a flow record gives ``factories`` (see :func:`factory_name`)."""
+        return tuple(factory_name(f) for f in factories)
 
     def chain_for(self, info: FlowInfo) -> Any:
         """Build the interceptor chain of one flow: ``None`` when no interceptor selects
@@ -154,13 +188,23 @@ class Engine:
         return self._build_chain(info)
 
     def _build_chain(self, info: FlowInfo) -> Chain | None:
-        """The chain of the interceptors that select ``info`` now (``None``: none does)."""
+        """The chain of the interceptors that select ``info`` now (``None``: none does).
+
+        The live record's ``interceptors`` become their names: a flow whose
+        selection waited for its ClientHello (``sni=``/``host=``) gets its final
+        list here, after its open line was logged.
+        """
+        cached = self._selection.pop(info.id, None)
+        factories = cached[1] if cached is not None and cached[0] is info else None
+        if factories is None:
+            factories = self.select(info)
+            record = self.live.get(info.id)
+            if record is not None:
+                record.interceptors = self.names(factories)
         built: list[Interceptor] = []
         try:
-            for factory in self.factories:
-                selects = getattr(factory, "selects", None)
-                if selects is None or selects(info):
-                    built.append(factory(info))
+            for factory in factories:
+                built.append(factory(info))
         except Exception:
             try:
                 Chain(built).end(str(EndReason.ERROR))
@@ -179,13 +223,17 @@ class Engine:
         """
         if self.recording is None:
             return None
-        names = []
-        for factory in self.factories:
-            selects = getattr(factory, "selects", None)
-            if selects is None or selects(info):
-                names.append(str(getattr(factory, "name", type(factory).__name__)))
-        tap: FlowTap = self.recording.relay_tap(info, names)
+        tap: FlowTap = self.recording.relay_tap(info, self.interceptors_of(info))
         return tap
+
+    def interceptors_of(self, info: FlowInfo) -> tuple[str, ...]:
+        """The names of the interceptors the flow ``info`` gets, as its record gives them
+        (``--when`` applied): what flow records, the JSON log, ``tproxy flows``, metrics
+        and recordings show. Asks the factories only for a flow with no live record."""
+        record = self.live.get(info.id)
+        if record is not None:
+            return record.interceptors
+        return self.names(self.select(info))
 
     # -- flows --------------------------------------------------------------
 
@@ -316,8 +364,7 @@ class Engine:
         """Open the record of a flow whose outgoing side is connected; log its open line."""
         record = self._open(info)
         record.outgoing_source = source
-        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(log, "open", record)
         return record
 
     @contextlib.contextmanager
@@ -330,8 +377,7 @@ class Engine:
         as ``shutdown``, an exception as ``error``.
         """
         record = self._open(info)
-        if log.isEnabledFor(logging.INFO):  # the line is built per flow: only when shown
-            log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(log, "open", record)
         try:
             yield record
         except BaseException as exc:
@@ -344,13 +390,21 @@ class Engine:
             self._close(record)
 
     def reject(
-        self, info: FlowInfo, reason: EndReason, detail: str, *, started: float | None = None
+        self,
+        info: FlowInfo,
+        reason: EndReason,
+        detail: str,
+        *,
+        started: float | None = None,
+        reply_code: str | None = None,
     ) -> FlowRecord:
         """Log a flow that ended before it was relayed (connect failed, refused by policy).
 
-        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier.
+        ``started`` (``time.monotonic()``) is when its connection was accepted, if earlier;
+        ``reply_code`` the protocol's code the client was refused with (metrics).
         """
         record = self._open(info)
+        record.reply_code = reply_code
         if started is not None:
             record.started = started
         record.end(reason, detail, now=time.monotonic())
@@ -359,7 +413,12 @@ class Engine:
 
     def _open(self, info: FlowInfo) -> FlowRecord:
         record = FlowRecord(info=info, started=time.monotonic())
-        record.interceptors = tuple(n for f in self.factories if (n := getattr(f, "name", "")))
+        if self.factories:
+            # Chosen once, from what is known as the flow opens; the chain built next
+            # takes the same factories (see _build_chain).
+            factories = self.select(info)
+            self._selection[info.id] = (info, factories)
+            record.interceptors = self.names(factories)
         self.live[info.id] = record
         self.total += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -372,10 +431,10 @@ class Engine:
             record.end(EndReason.ERROR, "ended without a reason", now=time.monotonic())
         self.live.pop(record.info.id, None)
         self.kills.pop(record.info.id, None)
+        self._selection.pop(record.info.id, None)
         for observer in self.observers:
             observer.flow_ended(record)
-        if log.isEnabledFor(logging.INFO):
-            log.info(record.close_line(), extra={"flow_event": ("end", record)})
+        log_flow(log, "end", record)
         if not self.live:
             self._idle.set()
 

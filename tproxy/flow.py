@@ -120,6 +120,9 @@ class FlowRecord:
     """Bytes written to the server, where the relay counts them (``None``: not counted)."""
     delivered_down: int | None = None
     """Bytes written to the client, where the relay counts them (``None``: not counted)."""
+    reply_code: str | None = None
+    """The protocol's code an explicit door refused the flow with (SOCKS5 ``0x02``,
+    SOCKS4 ``0x5b``, HTTP ``403``; see ``tproxy.protocols.reply_code``), else ``None``."""
 
     def end(self, reason: EndReason, detail: str = "", *, now: float) -> None:
         """Record the first reason only: later ones are consequences of it."""

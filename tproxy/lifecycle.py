@@ -129,6 +129,7 @@ class Lifecycle:
             stats.snapshot if stats is not None else empty_snapshot,
             hub_kill=control.hub_killer(engine),
             worker=worker.name if worker is not None else None,
+            sessions=engine.udp_live,
         )
         if stats is not None:  # only with --metrics: counting costs a little per flow
             engine.observers.append(stats)

@@ -19,8 +19,11 @@ Metrics (all prefixed ``tproxy_``):
   (what it wrote on, after the interceptors; counted where the relay reports
   it, see :attr:`~tproxy.flow.FlowRecord.delivered_up`);
 - ``connect_failures_total{cause}`` (``refused``, ``timeout``, ``dns``, ...);
-- ``handshake_rejections_total{mode,code}`` (explicit modes: flows refused
-  before relaying, by end reason);
+- ``handshake_rejections_total{mode,code,reply}`` (explicit modes: flows
+  refused before relaying; ``code`` is the end reason, ``rejected`` or
+  ``timeout``, and ``reply`` the protocol's code the client was answered
+  with: SOCKS5 ``0x02`` (not allowed), SOCKS4 ``0x5b``, RFC 1929 ``0x01``,
+  HTTP ``403``/``407``/``400``..., or ``none`` when the client got no reply);
 - ``interceptor_errors_total{interceptor}``;
 - ``flow_duration_seconds`` (histogram of ended flows).
 """
@@ -36,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from . import ports
 from .flow import EndReason, FlowRecord
 
 log = logging.getLogger("tproxy.metrics")
@@ -78,9 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    return (host or "127.0.0.1", int(port))
+    try:
+        return (host or "127.0.0.1", ports.parse_port(port))
+    except ports.PortSpecError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 class FlowStats:
@@ -133,7 +140,7 @@ class FlowStats:
             and not record.bytes_down
             and record.outgoing_source is None
         ):
-            self.rejections[_key(info.mode, reason)] += 1
+            self.rejections[_key(info.mode, reason, record.reply_code or "none")] += 1
         if record.reason is EndReason.ERROR:
             match = _INTERCEPTOR_DETAIL.match(record.detail)
             if match:
@@ -258,8 +265,9 @@ def families(snap: dict[str, Any]) -> Iterator[Any]:
     )
     yield counter(
         "tproxy_handshake_rejections",
-        "Explicit-mode flows refused before relaying, by mode and code (end reason).",
-        ["mode", "code"],
+        "Explicit-mode flows refused before relaying, by mode, code (end reason) and the "
+        "protocol's reply code.",
+        ["mode", "code", "reply"],
         snap["rejections"],
     )
     yield counter(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from . import ports
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {
     "transparent": 9091,
@@ -52,14 +54,14 @@ def format_hostport(host: str, port: int) -> str:
 
 
 def parse_port(text: str, what: str = "port") -> int:
-    """A TCP port 1..65535 (0 is refused: a listener on a random port helps nobody)."""
+    """A TCP port 1..65535 (0 is refused: a listener on a random port helps nobody).
+
+    The rule is :func:`tproxy.ports.parse_port`'s, shared by every port option.
+    """
     try:
-        port = int(text, 10)
-    except ValueError:
-        raise ModeError(f"{what} {text!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise ModeError(f"{what} {port} is out of range 1-65535")
-    return port
+        return ports.parse_port(text, what)
+    except ports.PortSpecError as exc:
+        raise ModeError(str(exc)) from None
 
 
 def split_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+from . import ports
 from .interceptor import OptionError
 
 T = TypeVar("T")
@@ -328,19 +329,16 @@ def parse_cidrs(name: str, key: str, value: str, *, separator: str = ",") -> tup
 def parse_ports(
     name: str, key: str, value: str, *, separator: str = ","
 ) -> tuple[tuple[int, int], ...]:
-    """``22,80,8000-8100`` -> ``((22, 22), (80, 80), (8000, 8100))``."""
-    ranges = []
-    for part in parse_list(name, key, value, separator=separator):
-        low_s, dash, high_s = part.partition("-")
-        try:
-            low = int(low_s, 10)
-            high = int(high_s, 10) if dash else low
-        except ValueError:
-            raise OptionError(f"{name}: {key}: {part!r} is not a port or PORT-PORT range") from None
-        if not (0 <= low <= high <= 65535):
-            raise OptionError(f"{name}: {key}: {part!r} is not a valid port range (0-65535)")
-        ranges.append((low, high))
-    return tuple(ranges)
+    """``22,80,8000-8100`` -> ``((22, 22), (80, 80), (8000, 8100))``: sorted and merged.
+
+    The syntax is the one every port option of tproxy takes (see
+    ``tproxy/ports.py``): ports 1-65535, ``LOW-HIGH`` ranges, no empty items.
+    """
+    try:
+        ranges = ports.parse_ports(value, separator=separator)
+    except ports.PortSpecError as exc:
+        raise OptionError(f"{name}: {key}: {exc}") from None
+    return tuple((r.first, r.last) for r in ranges)
 
 
 def address_in(address: str, networks: Iterable[Network]) -> bool:

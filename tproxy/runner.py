@@ -98,7 +98,11 @@ def main(args: argparse.Namespace) -> int:
         for door in doors:
             door.close()
         raise
-    stats = metrics.FlowStats(live=lambda: len(engine.live)) if args.metrics else None
+    stats = (  # UDP sessions are opened and ended as flows: they are live flows too
+        metrics.FlowStats(live=lambda: len(engine.live) + len(engine.udp_live))
+        if args.metrics
+        else None
+    )
     exposed = None
     if args.metrics is not None and worker is None:
         assert stats is not None

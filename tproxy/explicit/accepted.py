@@ -20,6 +20,7 @@ import trio
 
 from ..engine import Engine
 from ..flow import Address, EndReason, FlowInfo
+from ..protocols import reply_code
 from ..sockets import reset_stream
 from .handshake import HandshakeFailed, send_reply
 from .settings import ExplicitSettings
@@ -54,9 +55,18 @@ class Accepted:
         reason: EndReason,
         detail: str,
         destination: Address = UNKNOWN_DESTINATION,
+        *,
+        reply: bytes = b"",
     ) -> None:
-        """Log a flow that ended before it was relayed (its duration: since the accept)."""
-        self.engine.reject(self.flow(destination), reason, detail, started=self.started)
+        """Log a flow that ended before it was relayed (its duration: since the accept);
+        ``reply`` is the protocol's refusal the client gets (its code goes to metrics)."""
+        self.engine.reject(
+            self.flow(destination),
+            reason,
+            detail,
+            started=self.started,
+            reply_code=reply_code(reply),
+        )
 
     async def grant(
         self,
@@ -96,7 +106,7 @@ class Accepted:
         if failed.silent:
             log.debug("client %s closed without a request", self.client)
         else:
-            self.reject(failed.reason, failed.detail)
+            self.reject(failed.reason, failed.detail, reply=failed.reply)
 
     def capacity_problem(self) -> str | None:
         """Why a new flow may not start now (a cap reached), or ``None``.

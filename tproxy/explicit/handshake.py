@@ -57,7 +57,8 @@ class HandshakeFailed(Exception):
 
     ``reason`` is the flow record's end reason, ``detail`` says why.
     ``silent`` says the client closed without sending a byte (a port probe,
-    a health check): not worth a flow record.
+    a health check): not worth a flow record. ``reply`` is what the client
+    was answered with before the close (``b""``: nothing).
     """
 
     def __init__(self, reason: EndReason, detail: str, *, silent: bool = False) -> None:
@@ -65,6 +66,7 @@ class HandshakeFailed(Exception):
         self.reason = reason
         self.detail = detail
         self.silent = silent
+        self.reply = b""
 
 
 async def drive_handshake(
@@ -118,6 +120,7 @@ async def drive_handshake(
             await trio.aclose_forcefully(stream)
         else:
             await close_after_reply(stream, reply)
+            failure.reply = reply
         raise failure
     return handshake.request
 

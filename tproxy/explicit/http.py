@@ -86,7 +86,7 @@ async def serve_http(accepted: Accepted) -> None:
     assert isinstance(request, ConnectRequest | ForwardRequest)
 
     async def refuse(reply: bytes, reason: EndReason, detail: str) -> None:
-        accepted.reject(reason, detail, request.address)
+        accepted.reject(reason, detail, request.address, reply=reply)
         await close_after_reply(stream, reply)
 
     decision = accepted.settings.policy.check_destination(request.host, request.port)

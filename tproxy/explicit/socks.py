@@ -92,7 +92,7 @@ async def serve_socks(accepted: Accepted) -> None:
     assert isinstance(request, SocksRequest)
 
     async def refuse(reply: bytes, reason: EndReason, detail: str) -> None:
-        accepted.reject(reason, detail, request.address)
+        accepted.reject(reason, detail, request.address, reply=reply)
         await close_after_reply(stream, reply)
 
     if request.command is not SocksCommand.UDP_ASSOCIATE:
@@ -125,8 +125,9 @@ async def _connect(accepted: Accepted, handshake: SocksHandshake, request: Socks
             accepted.engine, accepted.settings.policy, request.address
         )
     except DestinationDenied as exc:
-        accepted.reject(EndReason.REJECTED, str(exc), request.address)
-        await close_after_reply(stream, handshake.reply_failure(Socks5Reply.NOT_ALLOWED))
+        reply = handshake.reply_failure(Socks5Reply.NOT_ALLOWED)
+        accepted.reject(EndReason.REJECTED, str(exc), request.address, reply=reply)
+        await close_after_reply(stream, reply)
         return
     except ConnectError as exc:
         accepted.reject(EndReason.CONNECT_FAILED, str(exc), request.address)

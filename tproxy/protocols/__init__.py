@@ -35,7 +35,7 @@ How a front door drives one (sketch; ``stream`` is the client connection)::
 
 from __future__ import annotations
 
-from .base import ConnectFailure, Handshake, ProtocolError, Reply, classify_error
+from .base import ConnectFailure, Handshake, ProtocolError, Reply, classify_error, reply_code
 from .http_proxy import (
     ConnectRequest,
     ForwardRequest,
@@ -82,5 +82,6 @@ __all__ = [
     "build_udp_datagram",
     "classify_error",
     "parse_udp_datagram",
+    "reply_code",
     "reply_code_for_error",
 ]

@@ -55,6 +55,23 @@ class Reply:
     data: bytes
 
 
+def reply_code(data: bytes) -> str | None:
+    """The protocol's code in a refusal's reply bytes, for metrics and logs.
+
+    SOCKS5 replies (``05 REP ...``, also the method refusal ``05 ff``), RFC 1929
+    authentication replies (``01 STATUS``) and SOCKS4 replies (``00 CD ...``)
+    give their code byte as ``"0x02"``, ``"0x5b"``...; an HTTP response its
+    status (``"403"``). ``None`` for no reply or bytes of none of these forms.
+    """
+    if len(data) >= 2 and data[0] in (0x00, 0x01, 0x05):
+        return f"0x{data[1]:02x}"
+    if data.startswith(b"HTTP/"):
+        status = data[9:12]
+        if data[8:9] == b" " and status.isdigit():
+            return status.decode()
+    return None
+
+
 class Handshake(Protocol):
     """The interface shared by every handshake object in this package."""
 

@@ -32,26 +32,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import ports
+from ..ports import PortRange as PortRange
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class PolicyError(ValueError):
     """A policy option cannot be understood; the message is fit for the command line."""
-
-
-@dataclass(frozen=True)
-class PortRange:
-    """Ports ``first`` to ``last``, both included."""
-
-    first: int
-    last: int
-
-    def __contains__(self, port: object) -> bool:
-        return isinstance(port, int) and self.first <= port <= self.last
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
 @dataclass(frozen=True)
@@ -65,26 +54,19 @@ class Decision:
         return self.allowed
 
 
-def parse_ports(specs: str | Iterable[str]) -> tuple[PortRange, ...]:
-    """``"80"``, ``"8000-8100"``, ``"80,443,8000-8100"`` (or a list of those) -> ranges."""
-    if isinstance(specs, str):
-        specs = [specs]
-    ranges = []
-    for spec in specs:
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            first, dash, last = part.partition("-")
-            try:
-                low = int(first)
-                high = int(last) if dash else low
-            except ValueError:
-                raise PolicyError(f"bad port or port range {part!r}") from None
-            if not 0 <= low <= high <= 0xFFFF:
-                raise PolicyError(f"bad port range {part!r} (0-65535, low-high)")
-            ranges.append(PortRange(low, high))
-    return tuple(ranges)
+def parse_ports(specs: str | Iterable[str], source: str = "port") -> tuple[PortRange, ...]:
+    """``"80"``, ``"8000-8100"``, ``"80,443,8000-8100"`` (or a list of those) -> ranges.
+
+    The syntax is :func:`tproxy.ports.parse_ports`'s; ``source`` (the option,
+    ``--allow-port``) prefixes its error. An empty list is no ports at all.
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        return ()
+    try:
+        return ports.parse_ports(specs)
+    except ports.PortSpecError as exc:
+        raise PolicyError(f"{source}: {exc}") from None
 
 
 def parse_networks(specs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -214,8 +196,8 @@ class Policy:
             deny_hosts=parse_patterns(deny_hosts),
             allow_networks=parse_networks(allow_networks),
             deny_networks=parse_networks(deny_networks),
-            allow_ports=parse_ports(list(allow_ports)),
-            deny_ports=parse_ports(list(deny_ports)),
+            allow_ports=parse_ports(list(allow_ports), "--allow-port"),
+            deny_ports=parse_ports(list(deny_ports), "--deny-port"),
             clients=parse_networks(clients),
             credentials=creds,
         )

@@ -49,6 +49,7 @@ import trio
 
 from ..flow import Address, EndReason, FlowInfo, FlowRecord, format_address
 from ..interceptor import AbortFlow, Interceptor, InterceptorError
+from ..logformat import log_flow
 from ..sockets import SourcePolicy
 from .chain import DatagramChain
 from .sockets import ANCILLARY_SPACE, MAX_DATAGRAM, original_destination, reply_socket
@@ -116,7 +117,9 @@ class UdpRelay:
     """All UDP sessions of the process, fed by any number of listeners.
 
     ``engine`` provides flow ids, the interceptor factories and the flow
-    total; the relay keeps its own session table (not ``engine.live``).
+    total; the relay keeps its own session table (not ``engine.live``) and puts each
+    session's record in ``engine.udp_live`` and how to end it in ``engine.kills``, for
+    ``tproxy flows`` and ``--kill``.
     """
 
     def __init__(
@@ -337,11 +340,12 @@ class UdpRelay:
         self.engine.total += 1
         for observer in self.engine.observers:  # metrics count sessions like TCP flows
             observer.flow_opened(record)
-        if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.open_line(), extra={"flow_event": ("open", record)})
+        log_flow(flow_log, "open", record)
         chain = DatagramChain(interceptors) if interceptors else None
         session = Session((client, destination), record, sock, chain, trio.current_time())
         self.sessions[session.key] = session
+        self.engine.udp_live[info.id] = record  # listed and killed by tproxy flows
+        self.engine.kills[info.id] = functools.partial(self._end, session, EndReason.SHUTDOWN)
         self._wake.set()
         self._watch(sock, functools.partial(self._on_session, session))
         if chain is not None:
@@ -361,17 +365,9 @@ class UdpRelay:
 
     def _interceptors(self, info: FlowInfo) -> tuple[list[Interceptor], tuple[str, ...]]:
         """The session's interceptors, those whose factory selects it (``--when``), and
-        their names as the flow record gives them."""
-        built: list[Interceptor] = []
-        names: list[str] = []
-        for factory in self.engine.factories:
-            selects = getattr(factory, "selects", None)
-            if selects is not None and not selects(info):
-                continue
-            built.append(factory(info))
-            if name := getattr(factory, "name", ""):
-                names.append(str(name))
-        return built, tuple(names)
+        their names as the flow record gives them (the engine's choice, as for TCP)."""
+        factories = self.engine.select(info)
+        return [factory(info) for factory in factories], self.engine.names(factories)
 
     def _evict(self, why: str) -> None:
         oldest = next(iter(self.sessions.values()))
@@ -391,6 +387,9 @@ class UdpRelay:
         session.ended = True
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
+        flow_id = session.record.info.id
+        self.engine.udp_live.pop(flow_id, None)
+        self.engine.kills.pop(flow_id, None)
         self._unwatch(session.sock)
         session.sock.close()
         if session.reply is not None:
@@ -400,8 +399,7 @@ class UdpRelay:
         record.end(reason, detail, now=time.monotonic())
         for observer in self.engine.observers:
             observer.flow_ended(record)
-        if flow_log.isEnabledFor(logging.INFO):
-            flow_log.info(record.close_line(), extra={"flow_event": ("end", record)})
+        log_flow(flow_log, "end", record)
         self._end_chain(session, str(reason))
 
     def _end_chain(self, session: Session, reason: str) -> None:
