@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from nsharness import Namespace, Topology  # noqa: E402
 _NAMESPACES_KEY = pytest.StashKey[list[Namespace]]()
 _SNAPSHOT_KEY = pytest.StashKey[dict[str, list[str]]]()
 _WORKERS_OPEN_KEY = pytest.StashKey[list[str]]()
+_STATE_DIR_KEY = pytest.StashKey[Path]()
 _STILL_OPEN = "tpx_namespaces_still_open"
 """Key of a pytest-xdist worker's ``workeroutput``: the namespaces it had not closed."""
 
@@ -77,6 +79,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     nsharness.install_signal_handlers()
     if _xdist_worker(session.config):
+        # `tproxy setup`/`teardown` hold one host-wide lock in their state directory
+        # for seconds; each worker gets its own, or the workers' routing tests would
+        # queue on each other (and a proxy's start-up wait could run out).
+        if "TPROXY_STATE_DIR" not in os.environ:
+            state_dir = Path(tempfile.mkdtemp(prefix="tpx-state-", dir="/run"))
+            session.stash[_STATE_DIR_KEY] = state_dir
+            os.environ["TPROXY_STATE_DIR"] = str(state_dir)
         return
     removed = nsharness.remove_stale()
     if removed:
@@ -91,6 +100,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         # Tell the controller (see pytest_testnodedown) what this worker still had open.
         session.config.workeroutput[_STILL_OPEN] = nsharness.live_namespaces()  # type: ignore[attr-defined]
         nsharness.cleanup_all()
+        state_dir = session.stash.get(_STATE_DIR_KEY, None)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            os.environ.pop("TPROXY_STATE_DIR", None)
         return
     before = session.stash.get(_SNAPSHOT_KEY, None)
     if before is None:
