@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,10 @@ from nsharness import Namespace, Topology  # noqa: E402
 
 _NAMESPACES_KEY = pytest.StashKey[list[Namespace]]()
 _SNAPSHOT_KEY = pytest.StashKey[dict[str, list[str]]]()
+_WORKERS_OPEN_KEY = pytest.StashKey[list[str]]()
+_STATE_DIR_KEY = pytest.StashKey[Path]()
+_STILL_OPEN = "tpx_namespaces_still_open"
+"""Key of a pytest-xdist worker's ``workeroutput``: the namespaces it had not closed."""
 
 
 def netns_unavailable_reason() -> str | None:
@@ -57,11 +63,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def _xdist_worker(config: pytest.Config) -> bool:
+    """True in a pytest-xdist worker process (``-n N``)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Remove leftovers of dead runs, then remember what the root namespace holds."""
+    """Remove leftovers of dead runs, then remember what the root namespace holds.
+
+    Under pytest-xdist only the controller does this (before it starts the
+    workers) and compares at the end (after every worker has exited): a worker
+    that finished early must not count another worker's live test as a leak.
+    """
     if netns_unavailable_reason() is not None:
         return
     nsharness.install_signal_handlers()
+    if _xdist_worker(session.config):
+        # `tproxy setup`/`teardown` hold one host-wide lock in their state directory
+        # for seconds; each worker gets its own, or the workers' routing tests would
+        # queue on each other (and a proxy's start-up wait could run out).
+        if "TPROXY_STATE_DIR" not in os.environ:
+            state_dir = Path(tempfile.mkdtemp(prefix="tpx-state-", dir="/run"))
+            session.stash[_STATE_DIR_KEY] = state_dir
+            os.environ["TPROXY_STATE_DIR"] = str(state_dir)
+        return
     removed = nsharness.remove_stale()
     if removed:
         _write(session.config, f"netns harness: removed leftovers of crashed runs: {removed}")
@@ -71,10 +96,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After fixture teardown: fail the run if the root namespace gained anything."""
+    if _xdist_worker(session.config):
+        # Tell the controller (see pytest_testnodedown) what this worker still had open.
+        session.config.workeroutput[_STILL_OPEN] = nsharness.live_namespaces()  # type: ignore[attr-defined]
+        nsharness.cleanup_all()
+        state_dir = session.stash.get(_STATE_DIR_KEY, None)
+        if state_dir is not None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            os.environ.pop("TPROXY_STATE_DIR", None)
+        return
     before = session.stash.get(_SNAPSHOT_KEY, None)
     if before is None:
         return
-    still_open = nsharness.live_namespaces()
+    still_open = nsharness.live_namespaces() + session.config.stash.get(_WORKERS_OPEN_KEY, [])
     nsharness.cleanup_all()
     nsharness.remove_stale()
     diff = nsharness.diff_snapshots(before, nsharness.snapshot_root())
@@ -91,6 +125,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     elif session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     _write(session.config, "\n".join(lines), red=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist controller: collect what an exiting worker still had open."""
+    still_open = getattr(node, "workeroutput", {}).get(_STILL_OPEN, [])
+    if still_open:
+        node.config.stash.setdefault(_WORKERS_OPEN_KEY, []).extend(still_open)
 
 
 def _write(config: pytest.Config, text: str, red: bool = False) -> None:

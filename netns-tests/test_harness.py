@@ -46,6 +46,9 @@ from nsharness import (
 )
 
 HERE = Path(__file__).resolve().parent
+# Under pytest-xdist these run one after another on one worker: one of them adds a
+# namespace to the root that the hygiene check of another's inner session would see.
+pytestmark = pytest.mark.xdist_group("netns-harness")
 FAMILIES = [
     pytest.param(socket.AF_INET, id="ipv4"),
     pytest.param(socket.AF_INET6, id="ipv6"),

@@ -161,7 +161,15 @@ def test_a_thousand_sessions_no_crosstalk_and_descriptors_come_back(
             30,
             "the proxy's descriptors to return to their baseline",
         )
-        log = topology.gateway.read_log(proxy)
+
+        def every_session_ended() -> str | None:
+            # A session's end record may be written just after its socket closed.
+            log = topology.gateway.read_log(proxy)
+            return (
+                log if log.count(" end reason=") >= log.count("open mode=transparent-udp") else None
+            )
+
+        log = str(wait_until(every_session_ended, 10, "an end record for every session"))
         opened = log.count("open mode=transparent-udp")
         assert opened >= 1000 and log.count("end reason=idle") == opened
     finally:
