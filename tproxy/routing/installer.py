@@ -43,7 +43,7 @@ from .items import (
     UnknownRule,
     instance_of_chain,
 )
-from .plan import Plan, PlanRequest, make_plan
+from .plan import Plan, PlanRequest, cgroup_problem, make_plan
 
 
 class RoutingError(Exception):
@@ -228,6 +228,10 @@ def check_host(request: PlanRequest) -> None:
             socket.if_nametoindex(name)
         except OSError:
             raise InputError(f"no such interface {name!r}") from None
+    for path in request.exclude_cgroups:
+        problem = cgroup_problem(path, request.backend)
+        if problem:
+            raise InputError(problem)
 
 
 # ------------------------------------------------------------- inspect

@@ -8,7 +8,8 @@ there, or nothing changed); installed tables of ours are found by their
 name (``tproxy_`` + instance) and read back with :func:`.nftrules.read_table`.
 
 :class:`Nft` talks to the kernel through a small ctypes binding to
-``libnftables.so.1`` (``nft -j -f -`` if the library is missing).
+``libnftables.so.1`` (``nft -j -f -`` if the library is missing): scripts in nft's
+text syntax (:mod:`.nftrules` says why not JSON), listings as JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from .backend import StepError
 from .items import Found, Item, NftTable
-from .nftrules import FAMILY, NFT_TABLE_PREFIX, delete_script, read_table
+from .nftrules import FAMILY, NFT_TABLE_PREFIX, batch, delete_script, read_table
 
 # ---------------------------------------------------------------- libnftables
 
@@ -61,7 +62,7 @@ class Nft:
         self._lib = lib
 
     def run(self, command: str) -> tuple[int, str, str]:
-        """Run a JSON batch or a text command with JSON output: (rc, output, errors)."""
+        """Run an ``nft -f`` script (one transaction), output as JSON: (rc, output, errors)."""
         if self._lib is None:
             proc = subprocess.run(
                 ["nft", "-j", "-f", "-"],
@@ -123,12 +124,19 @@ class NftBackend:
         return isinstance(item, NftTable)
 
     def add(self, item: Item) -> None:
+        """Create the table, or swap our installed one for it, in one transaction.
+
+        A table of that name without our comments is never merged into nor
+        deleted: refused.
+        """
         assert isinstance(item, NftTable)
-        rc, _, err = self._nft.run(item.script)
+        step = f"nft -f - (table inet {item.name}, {item.rules} rules)"
+        existing = self._nft.list_json(f"table {FAMILY} {item.name}")
+        if existing and read_table(existing, item.name) is None:
+            raise StepError(step, f"table {FAMILY} {item.name} exists and is not ours")
+        rc, _, err = self._nft.run(batch(item, replace=bool(existing)))
         if rc != 0:
-            raise StepError(
-                f"nft -j -f - (table inet {item.name}, {item.rules} rules)", _error_lines(err)
-            )
+            raise StepError(step, _error_lines(err))
 
     def remove(self, item: Found) -> bool:
         assert isinstance(item, NftTable)
