@@ -70,6 +70,8 @@ class SetupError(RoutingError):
         hint = ipv6_hint(step, cause)
         if hint:
             text += f"; {hint}"
+        if "-m cgroup --path" in step and "Invalid argument" in cause:
+            text += "; is there such a cgroup? (paths are relative to the cgroup v2 root)"
         if leftovers:
             text += f"; could NOT roll back: {'; '.join(leftovers)} (run tproxy teardown)"
         super().__init__(text)

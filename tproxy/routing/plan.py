@@ -480,8 +480,8 @@ def build_request(
         block_quic=block_quic,
         backend=backend,
         local=local,
-        exclude_uids=tuple(_uid(text) for text in exclude_uids or ()),
-        exclude_cgroups=tuple(_cgroup(text) for text in exclude_cgroups or ()),
+        exclude_uids=tuple(dict.fromkeys(_uid(text) for text in exclude_uids or ())),
+        exclude_cgroups=tuple(dict.fromkeys(_cgroup(text) for text in exclude_cgroups or ())),
         nft_cgroup_dir=nft_cgroup_dir() if exclude_cgroups and backend == "nft" else "",
         proxy_mark=parse_number(str(proxy_mark), "proxy mark"),
     )
