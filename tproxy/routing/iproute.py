@@ -1,4 +1,4 @@
-"""Backend for ip rules and local routes through pyroute2 (rtnetlink).
+"""Backend for ip rules and local routes through rtnetlink (:mod:`.rtnl`).
 
 Ip rules and routes have no comments, so ours carry the protocol number
 :data:`~tproxy.routing.plan.RT_PROTO` (``protocol 116`` / ``proto 116``).
@@ -12,120 +12,103 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
 
+from . import rtnl
 from .backend import StepError
 from .commands import describe
 from .items import Family, Found, IpRule, Item, LocalRoute
 from .plan import RT_PROTO
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
 
 
 def _error_text(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
+    code = getattr(exc, "errno", None)
     if isinstance(code, int) and code > 0:
         return f"{os.strerror(code)} (errno {errno.errorcode.get(code, code)})"
     return str(exc) or type(exc).__name__
 
 
+def _name(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return "?"
+
+
 class IPRouteBackend:
-    """Ip rules and local routes via ``pyroute2.IPRoute`` in the current namespace."""
+    """Ip rules and local routes on one rtnetlink socket in the current namespace."""
 
     def __init__(self) -> None:
-        from pyroute2 import IPRoute
-
-        self._ipr: Any = IPRoute()
+        self._rtnl = rtnl.Rtnl()
 
     def handles(self, item: object) -> bool:
         return isinstance(item, IpRule | LocalRoute)
 
-    def _rule_args(self, item: IpRule) -> dict[str, Any]:
-        return {
-            "family": _AF[item.family],
-            "fwmark": item.fwmark,
-            "fwmask": item.fwmask,
-            "table": item.table,
-            "priority": item.priority,
-            "protocol": RT_PROTO,
-        }
-
-    def _route_args(self, item: LocalRoute) -> dict[str, Any]:
-        indices = self._ipr.link_lookup(ifname=item.dev)
-        if not indices:
-            raise StepError(describe(item), f"no device {item.dev}")
-        args: dict[str, Any] = {
-            "family": _AF[item.family],
-            "dst": item.dst,
-            "type": "local",
-            "oif": indices[0],
-            "table": item.table,
-            "proto": RT_PROTO,
-        }
-        if item.family == 4:
-            args["scope"] = "host"  # the kernel answers EINVAL otherwise
-        return args
+    def _message(self, item: IpRule | LocalRoute) -> tuple[int, int, bytes, bytes]:
+        """(add type, delete type, header, attributes) of an item's request."""
+        if isinstance(item, IpRule):
+            body, attrs = rtnl.rule_message(
+                _AF[item.family], item.fwmark, item.fwmask, item.table, item.priority, RT_PROTO
+            )
+            return rtnl.RTM_NEWRULE, rtnl.RTM_DELRULE, body, attrs
+        try:
+            oif = socket.if_nametoindex(item.dev)
+        except OSError:
+            raise StepError(describe(item), f"no device {item.dev}") from None
+        body, attrs = rtnl.local_route_message(_AF[item.family], oif, item.table, RT_PROTO)
+        return rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE, body, attrs
 
     def add(self, item: Item) -> None:
-        step = describe(item)
+        if not isinstance(item, IpRule | LocalRoute):
+            raise StepError(describe(item), "not an ip rule or route")
+        new, _, body, attrs = self._message(item)
         try:
-            if isinstance(item, IpRule):
-                self._ipr.rule("add", **self._rule_args(item))
-            elif isinstance(item, LocalRoute):
-                self._ipr.route("add", **self._route_args(item))
-            else:
-                raise StepError(step, "not an ip rule or route")
-        except StepError:
-            raise
-        except Exception as exc:
-            raise StepError(step, _error_text(exc)) from exc
+            self._rtnl.request(new, body, attrs, create=True)
+        except OSError as exc:
+            raise StepError(describe(item), _error_text(exc)) from exc
 
     def remove(self, item: Found) -> bool:
         if not isinstance(item, IpRule | LocalRoute):
             return False
-        step = describe(item)
         try:
-            if isinstance(item, IpRule):
-                self._ipr.rule("del", **self._rule_args(item))
-            else:
-                self._ipr.route("del", **self._route_args(item))
+            _, delete, body, attrs = self._message(item)
         except StepError:
-            return False  # no lo: the route cannot be there
-        except Exception as exc:
-            if getattr(exc, "code", None) in _GONE:
+            return False  # no such device: the route cannot be there
+        try:
+            self._rtnl.request(delete, body, attrs)
+        except OSError as exc:
+            if exc.errno in rtnl.GONE:
                 return False
-            raise StepError("remove " + step, _error_text(exc)) from exc
+            raise StepError("remove " + describe(item), _error_text(exc)) from exc
         return True
 
     def installed(self) -> list[Item]:
         found: list[Item] = []
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
         family: Family
         for family in (4, 6):
-            for rule in self._ipr.get_rules(family=_AF[family]):
-                if rule.get_attr("FRA_PROTOCOL") != RT_PROTO:
+            for rule in self._rtnl.dump(rtnl.RTM_GETRULE, _AF[family]):
+                if rule.u8(rtnl.FRA_PROTOCOL) != RT_PROTO:
                     continue
-                table = rule.get_attr("FRA_TABLE") or rule["table"]
                 found.append(
                     IpRule(
                         family,
-                        rule.get_attr("FRA_FWMARK") or 0,
-                        rule.get_attr("FRA_FWMASK") or 0,
-                        table,
-                        rule.get_attr("FRA_PRIORITY") or 0,
+                        rule.u32(rtnl.FRA_FWMARK),
+                        rule.u32(rtnl.FRA_FWMASK),
+                        rule.u32(rtnl.FRA_TABLE, rule.table),
+                        rule.u32(rtnl.FRA_PRIORITY),
                     )
                 )
-            for route in self._ipr.get_routes(family=_AF[family], table=None):
-                if route["proto"] != RT_PROTO:
+            for route in self._rtnl.dump(rtnl.RTM_GETROUTE, _AF[family]):
+                if route.protocol != RT_PROTO:
                     continue
-                table = route.get_attr("RTA_TABLE") or route["table"]
-                dev = names.get(route.get_attr("RTA_OIF"), "?")
-                if route["type"] == 2 and route["dst_len"] == 0:  # RTN_LOCAL
+                table = route.u32(rtnl.RTA_TABLE, route.table)
+                dev = _name(route.u32(rtnl.RTA_OIF))
+                if route.kind == rtnl.RTN_LOCAL and route.dst_len == 0:
                     found.append(LocalRoute(family, table, dev))
                 else:
-                    found.append(LocalRoute(family, table, f"?{route['type']}/{dev}"))
+                    found.append(LocalRoute(family, table, f"?{route.kind}/{dev}"))
         return found
 
     def close(self) -> None:
-        self._ipr.close()
+        self._rtnl.close()

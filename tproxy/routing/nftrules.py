@@ -163,6 +163,12 @@ def rule_text(rule: MangleRule, ports: str | None = None, cgroup_dir: str = "") 
     return " ".join(words)
 
 
+#: A rule's fields but its ports: rules equal in these differ only in their ports.
+_BUT_PORTS = tuple(
+    f.name for f in dataclasses.fields(MangleRule) if f.name not in ("dport", "sport")
+)
+
+
 def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     """Render the chains and rules of a plan into the :class:`NftTable` that installs them."""
     name = table_name(request.instance)
@@ -174,7 +180,7 @@ def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     # Rules that differ only in their port range become one rule matching a
     # set of ranges, in the place of the first (all of one kind come before
     # the next kind in a plan, so the order of kinds is kept).
-    merged: dict[tuple[MangleRule, bool], tuple[MangleRule, list[PortRange]]] = {}
+    merged: dict[tuple[object, ...], tuple[MangleRule, list[PortRange]]] = {}
     for item in items:
         if isinstance(item, Chain):
             chains.append(f"add chain {where} {chain_name(item.family, item.name)}")
@@ -182,9 +188,9 @@ def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
         assert isinstance(item, MangleRule)
         one = item.dport or item.sport
         if one is None:
-            merged[(item, False)] = (item, [])
+            merged[(item,)] = (item, [])
             continue
-        key = (dataclasses.replace(item, dport=None, sport=None), True)
+        key = (*(getattr(item, name) for name in _BUT_PORTS), item.dport is None)
         merged.setdefault(key, (item, []))[1].append(one)
     for item, ranges in merged.values():
         if item.chain in BASE_CHAINS:

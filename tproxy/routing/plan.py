@@ -49,7 +49,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # tproxy's modules import item names from .items; ``X as X`` marks the few re-exports.
@@ -139,10 +139,12 @@ class PlanRequest:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (ports as ``[first, last]`` pairs)."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict copies deeply
         for key in _PORT_FIELDS:
             data[key] = [[r.first, r.last] for r in getattr(self, key)]
         data["families"] = list(self.families)
+        data["exclude_uids"] = list(self.exclude_uids)
+        data["exclude_cgroups"] = list(self.exclude_cgroups)
         return data
 
     @classmethod
