@@ -93,3 +93,27 @@ def test_with_nft_the_legacy_tables_stay_empty(netns: Callable[..., Namespace]) 
             assert ns.run(tool).stdout == ""
     finally:
         shutil.rmtree(state_dir_of(ns), ignore_errors=True)
+
+
+NFT_COMMAND = r"""
+from tproxy.routing.nft import Nft
+from tproxy.routing.nftrules import batch, delete_script, read_table
+from tproxy.routing.plan import build_request, make_plan
+table = make_plan(build_request("in0", "out0", "80,443", backend="nft")).items[-1]
+for use_library in (False, True):
+    nft = Nft(use_library=use_library)
+    assert nft.run(batch(table))[0] == 0
+    assert read_table(nft.list_json("table inet tproxy_default"), table.name) == table
+    rc, _, err = nft.run(batch(table))  # create: refused, the name is taken
+    assert rc != 0 and "File exists" in err, err
+    assert nft.run(delete_script(table.name))[0] == 0
+    assert nft.list_json("table inet tproxy_default") == []
+print("OK")
+"""
+
+
+def test_the_nft_command_applies_what_libnftables_does(gw1: Namespace) -> None:  # noqa: F811
+    """Without libnftables, ``nft -f -`` applies the same script and lists the same table."""
+    before = snapshot(gw1)
+    assert gw1.python("-c", NFT_COMMAND).stdout == "OK\n"
+    assert snapshot(gw1) == before

@@ -8,8 +8,8 @@ there, or nothing changed); installed tables of ours are found by their
 name (``tproxy_`` + instance) and read back with :func:`.nftrules.read_table`.
 
 :class:`Nft` talks to the kernel through a small ctypes binding to
-``libnftables.so.1`` (``nft -j -f -`` if the library is missing): scripts in nft's
-text syntax (:mod:`.nftrules` says why not JSON), listings as JSON.
+``libnftables.so.1`` (the ``nft`` command if the library is missing): scripts in
+nft's text syntax (:mod:`.nftrules` says why not JSON), listings as JSON.
 """
 
 from __future__ import annotations
@@ -32,20 +32,26 @@ _NFT_CTX_OUTPUT_JSON = 1 << 4
 class Nft:
     """libnftables through ctypes (``nft`` the command if the library cannot load).
 
+    ``use_library=False`` runs the command even where the library loads (tests).
+
     One context per call: a context's netlink socket stays in the namespace
     it was opened in.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_library: bool = True) -> None:
         self._lib: Any = None
-        try:
-            lib = ctypes.CDLL("libnftables.so.1")
-        except OSError:
+        lib = None
+        if use_library:
+            try:
+                lib = ctypes.CDLL("libnftables.so.1")
+            except OSError:
+                pass
+        if lib is None:
             if shutil.which("nft") is None:
                 raise StepError(
                     "load libnftables",
                     "neither libnftables.so.1 nor nft found (apt install nftables)",
-                ) from None
+                )
             return
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
@@ -64,9 +70,12 @@ class Nft:
     def run(self, command: str) -> tuple[int, str, str]:
         """Run an ``nft -f`` script (one transaction), output as JSON: (rc, output, errors)."""
         if self._lib is None:
+            # nft -j -f - would read a text script as JSON, fail, find stdin used
+            # up and apply nothing, yet exit 0: only listings get -j.
+            listing = command.startswith("list ")
             proc = subprocess.run(
-                ["nft", "-j", "-f", "-"],
-                input=command,
+                ["nft", "-j", *command.split()] if listing else ["nft", "-f", "-"],
+                input=None if listing else command,
                 text=True,
                 capture_output=True,
                 timeout=60,
