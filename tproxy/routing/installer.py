@@ -134,7 +134,7 @@ class InstanceState:
 def open_backends(kind: str = "all") -> list[Backend]:
     """Backends for ``kind``: ``iptables``, ``nft``, or ``all`` that work here.
 
-    rtnetlink always handles ip rules and routes. ``all`` (for reading and
+    pyroute2 always handles ip rules and routes. ``all`` (for reading and
     removing: status, teardown) has python-iptables where the legacy tables
     work and nftables where it is available, so an instance is found
     whichever backend installed it.
