@@ -156,14 +156,15 @@ EXPECTED_NFT_LINES = [
     "type filter hook prerouting priority mangle; policy accept;",
     'meta nfproto ipv4 jump tproxy_pre4 comment "tproxy:default"',
     'meta nfproto ipv6 jump tproxy_pre6 comment "tproxy:default"',
-    # one rule per kind, the port ranges in a set
-    'iifname "in0" tcp dport { 80, 8000-8100 } tcp flags != syn / fin,syn,rst,ack '
+    # one rule per kind, the port ranges in one set shared by both families
+    "elements = { 80, 8000-8100 }",
+    'iifname "in0" tcp dport @ports0 tcp flags != syn / fin,syn,rst,ack '
     'socket transparent 1 jump tproxy_divert4 comment "tproxy:default"',
-    'iifname "out0" tcp sport { 80, 8000-8100 } socket transparent 1 jump tproxy_divert6 '
+    'iifname "out0" tcp sport @ports0 socket transparent 1 jump tproxy_divert6 '
     'comment "tproxy:default"',
-    'meta nfproto ipv4 iifname "in0" tcp dport { 80, 8000-8100 } tproxy ip to 127.0.0.1:9091 '
+    'meta nfproto ipv4 iifname "in0" tcp dport @ports0 tproxy ip to 127.0.0.1:9091 '
     'meta mark set 0x00000001 accept comment "tproxy:default"',
-    'meta nfproto ipv6 iifname "in0" tcp dport { 80, 8000-8100 } tproxy ip6 to [::1]:9091 '
+    'meta nfproto ipv6 iifname "in0" tcp dport @ports0 tproxy ip6 to [::1]:9091 '
     'meta mark set 0x00000001 accept comment "tproxy:default"',
 ]
 

@@ -19,14 +19,14 @@ from test_routing import IN, OUT, gw1, snapshot, state_dir_of, tproxy  # noqa: F
 # Replaces the installed plan with a wider one whose batch the kernel refuses
 # (its last rule jumps to a chain that does not exist), through the installer.
 FAILING_REPLACE = r"""
-import dataclasses, json
+import dataclasses
 from tproxy.routing import installer
 from tproxy.routing.plan import NftTable, Plan, build_request, make_plan
 plan = make_plan(build_request("in0", "out0", "80,443", backend="nft"))
 table = plan.items[-1]
-batch = json.loads(table.script)
-batch["nftables"][-1]["add"]["rule"]["expr"] = [{"jump": {"target": "no_such_chain"}}]
-broken = dataclasses.replace(table, script=json.dumps(batch))
+lines = table.script.splitlines()
+lines[-1] = "add rule inet tproxy_default prerouting jump no_such_chain"
+broken = dataclasses.replace(table, script="\n".join(lines) + "\n")
 try:
     installer.install(Plan(plan.request, plan.items[:-1] + (broken,)), replace=True)
 except installer.SetupError as exc:
@@ -39,7 +39,7 @@ def test_a_failing_batch_leaves_the_previous_table(gw1: Namespace) -> None:  # n
     assert tproxy(gw, "setup", IN, OUT, "--port", "80", "--backend", "nft").returncode == 0
     installed = snapshot(gw)
     failed = gw.python("-c", FAILING_REPLACE)
-    assert "REFUSED step failed: nft -j -f - (table inet tproxy_default" in failed.stdout
+    assert "REFUSED step failed: nft -f - (table inet tproxy_default" in failed.stdout
     assert "no_such_chain" in failed.stdout or "No such file" in failed.stdout, failed.stdout
     assert snapshot(gw) == installed  # the old table, rules and routes, byte for byte
     status = tproxy(gw, "status")  # the record is the old one again
@@ -47,7 +47,7 @@ def test_a_failing_batch_leaves_the_previous_table(gw1: Namespace) -> None:  # n
     # a good replacement swaps the table in one transaction
     replaced = tproxy(gw, "setup", IN, OUT, "--port", "80,443", "--backend", "nft", "--replace")
     assert replaced.returncode == 0, replaced.stderr
-    assert "dport { 80, 443 }" in snapshot(gw)["nft"]
+    assert "elements = { 80, 443 }" in snapshot(gw)["nft"]
     assert tproxy(gw, "teardown").returncode == 0
 
 
@@ -59,6 +59,8 @@ def test_a_foreign_table_with_our_name_is_not_taken(gw1: Namespace) -> None:  # 
     doctor = tproxy(gw, "doctor", "--backend", "nft")
     assert "[fail] nft table tproxy_default: exists and is not ours" in doctor.stdout
     assert tproxy(gw, "status").returncode == 3  # not ours: nothing of ours installed
+    refused = tproxy(gw, "setup", IN, OUT, "--port", "80", "--backend", "nft")
+    assert refused.returncode == 1 and "exists and is not ours" in refused.stderr, refused.stderr
     assert tproxy(gw, "teardown").returncode == 0
     assert snapshot(gw) == before
 
@@ -91,3 +93,27 @@ def test_with_nft_the_legacy_tables_stay_empty(netns: Callable[..., Namespace]) 
             assert ns.run(tool).stdout == ""
     finally:
         shutil.rmtree(state_dir_of(ns), ignore_errors=True)
+
+
+NFT_COMMAND = r"""
+from tproxy.routing.nft import Nft
+from tproxy.routing.nftrules import batch, delete_script, read_table
+from tproxy.routing.plan import build_request, make_plan
+table = make_plan(build_request("in0", "out0", "80,443", backend="nft")).items[-1]
+for use_library in (False, True):
+    nft = Nft(use_library=use_library)
+    assert nft.run(batch(table))[0] == 0
+    assert read_table(nft.list_json("table inet tproxy_default"), table.name) == table
+    rc, _, err = nft.run(batch(table))  # create: refused, the name is taken
+    assert rc != 0 and "File exists" in err, err
+    assert nft.run(delete_script(table.name))[0] == 0
+    assert nft.list_json("table inet tproxy_default") == []
+print("OK")
+"""
+
+
+def test_the_nft_command_applies_what_libnftables_does(gw1: Namespace) -> None:  # noqa: F811
+    """Without libnftables, ``nft -f -`` applies the same script and lists the same table."""
+    before = snapshot(gw1)
+    assert gw1.python("-c", NFT_COMMAND).stdout == "OK\n"
+    assert snapshot(gw1) == before

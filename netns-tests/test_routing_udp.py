@@ -36,10 +36,11 @@ UDP_LINES_V4 = [
     '"tproxy:default" -j TPROXY --on-port 9091 --on-ip 127.0.0.1 --tproxy-mark 0x1/0xffffffff',
 ]
 NFT_UDP_LINES = [
-    'iifname "out0" udp sport { 53, 5000-5100 } socket transparent 1 jump tproxy_divert6',
-    'meta nfproto ipv4 iifname "in0" udp dport { 53, 5000-5100 } tproxy ip to 127.0.0.1:9091 '
+    "elements = { 53, 5000-5100 }",
+    'iifname "out0" udp sport @ports0 socket transparent 1 jump tproxy_divert6',
+    'meta nfproto ipv4 iifname "in0" udp dport @ports0 tproxy ip to 127.0.0.1:9091 '
     "meta mark set 0x00000001 accept",
-    'meta nfproto ipv6 iifname "in0" udp dport { 53, 5000-5100 } tproxy ip6 to [::1]:9091',
+    'meta nfproto ipv6 iifname "in0" udp dport @ports0 tproxy ip6 to [::1]:9091',
     "type filter hook forward priority filter; policy accept;",
     'iifname "in0" udp dport 443 reject with icmp port-unreachable',
     'iifname "in0" udp dport 443 reject with icmpv6 port-unreachable',

@@ -6,11 +6,15 @@
 For each backend, in a fresh network namespace: install a plan with N TCP
 port ranges (IPv4 and IPv6) through the installer, as ``tproxy setup`` does,
 and tear it down again; prints the median and best of RUNS installs in ms.
-The time is the installer's own (python start-up and argument parsing are
-not counted): the ip rules and routes through pyroute2, then either one
+The time is the installer's own (python start-up, argument parsing and
+making the plan are not counted; making the plan is timed on its own): the
+ownership record, reading what is installed, the ip rules and routes through
+pyroute2 (one IPRoute, opened once before the clock starts), then either one
 python-iptables transaction per chain and rule or one nftables transaction
-for the whole table (timed alone too). A measurement, not a test: nothing
-asserts on it.
+for the whole table; the part spent in pyroute2's calls is reported too. For nft the table's
+transaction is timed alone too, both ways it is applied: creating the table
+(a fresh install) and swapping an installed one (``--replace``). A
+measurement, not a test: nothing asserts on it.
 """
 
 from __future__ import annotations
@@ -28,41 +32,87 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _time_ip_calls(opened: list) -> list[float]:
+    """Wrap the pyroute2 backend's calls so each one's time (ms) lands in the returned list."""
+    from tproxy.routing.iproute import IPRouteBackend
+
+    spent: list[float] = []
+    for backend in opened:
+        if not isinstance(backend, IPRouteBackend):
+            continue
+        for name in ("add", "remove", "installed"):
+            call = getattr(backend, name)
+
+            def timed(*args, _call=call):
+                start = time.perf_counter()
+                try:
+                    return _call(*args)
+                finally:
+                    spent.append((time.perf_counter() - start) * 1000)
+
+            setattr(backend, name, timed)
+    return spent
+
+
 def inner(backend: str, ranges: int, runs: int) -> None:
     """Runs inside the namespace: install and tear down RUNS times, print timings as JSON."""
     sys.path.insert(0, str(ROOT))
     from tproxy.routing import installer
-    from tproxy.routing.plan import build_request, make_plan
+    from tproxy.routing.plan import NftTable, build_request, make_plan
 
     ports = ",".join(f"{10000 + 10 * i}-{10000 + 10 * i + 4}" for i in range(ranges))
-    plan = make_plan(build_request("in0", "out0", ports, backend=backend))
-    installs, teardowns = [], []
+    request = build_request("in0", "out0", ports, backend=backend)
+    plans = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        plan = make_plan(request)
+        plans.append((time.perf_counter() - start) * 1000)
+    start = time.perf_counter()
+    import pyroute2  # noqa: F401  (what a setup process pays once, before any request)
+
+    import_ms = (time.perf_counter() - start) * 1000
+    installs, teardowns, ip_installs = [], [], []
+    start = time.perf_counter()
     with installer._backends(None, backend) as opened:
+        open_ms = (time.perf_counter() - start) * 1000
+        ip_ms = _time_ip_calls(opened)
         for _ in range(runs):
+            ip_ms.clear()
             start = time.perf_counter()
             installer.install(plan, backends=opened)
             installs.append((time.perf_counter() - start) * 1000)
+            ip_installs.append(sum(ip_ms))
             start = time.perf_counter()
             installer.teardown(plan.instance, backends=opened)
             teardowns.append((time.perf_counter() - start) * 1000)
-        transactions = []
+        creates, swaps = [], []
         if backend == "nft":  # the table's one transaction alone (no rules, routes, records)
-            from tproxy.routing.nft import NftBackend
+            from tproxy.routing.nft import Nft
+            from tproxy.routing.nftrules import batch, delete_script
 
-            table = next(b for b in opened if isinstance(b, NftBackend))
+            nft, table = Nft(), plan.items[-1]
+            assert isinstance(table, NftTable)
             for _ in range(runs):
                 start = time.perf_counter()
-                table.add(plan.items[-1])
-                transactions.append((time.perf_counter() - start) * 1000)
-            table.remove(plan.items[-1])
+                assert nft.run(batch(table))[0] == 0
+                creates.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                assert nft.run(batch(table, replace=True))[0] == 0
+                swaps.append((time.perf_counter() - start) * 1000)
+                assert nft.run(delete_script(table.name))[0] == 0
     print(
         json.dumps(
             {
                 "backend": backend,
                 "items": len(plan.items),
+                "plan_ms": plans,
                 "install_ms": installs,
+                "ip_install_ms": ip_installs,
+                "pyroute2_import_ms": import_ms,
+                "open_ms": open_ms,
                 "teardown_ms": teardowns,
-                "transaction_ms": transactions,
+                "create_ms": creates,
+                "swap_ms": swaps,
             }
         )
     )
@@ -115,10 +165,23 @@ def main() -> int:
             f"teardown median {statistics.median(teardown):8.1f} ms "
             f"({result['items']} plan items, {args.runs} runs)"
         )
-        if result["transaction_ms"]:
+        print(
+            f"  of which pyroute2 (ip rules and routes: one rule dump, one route dump, "
+            f"2 rules and 2 routes added): median {statistics.median(result['ip_install_ms']):.1f}"
+            f" ms, best {min(result['ip_install_ms']):.1f} ms"
+        )
+        print(
+            f"  making the plan (not in the setup time): median "
+            f"{statistics.median(result['plan_ms']):.1f} ms; not in it either: importing "
+            f"pyroute2 {result['pyroute2_import_ms']:.0f} ms, opening the backends "
+            f"{result['open_ms']:.1f} ms (once per process)"
+        )
+        if result["create_ms"]:
             print(
-                f"  of which the nft table's one transaction: median "
-                f"{statistics.median(result['transaction_ms']):.1f} ms"
+                f"  the nft table's one transaction alone: creating it median "
+                f"{statistics.median(result['create_ms']):.1f} ms (best "
+                f"{min(result['create_ms']):.1f}), swapping an installed one median "
+                f"{statistics.median(result['swap_ms']):.1f} ms"
             )
     return 0
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tproxy.cli import main
 from tproxy.routing import installer, nft, nftrules
+from tproxy.routing import plan as plan_module
 from tproxy.routing.plan import (
     IpRule,
     LocalRoute,
@@ -28,8 +27,14 @@ def nft_plan(ports: str = "80", **kw: object):  # type: ignore[no-untyped-def]
     return make_plan(build_request("in0", "out0", ports, backend="nft", **kw))  # type: ignore[arg-type]
 
 
-def batch(table: NftTable) -> list[dict]:
-    return json.loads(table.script)["nftables"]
+def lines(table: NftTable) -> list[str]:
+    return table.script.splitlines()
+
+
+def rule_comments(table: NftTable) -> list[str]:
+    return [
+        line.split(' comment "')[1][:-1] for line in lines(table) if line.startswith("add rule")
+    ]
 
 
 def test_nft_plan_is_routes_rules_then_one_table() -> None:
@@ -52,31 +57,33 @@ def test_nft_plan_is_routes_rules_then_one_table() -> None:
     )
 
 
-def test_batch_replaces_the_table_atomically_and_is_deterministic() -> None:
+def test_script_creates_or_swaps_the_table_and_is_deterministic() -> None:
     table = nft_plan("80,443", udp_ports="53").items[-1]
-    commands = batch(table)
-    name = {"family": "inet", "name": "tproxy_default"}
-    assert commands[:3] == [
-        {"add": {"table": name}},
-        {"delete": {"table": name}},
-        {"add": {"table": name}},
+    assert isinstance(table, NftTable)
+    assert nftrules.batch(table).splitlines()[0] == "create table inet tproxy_default"
+    assert nftrules.batch(table, replace=True).splitlines()[:3] == [
+        "add table inet tproxy_default",
+        "delete table inet tproxy_default",
+        "add table inet tproxy_default",
     ]
+    assert nftrules.batch(table).endswith(table.script)
     assert table == nft_plan("443,80", udp_ports="53").items[-1]  # same ports, same digest
     assert table != nft_plan("80", udp_ports="53").items[-1]
-    rules = [c["add"]["rule"] for c in commands if "rule" in c.get("add", {})]
-    assert table.rules == len(rules)
-    assert rules[0]["comment"] == (
-        f"tproxy:default d={table.digest} n={len(rules)} m=0x1/0xffffffff t=100"
+    comments = rule_comments(table)
+    assert table.rules == len(comments)
+    assert (
+        comments[0] == f"tproxy:default d={table.digest} n={len(comments)} m=0x1/0xffffffff t=100"
     )
-    assert all(r["comment"].startswith("tproxy:default") for r in rules)
-    bases = {
-        c["add"]["chain"]["name"]: c["add"]["chain"]
-        for c in commands
-        if "chain" in c.get("add", {}) and "hook" in c["add"]["chain"]
-    }
-    assert {k: (v["type"], v["hook"], v["prio"]) for k, v in bases.items()} == {
-        "prerouting": ("filter", "prerouting", -150)
-    }
+    assert all(c.startswith("tproxy:default") for c in comments)
+    bases = [line for line in lines(table) if line.startswith("add chain") and "hook" in line]
+    assert bases == [
+        "add chain inet tproxy_default prerouting "
+        "{ type filter hook prerouting priority -150; policy accept; }"
+    ]
+    # the two TCP ports are one set, shared by every rule and both families
+    assert "add element inet tproxy_default ports0 { 80, 443 }" in lines(table)
+    assert sum("@ports0" in line for line in lines(table)) == 6
+    assert not any("ports1" in line for line in lines(table))  # udp 53 alone: no set
 
 
 def test_rule_rendering() -> None:
@@ -89,33 +96,23 @@ def test_rule_rendering() -> None:
         "udp",
         dport=PortRange(5000, 5100),
     )
-    assert nftrules.rule_exprs(tproxy) == [
-        {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv6"}},
-        {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "in0"}},
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}},
-        {
-            "match": {
-                "op": "==",
-                "left": {"payload": {"protocol": "udp", "field": "dport"}},
-                "right": {"range": [5000, 5100]},
-            }
-        },
-        {"tproxy": {"family": "ip6", "addr": "::1", "port": 9091}},
-        {
-            "mangle": {
-                "key": {"meta": {"key": "mark"}},
-                "value": {"|": [{"&": [{"meta": {"key": "mark"}}, 0xFFFFFF0F]}, 0x10]},
-            }
-        },
-        {"accept": None},
-    ]
+    assert nftrules.rule_text(tproxy) == (
+        'meta nfproto ipv6 iifname "in0" meta l4proto udp udp dport 5000-5100 '
+        "tproxy ip6 to [::1]:9091 meta mark set meta mark & 0xffffff0f | 0x10 accept"
+    )
+    assert nftrules.rule_text(tproxy, "@ports1").count("udp dport @ports1 ") == 1
     skip = MangleRule(4, "TPROXY_OUT", Return(), "tproxy:x", match_mark=0x7470)
-    assert nftrules.rule_exprs(skip) == [
-        {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 0x7470}},
-        {"return": None},
-    ]
+    assert nftrules.rule_text(skip) == "meta mark 0x7470 return"
+    masked = MangleRule(4, "TPROXY_PRE", Return(), "x", match_mark=0x10, match_mask=0xF0)
+    assert nftrules.rule_text(masked) == "meta mark & 0xf0 == 0x10 return"
     uid = MangleRule(4, "TPROXY_OUT", Return(), "tproxy:x", uid_owner=0)
-    assert nftrules.rule_exprs(uid)[0]["match"]["left"] == {"meta": {"key": "skuid"}}
+    assert nftrules.rule_text(uid) == "meta skuid 0 return"
+    # a cgroup: its depth in the v2 hierarchy, its path as nft finds it under /sys/fs/cgroup
+    cgroup = MangleRule(4, "TPROXY_OUT", Return(), "tproxy:x", cgroup="a/b")
+    assert nftrules.rule_text(cgroup, cgroup_dir="unified") == (
+        'socket cgroupv2 level 2 "unified/a/b" return'
+    )
+    assert nftrules.rule_text(cgroup) == 'socket cgroupv2 level 2 "a/b" return'
 
 
 def test_local_plan_items_for_both_backends() -> None:
@@ -155,17 +152,14 @@ def test_local_plan_items_for_both_backends() -> None:
     table = make_plan(
         build_request("in0", "out0", "80", local=True, backend="nft", ipv4=True)
     ).items[-1]
-    assert {
-        c["add"]["chain"]["name"]: c["add"]["chain"].get("type")
-        for c in batch(table)
-        if "chain" in c.get("add", {})
-    } == {
-        "prerouting": "filter",
-        "output": "route",
-        "tproxy_divert4": None,
-        "tproxy_pre4": None,
-        "tproxy_out4": None,
-    }
+    assert [line.split()[4:7] for line in lines(table) if line.startswith("add chain")] == [
+        ["prerouting", "{", "type"],
+        ["output", "{", "type"],
+        ["tproxy_divert4"],
+        ["tproxy_pre4"],
+        ["tproxy_out4"],
+    ]
+    assert "{ type route hook output priority -150; policy accept; }" in table.script
 
 
 @pytest.mark.parametrize(
@@ -175,7 +169,8 @@ def test_local_plan_items_for_both_backends() -> None:
         ({"local": True, "proxy_mark": "1"}, "would be routed as diverted"),
         ({"local": True, "exclude_uids": ["no-such-user-xyz"]}, "no such user"),
         ({"backend": "pf"}, "bad backend"),
-        ({"backend": "nft", "local": True, "exclude_cgroups": ["a"]}, "needs --backend iptables"),
+        ({"local": True, "exclude_cgroups": ["a/../b"]}, "bad cgroup path"),
+        ({"local": True, "exclude_cgroups": ['a"b']}, "bad cgroup path"),
     ],
 )
 def test_bad_local_and_backend_arguments(kw: dict, message: str) -> None:
@@ -185,7 +180,7 @@ def test_bad_local_and_backend_arguments(kw: dict, message: str) -> None:
 
 def test_read_table_back() -> None:
     table = nft_plan().items[-1]
-    rules = [{"rule": c["add"]["rule"]} for c in batch(table) if "rule" in c.get("add", {})]
+    rules = [{"rule": {"comment": c}} for c in rule_comments(table)]  # as nft -j lists them
     assert nftrules.read_table(rules, "tproxy_default") == table
     assert nftrules.read_table(rules[1:], "tproxy_default") != table  # a rule gone: not equal
     foreign = [{"rule": {"comment": "someone else"}}]
@@ -206,16 +201,49 @@ def test_auto_keeps_iptables_where_legacy_works(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_nft_dry_run_is_a_pasteable_heredoc(capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        main(["setup", "eth0", "eth1", "-p", "80", "--backend", "nft", "--ipv4", "--dry-run"]) == 0
-    )
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [
+    argv = ["setup", "eth0", "eth1", "-p", "80", "--backend", "nft", "--ipv4", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == [
         "ip -4 route add local 0.0.0.0/0 dev lo table 100 proto 116",
         "ip -4 rule add fwmark 0x1/0xffffffff lookup 100 priority 100 protocol 116",
-        "nft -j -f - <<'EOF'",
+        "nft -f - <<'EOF'",
+        "create table inet tproxy_default",
     ]
-    assert lines[-1] == "EOF"
-    assert json.loads("\n".join(lines[3:-1]))["nftables"][0] == {
-        "add": {"table": {"family": "inet", "name": "tproxy_default"}}
-    }
+    assert out[-1] == "EOF"
+    table = make_plan(build_request("eth0", "eth1", "80", backend="nft", ipv4=True)).items[-1]
+    assert "\n".join(out[4:-1]) + "\n" == table.script  # exactly what the backend applies
+    assert main([*argv, "--replace"]) == 0
+    assert capsys.readouterr().out.splitlines()[3:6] == [
+        "add table inet tproxy_default",
+        "delete table inet tproxy_default",
+        "add table inet tproxy_default",
+    ]
+
+
+def test_nft_cgroup_dir_is_where_nft_finds_cgroup2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "cgroup2_mount", lambda: "/sys/fs/cgroup/unified")
+    request = build_request("in0", "out0", "80", local=True, backend="nft", exclude_cgroups=["a"])
+    assert request.nft_cgroup_dir == "unified"
+    assert 'socket cgroupv2 level 1 "unified/a" return' in make_plan(request).items[-1].script
+    assert (
+        build_request("in0", "out0", "80", local=True, exclude_cgroups=["a"]).nft_cgroup_dir == ""
+    )
+    monkeypatch.setattr(plan_module, "cgroup2_mount", lambda: "/sys/fs/cgroup")
+    assert plan_module.nft_cgroup_dir() == ""
+    monkeypatch.setattr(plan_module, "cgroup2_mount", lambda: "/mnt/cg2")
+    with pytest.raises(PlanError, match="nft finds cgroups only under /sys/fs/cgroup"):
+        build_request("in0", "out0", "80", local=True, backend="nft", exclude_cgroups=["a"])
+    monkeypatch.setattr(plan_module, "cgroup2_mount", lambda: None)
+    with pytest.raises(PlanError, match="no cgroup2 file system is mounted here"):
+        build_request("in0", "out0", "80", local=True, backend="nft", exclude_cgroups=["a"])
+    assert plan_module.cgroup_problem("a", "iptables") is None  # the kernel checks it
+    assert "no cgroup2" in str(plan_module.cgroup_problem("a", "nft"))
+
+
+def test_a_missing_cgroup_is_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "there").mkdir()
+    monkeypatch.setattr(plan_module, "cgroup2_mount", lambda: str(tmp_path))
+    assert plan_module.cgroup_problem("there", "iptables") is None
+    problem = plan_module.cgroup_problem("gone/x", "nft")
+    assert problem == f"--exclude-cgroup gone/x: no such cgroup (no directory {tmp_path}/gone/x)"

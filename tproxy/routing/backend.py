@@ -1,8 +1,8 @@
 """The small interface every routing backend implements.
 
 A backend owns some kinds of plan items (python-iptables: chains and mangle
-rules; pyroute2: ip rules and local routes) and can add one, remove one,
-and list what of its kind is installed and tagged as ours. The installer
+rules; pyroute2 (:mod:`.iproute`): ip rules and local routes) and can add one,
+remove one, and list what of its kind is installed and tagged as ours. The installer
 (:mod:`tproxy.routing.installer`) builds apply / verify / revert / inspect on
 top of these four calls. The nftables backend (:mod:`.nft`) handles one item
 kind, the whole table of an instance, added and removed in one transaction each.

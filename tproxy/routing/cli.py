@@ -212,7 +212,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     )
     plan = make_plan(request)
     if args.dry_run:
-        print("\n".join(setup_commands(plan)))
+        print("\n".join(setup_commands(plan, args.replace)))
         return 0
     try:
         installer.check_host(request)

@@ -106,7 +106,7 @@ def add_command(item: Item) -> list[str]:
     if isinstance(item, LocalRoute):
         return [*_ip(item.family), "route", "add", *_route_args(item)]
     if isinstance(item, NftTable):
-        return ["nft", "-j", "-f", "-", f"(table inet {item.name}, {item.rules} rules)"]
+        return ["nft", "-f", "-", f"(table inet {item.name}, {item.rules} rules)"]
     raise TypeError(f"not a plan item: {item!r}")
 
 
@@ -150,16 +150,20 @@ def _route_args(item: LocalRoute) -> list[str]:
 def describe(item: Item) -> str:
     """One line naming an item: its install command."""
     if isinstance(item, NftTable):
-        return f"nft -j -f - (table inet {item.name}, {item.rules} rules)"
+        return f"nft -f - (table inet {item.name}, {item.rules} rules)"
     return shlex.join(add_command(item))
 
 
-def setup_commands(plan: Plan) -> list[str]:
-    """Shell lines that install ``plan``, in order (an nft table as a ``nft -j -f -`` heredoc)."""
+def setup_commands(plan: Plan, replace: bool = False) -> list[str]:
+    """Shell lines that install ``plan``, in order (an nft table as a ``nft -f -`` heredoc).
+
+    ``replace``: the nft table replaces an installed one of ours (``--replace``)
+    rather than being created.
+    """
     lines: list[str] = []
     for item in plan.items:
         if isinstance(item, NftTable):
-            lines += setup_lines(item)
+            lines += setup_lines(item, replace)
         else:
             lines.append(shlex.join(add_command(item)))
     return lines

@@ -43,7 +43,7 @@ from .items import (
     UnknownRule,
     instance_of_chain,
 )
-from .plan import Plan, PlanRequest, make_plan
+from .plan import Plan, PlanRequest, cgroup_problem, make_plan
 
 
 class RoutingError(Exception):
@@ -70,6 +70,8 @@ class SetupError(RoutingError):
         hint = ipv6_hint(step, cause)
         if hint:
             text += f"; {hint}"
+        if "-m cgroup --path" in step and "Invalid argument" in cause:
+            text += "; is there such a cgroup? (paths are relative to the cgroup v2 root)"
         if leftovers:
             text += f"; could NOT roll back: {'; '.join(leftovers)} (run tproxy teardown)"
         super().__init__(text)
@@ -228,6 +230,10 @@ def check_host(request: PlanRequest) -> None:
             socket.if_nametoindex(name)
         except OSError:
             raise InputError(f"no such interface {name!r}") from None
+    for path in request.exclude_cgroups:
+        problem = cgroup_problem(path, request.backend)
+        if problem:
+            raise InputError(problem)
 
 
 # ------------------------------------------------------------- inspect

@@ -5,6 +5,14 @@ Ip rules and routes have no comments, so ours carry the protocol number
 The kernel compares it when adding (a foreign ``fwmark 1 lookup 100`` rule
 does not clash with ours) and when deleting (we never delete a foreign twin).
 Deleting what is not there (ENOENT/ESRCH) counts as already done.
+
+Kept cheap (``docs/measurements.md``): one ``IPRoute`` per backend, opened
+once per command and reused for every request; it joins no multicast group
+(nothing but the answers to our requests arrives on it) and asks for strict
+checking, so the kernel itself keeps only our routes (``proto 116``) in a
+route dump. One dump of each kind serves both families, and device names
+and indices come from ``if_nametoindex``/``if_indextoname`` (the socket and
+the process are in the same namespace), never from a link dump.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from .items import Family, Found, IpRule, Item, LocalRoute
 from .plan import RT_PROTO
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY: dict[int, Family] = {socket.AF_INET: 4, socket.AF_INET6: 6}
 _GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
+_RTN_LOCAL = 2
 
 
 def _error_text(exc: BaseException) -> str:
@@ -30,13 +40,20 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _name(index: int | None) -> str:
+    try:
+        return socket.if_indextoname(index or 0)
+    except OSError:
+        return "?"
+
+
 class IPRouteBackend:
-    """Ip rules and local routes via ``pyroute2.IPRoute`` in the current namespace."""
+    """Ip rules and local routes via one ``pyroute2.IPRoute`` in the current namespace."""
 
     def __init__(self) -> None:
         from pyroute2 import IPRoute
 
-        self._ipr: Any = IPRoute()
+        self._ipr: Any = IPRoute(groups=0, strict_check=True)
 
     def handles(self, item: object) -> bool:
         return isinstance(item, IpRule | LocalRoute)
@@ -52,14 +69,15 @@ class IPRouteBackend:
         }
 
     def _route_args(self, item: LocalRoute) -> dict[str, Any]:
-        indices = self._ipr.link_lookup(ifname=item.dev)
-        if not indices:
-            raise StepError(describe(item), f"no device {item.dev}")
+        try:
+            oif = socket.if_nametoindex(item.dev)
+        except OSError:
+            raise StepError(describe(item), f"no device {item.dev}") from None
         args: dict[str, Any] = {
             "family": _AF[item.family],
             "dst": item.dst,
             "type": "local",
-            "oif": indices[0],
+            "oif": oif,
             "table": item.table,
             "proto": RT_PROTO,
         }
@@ -91,7 +109,7 @@ class IPRouteBackend:
             else:
                 self._ipr.route("del", **self._route_args(item))
         except StepError:
-            return False  # no lo: the route cannot be there
+            return False  # no such device: the route cannot be there
         except Exception as exc:
             if getattr(exc, "code", None) in _GONE:
                 return False
@@ -99,32 +117,38 @@ class IPRouteBackend:
         return True
 
     def installed(self) -> list[Item]:
+        """Our ip rules and routes, IPv4 and IPv6: one rule dump and one route dump.
+
+        ``dump_filter=None`` skips pyroute2's own matching in Python; for
+        routes the remaining arguments go into the request, where the kernel
+        applies them (strict checking). Rule dumps take no filter but the
+        family, so rules are picked by their ``FRA_PROTOCOL`` here.
+        """
         found: list[Item] = []
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links()}
-        family: Family
-        for family in (4, 6):
-            for rule in self._ipr.get_rules(family=_AF[family]):
-                if rule.get_attr("FRA_PROTOCOL") != RT_PROTO:
-                    continue
-                table = rule.get_attr("FRA_TABLE") or rule["table"]
-                found.append(
-                    IpRule(
-                        family,
-                        rule.get_attr("FRA_FWMARK") or 0,
-                        rule.get_attr("FRA_FWMASK") or 0,
-                        table,
-                        rule.get_attr("FRA_PRIORITY") or 0,
-                    )
+        for rule in self._ipr.rule("dump", dump_filter=None, family=socket.AF_UNSPEC):
+            family = _FAMILY.get(rule["family"])
+            if family is None or rule.get_attr("FRA_PROTOCOL") != RT_PROTO:
+                continue
+            found.append(
+                IpRule(
+                    family,
+                    rule.get_attr("FRA_FWMARK") or 0,
+                    rule.get_attr("FRA_FWMASK") or 0,
+                    rule.get_attr("FRA_TABLE") or rule["table"],
+                    rule.get_attr("FRA_PRIORITY") or 0,
                 )
-            for route in self._ipr.get_routes(family=_AF[family], table=None):
-                if route["proto"] != RT_PROTO:
-                    continue
-                table = route.get_attr("RTA_TABLE") or route["table"]
-                dev = names.get(route.get_attr("RTA_OIF"), "?")
-                if route["type"] == 2 and route["dst_len"] == 0:  # RTN_LOCAL
-                    found.append(LocalRoute(family, table, dev))
-                else:
-                    found.append(LocalRoute(family, table, f"?{route['type']}/{dev}"))
+            )
+        routes = self._ipr.route("dump", dump_filter=None, family=socket.AF_UNSPEC, proto=RT_PROTO)
+        for route in routes:
+            family = _FAMILY.get(route["family"])
+            if family is None or route["proto"] != RT_PROTO:
+                continue
+            table = route.get_attr("RTA_TABLE") or route["table"]
+            dev = _name(route.get_attr("RTA_OIF"))
+            if route["type"] == _RTN_LOCAL and route["dst_len"] == 0:
+                found.append(LocalRoute(family, table, dev))
+            else:
+                found.append(LocalRoute(family, table, f"?{route['type']}/{dev}"))
         return found
 
     def close(self) -> None:

@@ -154,8 +154,9 @@ class NftTable:
     are also written into the comment of the table's first rule, so what is
     installed can be compared with a plan without parsing rules back.
     ``mark``/``mask``/``route_table`` let ip rules be attributed without a
-    record. ``script`` (the JSON batch) is not part of equality: a table read
-    back from the kernel has none.
+    record. ``script`` (the table's sets, chains and rules as an ``nft -f``
+    script, :func:`.nftrules.batch` puts the table's own command before it) is
+    not part of equality: a table read back from the kernel has none.
     """
 
     name: str

@@ -8,7 +8,8 @@ there, or nothing changed); installed tables of ours are found by their
 name (``tproxy_`` + instance) and read back with :func:`.nftrules.read_table`.
 
 :class:`Nft` talks to the kernel through a small ctypes binding to
-``libnftables.so.1`` (``nft -j -f -`` if the library is missing).
+``libnftables.so.1`` (the ``nft`` command if the library is missing): scripts in
+nft's text syntax (:mod:`.nftrules` says why not JSON), listings as JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from .backend import StepError
 from .items import Found, Item, NftTable
-from .nftrules import FAMILY, NFT_TABLE_PREFIX, delete_script, read_table
+from .nftrules import FAMILY, NFT_TABLE_PREFIX, batch, delete_script, read_table
 
 # ---------------------------------------------------------------- libnftables
 
@@ -31,20 +32,26 @@ _NFT_CTX_OUTPUT_JSON = 1 << 4
 class Nft:
     """libnftables through ctypes (``nft`` the command if the library cannot load).
 
+    ``use_library=False`` runs the command even where the library loads (tests).
+
     One context per call: a context's netlink socket stays in the namespace
     it was opened in.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_library: bool = True) -> None:
         self._lib: Any = None
-        try:
-            lib = ctypes.CDLL("libnftables.so.1")
-        except OSError:
+        lib = None
+        if use_library:
+            try:
+                lib = ctypes.CDLL("libnftables.so.1")
+            except OSError:
+                pass
+        if lib is None:
             if shutil.which("nft") is None:
                 raise StepError(
                     "load libnftables",
                     "neither libnftables.so.1 nor nft found (apt install nftables)",
-                ) from None
+                )
             return
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
@@ -61,11 +68,14 @@ class Nft:
         self._lib = lib
 
     def run(self, command: str) -> tuple[int, str, str]:
-        """Run a JSON batch or a text command with JSON output: (rc, output, errors)."""
+        """Run an ``nft -f`` script (one transaction), output as JSON: (rc, output, errors)."""
         if self._lib is None:
+            # nft -j -f - would read a text script as JSON, fail, find stdin used
+            # up and apply nothing, yet exit 0: only listings get -j.
+            listing = command.startswith("list ")
             proc = subprocess.run(
-                ["nft", "-j", "-f", "-"],
-                input=command,
+                ["nft", "-j", *command.split()] if listing else ["nft", "-f", "-"],
+                input=None if listing else command,
                 text=True,
                 capture_output=True,
                 timeout=60,
@@ -123,12 +133,19 @@ class NftBackend:
         return isinstance(item, NftTable)
 
     def add(self, item: Item) -> None:
+        """Create the table, or swap our installed one for it, in one transaction.
+
+        A table of that name without our comments is never merged into nor
+        deleted: refused.
+        """
         assert isinstance(item, NftTable)
-        rc, _, err = self._nft.run(item.script)
+        step = f"nft -f - (table inet {item.name}, {item.rules} rules)"
+        existing = self._nft.list_json(f"table {FAMILY} {item.name}")
+        if existing and read_table(existing, item.name) is None:
+            raise StepError(step, f"table {FAMILY} {item.name} exists and is not ours")
+        rc, _, err = self._nft.run(batch(item, replace=bool(existing)))
         if rc != 0:
-            raise StepError(
-                f"nft -j -f - (table inet {item.name}, {item.rules} rules)", _error_lines(err)
-            )
+            raise StepError(step, _error_lines(err))
 
     def remove(self, item: Found) -> bool:
         assert isinstance(item, NftTable)

@@ -1,22 +1,29 @@
-"""Our nftables table as libnftables JSON: rendered from a plan, read back from the kernel.
+"""Our nftables table as an ``nft -f`` script: rendered from a plan, read back from the kernel.
 
 Pure, no I/O: :mod:`.plan` renders with it, :mod:`.nft` (the backend) applies
 and lists what it renders. :func:`table_item` turns the iptables-shaped
-items of a plan (chains and mangle/filter rules, both families) into one
-libnftables JSON batch::
+items of a plan (chains and mangle/filter rules, both families) into the
+body of one script in nft's text syntax; :func:`batch` puts it behind the
+table's own command::
 
-    add table inet tproxy_INSTANCE      # so that the delete cannot fail
-    delete table inet tproxy_INSTANCE   # whatever an earlier setup left
-    add table inet tproxy_INSTANCE      # then every chain and rule
+    create table inet tproxy_INSTANCE   # a fresh install: fails if the name is taken
+    add table inet tproxy_INSTANCE      # or, replacing our own table:
+    delete table inet tproxy_INSTANCE   #   whatever an earlier setup left goes
+    add table inet tproxy_INSTANCE      #   in the same transaction
+    ...                                 # then every set, chain and rule
 
-The kernel applies a batch as one transaction: either the whole new table is
-there, or (any error) nothing changed and the previous table is untouched.
-Our base chains hook where iptables' mangle (and filter) tables do:
-``prerouting`` (filter, priority mangle), ``output`` (type route, priority
-mangle: a changed mark re-routes the packet) and ``forward`` (filter,
-priority filter); per-family regular chains (``tproxy_pre4``, ...) hold the
-rules, entered with ``meta nfproto ipv4 jump ...``. Other tables, even with
-the same hooks and priorities, are never touched.
+Text, not libnftables' JSON: nft 1.0.6's JSON input has no cgroupv2 match
+(``socket cgroupv2 level N "PATH"``, ``--exclude-cgroup``), and JSON and text
+cannot share one transaction. The kernel applies a script as one
+transaction: either the whole new table is there, or (any error) nothing
+changed and the previous table is untouched. Our base chains hook where
+iptables' mangle (and filter) tables do: ``prerouting`` (filter, priority
+mangle), ``output`` (type route, priority mangle: a changed mark re-routes the
+packet) and ``forward`` (filter, priority filter); per-family regular chains
+(``tproxy_pre4``, ...) hold the rules, entered with ``meta nfproto ipv4 jump
+...``. Rules that differ only in their ports become one rule matching a named
+interval set (``tcp dport @ports0``), shared by both families. Other tables,
+even with the same hooks and priorities, are never touched.
 
 Ownership: the table is ours by its name (``tproxy_`` + instance) and by the
 comment ``tproxy:INSTANCE`` on its rules; the first rule's comment also says
@@ -29,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,6 +66,8 @@ BASE_CHAINS = {
     "OUTPUT": ("output", "route", "output", -150),
     "FORWARD": ("forward", "filter", "forward", 0),
 }
+#: Where nft looks cgroup v2 paths up (``socket cgroupv2``): fixed in nft itself.
+NFT_CGROUP_BASE = "/sys/fs/cgroup"
 _META_RE = re.compile(r"d=(\w+) n=(\d+) m=(0x[0-9a-f]+)/(0x[0-9a-f]+) t=(\d+)")
 _NFPROTO = {4: "ipv4", 6: "ipv6"}
 _FULL = 0xFFFFFFFF
@@ -78,176 +86,145 @@ def chain_name(family: Family, chain: str) -> str:
 # ---------------------------------------------------------------- rendering
 
 
-def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
-    return {"match": {"op": op, "left": left, "right": right}}
+def _port(ports: PortRange) -> str:
+    return str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
 
 
-def _meta(key: str) -> dict[str, Any]:
-    return {"meta": {"key": key}}
+def _set_mark(mark: int, mask: int) -> str:
+    if mask == _FULL:
+        return f"meta mark set {mark:#x}"
+    return f"meta mark set meta mark & {~mask & _FULL:#x} | {mark:#x}"
 
 
-def _port(ports: PortRange) -> Any:
-    return ports.first if ports.first == ports.last else {"range": [ports.first, ports.last]}
+def cgroup_match(path: str, cgroup_dir: str) -> str:
+    """``socket cgroupv2 level N "PATH"`` for a cgroup v2 ``path`` relative to the v2 root.
 
-
-def _ports(ranges: list[PortRange]) -> Any:
-    """One range as itself, several as an anonymous set: one rule matches them all."""
-    return _port(ranges[0]) if len(ranges) == 1 else {"set": [_port(r) for r in ranges]}
-
-
-def _set_mark(mark: int, mask: int) -> dict[str, Any]:
-    value: Any = mark
-    if mask != _FULL:
-        value = {"|": [{"&": [_meta("mark"), ~mask & _FULL]}, mark]}
-    return {"mangle": {"key": _meta("mark"), "value": value}}
-
-
-def rule_exprs(rule: MangleRule, ports: list[PortRange] | None = None) -> list[dict[str, Any]]:
-    """The nft expressions of one plan rule (matches in iptables' order, then the verdict).
-
-    ``ports`` replaces the rule's one ``dport`` or ``sport`` range with several
-    (the rules of a plan that differ only in their ports become one rule).
+    nft resolves PATH under /sys/fs/cgroup (:data:`NFT_CGROUP_BASE`), where
+    ``cgroup_dir`` is the v2 hierarchy (``unified`` on hybrid hosts, ``""``
+    where /sys/fs/cgroup is cgroup2 itself); the kernel compares the id of the
+    socket's cgroup's ancestor at LEVEL, the depth of ``path`` in the v2
+    hierarchy, so ``path`` and everything below it match.
     """
-    exprs: list[dict[str, Any]] = []
+    level = len([part for part in path.split("/") if part])
+    full = f"{cgroup_dir}/{path}" if cgroup_dir else path
+    return f'socket cgroupv2 level {level} "{full}"'
+
+
+def rule_text(rule: MangleRule, ports: str | None = None, cgroup_dir: str = "") -> str:
+    """One plan rule in nft's syntax (matches in iptables' order, then the verdict).
+
+    ``ports`` replaces the rule's one ``dport`` or ``sport`` range (the name of
+    a set, ``@ports0``: the rules of a plan that differ only in their ports
+    become one rule). ``cgroup_dir``: see :func:`cgroup_match`.
+    """
+    words: list[str] = []
     target = rule.target
     base = rule.chain in BASE_CHAINS
     if base or rule.dst or isinstance(target, Tproxy | Reject):
-        exprs.append(_match(_meta("nfproto"), _NFPROTO[rule.family]))
+        words.append(f"meta nfproto {_NFPROTO[rule.family]}")
     if rule.in_interface is not None:
-        exprs.append(_match(_meta("iifname"), rule.in_interface))
+        words.append(f'iifname "{rule.in_interface}"')
     if rule.dst is not None:
-        address, _, length = rule.dst.partition("/")
-        exprs.append(
-            _match(
-                {"payload": {"protocol": "ip" if rule.family == 4 else "ip6", "field": "daddr"}},
-                {"prefix": {"addr": address, "len": int(length)}},
-            )
-        )
+        words.append(f"{'ip' if rule.family == 4 else 'ip6'} daddr {rule.dst}")
     if rule.protocol is not None:
-        exprs.append(_match(_meta("l4proto"), rule.protocol))
+        words.append(f"meta l4proto {rule.protocol}")
     for field, one in (("sport", rule.sport), ("dport", rule.dport)):
         if one is not None:
-            exprs.append(
-                _match(
-                    {"payload": {"protocol": rule.protocol or "tcp", "field": field}},
-                    _ports(ports or [one]),
-                )
-            )
+            words.append(f"{rule.protocol or 'tcp'} {field} {ports or _port(one)}")
     if rule.not_syn:
-        flags = {
-            "&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["fin", "syn", "rst", "ack"]]
-        }
-        exprs.append(_match(flags, "syn", "!="))
+        words.append("tcp flags & (fin|syn|rst|ack) != syn")
     if rule.socket_transparent:
-        exprs.append(_match({"socket": {"key": "transparent"}}, 1))
+        words.append("socket transparent 1")
     if rule.match_mark is not None:
-        left: Any = _meta("mark")
         if rule.match_mask != _FULL:
-            left = {"&": [left, rule.match_mask]}
-        exprs.append(_match(left, rule.match_mark))
+            words.append(f"meta mark & {rule.match_mask:#x} == {rule.match_mark:#x}")
+        else:
+            words.append(f"meta mark {rule.match_mark:#x}")
     if rule.uid_owner is not None:
-        exprs.append(_match(_meta("skuid"), rule.uid_owner))
-    if rule.cgroup is not None:  # refused by validate_request (no JSON for it here)
-        raise ValueError("the nft backend cannot match a cgroup")
+        words.append(f"meta skuid {rule.uid_owner}")
+    if rule.cgroup is not None:
+        words.append(cgroup_match(rule.cgroup, cgroup_dir))
     if isinstance(target, Jump):
-        exprs.append({"jump": {"target": chain_name(rule.family, target.chain)}})
+        words.append(f"jump {chain_name(rule.family, target.chain)}")
     elif isinstance(target, Accept):
-        exprs.append({"accept": None})
+        words.append("accept")
     elif isinstance(target, Return):
-        exprs.append({"return": None})
+        words.append("return")
     elif isinstance(target, SetMark):
-        exprs.append(_set_mark(target.mark, target.mask))
+        words.append(_set_mark(target.mark, target.mask))
     elif isinstance(target, Tproxy):
-        exprs.append(
-            {
-                "tproxy": {
-                    "family": "ip" if rule.family == 4 else "ip6",
-                    "addr": target.on_ip,
-                    "port": target.on_port,
-                }
-            }
-        )
-        exprs.append(_set_mark(target.mark, target.mask))
-        exprs.append({"accept": None})
+        to = target.on_ip if rule.family == 4 else f"[{target.on_ip}]"
+        words.append(f"tproxy {'ip' if rule.family == 4 else 'ip6'} to {to}:{target.on_port}")
+        words.append(_set_mark(target.mark, target.mask))
+        words.append("accept")
     elif isinstance(target, Reject):
-        exprs.append(
-            {
-                "reject": {
-                    "type": "icmp" if rule.family == 4 else "icmpv6",
-                    "expr": "port-unreachable",
-                }
-            }
-        )
-    return exprs
+        icmp = "icmp" if rule.family == 4 else "icmpv6"
+        words.append(f"reject with {icmp} type port-unreachable")
+    return " ".join(words)
+
+
+#: A rule's fields but its ports: rules equal in these differ only in their ports.
+_BUT_PORTS = tuple(
+    f.name for f in dataclasses.fields(MangleRule) if f.name not in ("dport", "sport")
+)
 
 
 def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
     """Render the chains and rules of a plan into the :class:`NftTable` that installs them."""
     name = table_name(request.instance)
-    where = {"family": FAMILY, "table": name}
-    chains: list[dict[str, Any]] = []
-    rules: list[dict[str, Any]] = []
-    bases: dict[str, dict[str, Any]] = {}
-    # Rules that differ only in their port range become one rule with a set of
-    # ranges, in the place of the first (all of one kind come before the next
-    # kind in a plan, so the order of kinds is kept).
-    merged: dict[tuple[MangleRule, bool], tuple[MangleRule, list[PortRange]]] = {}
+    where = f"{FAMILY} {name}"
+    bases: dict[str, str] = {}
+    chains: list[str] = []
+    sets: dict[tuple[PortRange, ...], str] = {}
+    rules: list[tuple[str, str, str]] = []  # (chain, rule text, comment)
+    # Rules that differ only in their port range become one rule matching a
+    # set of ranges, in the place of the first (all of one kind come before
+    # the next kind in a plan, so the order of kinds is kept).
+    merged: dict[tuple[object, ...], tuple[MangleRule, list[PortRange]]] = {}
     for item in items:
         if isinstance(item, Chain):
-            chains.append({"add": {"chain": {**where, "name": chain_name(item.family, item.name)}}})
+            chains.append(f"add chain {where} {chain_name(item.family, item.name)}")
             continue
         assert isinstance(item, MangleRule)
         one = item.dport or item.sport
         if one is None:
-            merged[(item, False)] = (item, [])
+            merged[(item,)] = (item, [])
             continue
-        key = (dataclasses.replace(item, dport=None, sport=None), True)
+        key = (*(getattr(item, name) for name in _BUT_PORTS), item.dport is None)
         merged.setdefault(key, (item, []))[1].append(one)
-    for item, ports in merged.values():
+    for item, ranges in merged.values():
         if item.chain in BASE_CHAINS:
             nft_name, kind, hook, prio = BASE_CHAINS[item.chain]
             bases.setdefault(
                 nft_name,
-                {
-                    "add": {
-                        "chain": {
-                            **where,
-                            "name": nft_name,
-                            "type": kind,
-                            "hook": hook,
-                            "prio": prio,
-                            "policy": "accept",
-                        }
-                    }
-                },
+                f"add chain {where} {nft_name} "
+                f"{{ type {kind} hook {hook} priority {prio}; policy accept; }}",
             )
             chain = nft_name
         else:
             chain = chain_name(item.family, item.chain)
-        rules.append(
-            {
-                "add": {
-                    "rule": {
-                        **where,
-                        "chain": chain,
-                        "comment": item.comment,
-                        "expr": rule_exprs(item, ports or None),
-                    }
-                }
-            }
-        )
-    body = list(bases.values()) + chains + rules
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-    if rules:
-        first = rules[0]["add"]["rule"]
-        first["comment"] = (
-            f"{first['comment']} d={digest} n={len(rules)} "
-            f"m={request.mark:#x}/{request.mask:#x} t={request.table}"
-        )
-    table = {"table": {"family": FAMILY, "name": name}}
-    batch = [{"add": table}, {"delete": table}, {"add": table}, *body]
-    # One command per line: readable in --dry-run, still one JSON document.
-    script = '{"nftables": [\n' + ",\n".join(json.dumps(c) for c in batch) + "\n]}"
+        ports = None
+        if len(ranges) > 1:
+            ports = "@" + sets.setdefault(tuple(ranges), f"ports{len(sets)}")
+        rules.append((chain, rule_text(item, ports, request.nft_cgroup_dir), item.comment))
+    set_lines: list[str] = []
+    for members, set_name in sets.items():
+        set_lines.append(f"add set {where} {set_name} {{ type inet_service; flags interval; }}")
+        elements = ", ".join(_port(r) for r in members)
+        set_lines.append(f"add element {where} {set_name} {{ {elements} }}")
+    plain = [f"add rule {where} {chain} {text}" for chain, text, _ in rules]
+    digest = hashlib.sha256(
+        "\n".join([*bases.values(), *chains, *set_lines, *plain]).encode()
+    ).hexdigest()[:16]
+    rule_lines = []
+    for index, (line, (_, _, comment)) in enumerate(zip(plain, rules, strict=True)):
+        if index == 0:
+            comment += (
+                f" d={digest} n={len(rules)} "
+                f"m={request.mark:#x}/{request.mask:#x} t={request.table}"
+            )
+        rule_lines.append(f'{line} comment "{comment}"')
+    body = "\n".join([*bases.values(), *chains, *set_lines, *rule_lines]) + "\n"
     return NftTable(
         name,
         request.instance,
@@ -256,18 +233,33 @@ def table_item(request: PlanRequest, items: Sequence[Item]) -> NftTable:
         request.mark,
         request.mask,
         request.table,
-        script,
+        body,
     )
 
 
+def batch(table: NftTable, replace: bool = False) -> str:
+    """The whole script that installs ``table``: the table's own command, then its body.
+
+    A fresh install *creates* the table (the kernel refuses if the name is
+    taken, so a foreign table is never merged into). ``replace`` swaps our own
+    table in one transaction: ``add; delete; add``. Deleting a table with base
+    chains waits for the kernel to unhook them (about 10 ms here), which a
+    fresh install never pays.
+    """
+    head = f"table {FAMILY} {table.name}"
+    if replace:
+        return f"add {head}\ndelete {head}\nadd {head}\n{table.script}"
+    return f"create {head}\n{table.script}"
+
+
 def delete_script(name: str) -> str:
-    """The batch that removes one table (and nothing else)."""
-    return json.dumps({"nftables": [{"delete": {"table": {"family": FAMILY, "name": name}}}]})
+    """The script that removes one table (and nothing else)."""
+    return f"delete table {FAMILY} {name}\n"
 
 
-def setup_lines(table: NftTable) -> list[str]:
-    """Shell lines applying the table's batch (for ``--dry-run``)."""
-    return ["nft -j -f - <<'EOF'", *table.script.splitlines(), "EOF"]
+def setup_lines(table: NftTable, replace: bool = False) -> list[str]:
+    """Shell lines applying the table's script (for ``--dry-run``)."""
+    return ["nft -f - <<'EOF'", *batch(table, replace).splitlines(), "EOF"]
 
 
 def read_table(objects: list[dict[str, Any]], name: str) -> NftTable | None:

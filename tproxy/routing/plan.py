@@ -47,8 +47,9 @@ a SYN retransmission; with SYNs kept off it, HAProxy went from 5,700 to
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # tproxy's modules import item names from .items; ``X as X`` marks the few re-exports.
@@ -77,7 +78,7 @@ from .items import (
 from .items import Found as Found
 from .items import Target as Target
 from .items import instance_of_chain as instance_of_chain
-from .nftrules import table_item
+from .nftrules import NFT_CGROUP_BASE, table_item
 from .ports import PortRange, PortSpecError, parse_port, parse_ports
 
 #: Protocol number tagging our ip rules and routes (``ip rule ... protocol 116``).
@@ -128,16 +129,22 @@ class PlanRequest:
     #: Also divert the gateway's own connections (``--local``).
     local: bool = False
     exclude_uids: tuple[int, ...] = ()
+    #: cgroup v2 paths relative to the v2 root (``-m cgroup --path``, as in /proc/PID/cgroup).
     exclude_cgroups: tuple[str, ...] = ()
+    #: nft only: the cgroup v2 hierarchy as nft finds it under /sys/fs/cgroup
+    #: (``unified`` on hybrid hosts, ``""`` where /sys/fs/cgroup is cgroup2).
+    nft_cgroup_dir: str = ""
     #: The SO_MARK of the proxy's own outgoing sockets, never captured by ``--local``.
     proxy_mark: int = DEFAULT_PROXY_MARK
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (ports as ``[first, last]`` pairs)."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict copies deeply
         for key in _PORT_FIELDS:
             data[key] = [[r.first, r.last] for r in getattr(self, key)]
         data["families"] = list(self.families)
+        data["exclude_uids"] = list(self.exclude_uids)
+        data["exclude_cgroups"] = list(self.exclude_cgroups)
         return data
 
     @classmethod
@@ -365,18 +372,19 @@ def validate_request(request: PlanRequest) -> None:
             f"the proxy's mark {request.proxy_mark:#x} would be routed as diverted "
             f"(mark {request.mark:#x}/{request.mask:#x}): pick another"
         )
-    if request.exclude_cgroups and request.backend == "nft":
-        raise PlanError(
-            "--exclude-cgroup needs --backend iptables: nftables' JSON interface "
-            "(1.0.6) has no cgroupv2 match"
-        )
     if (request.exclude_uids or request.exclude_cgroups) and not request.local:
         raise PlanError("--exclude-uid and --exclude-cgroup need --local")
     for uid in request.exclude_uids:
         if not 0 <= uid <= 0xFFFFFFFE:
             raise PlanError(f"bad uid {uid}")
     for path in request.exclude_cgroups:
-        if not path or len(path) > 100 or any(c in path for c in '"\n\0'):
+        parts = path.split("/")
+        if (
+            not path
+            or len(path) > 200
+            or any(c in path for c in '"\n\0\\')
+            or any(p in ("", ".", "..") for p in parts)
+        ):
             raise PlanError(f"bad cgroup path {path!r}")
 
 
@@ -474,8 +482,9 @@ def build_request(
         block_quic=block_quic,
         backend=backend,
         local=local,
-        exclude_uids=tuple(_uid(text) for text in exclude_uids or ()),
-        exclude_cgroups=tuple(_cgroup(text) for text in exclude_cgroups or ()),
+        exclude_uids=tuple(dict.fromkeys(_uid(text) for text in exclude_uids or ())),
+        exclude_cgroups=tuple(dict.fromkeys(_cgroup(text) for text in exclude_cgroups or ())),
+        nft_cgroup_dir=nft_cgroup_dir() if exclude_cgroups and backend == "nft" else "",
         proxy_mark=parse_number(str(proxy_mark), "proxy mark"),
     )
     validate_request(request)
@@ -494,8 +503,8 @@ def _uid(text: str) -> int:
         raise PlanError(f"no such user {text!r}") from None
 
 
-def cgroup2_root() -> str:
-    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup/unified`` on hybrid hosts)."""
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted here, or None (``ip netns exec`` hides it)."""
     try:
         with open("/proc/self/mounts") as handle:
             for line in handle:
@@ -504,7 +513,51 @@ def cgroup2_root() -> str:
                     return fields[1]
     except OSError:
         pass
-    return "/sys/fs/cgroup"
+    return None
+
+
+def cgroup2_root() -> str:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup/unified`` on hybrid hosts)."""
+    return cgroup2_mount() or NFT_CGROUP_BASE
+
+
+def nft_cgroup_dir() -> str:
+    """The cgroup v2 mount relative to /sys/fs/cgroup, where nft looks cgroups up.
+
+    nft's ``socket cgroupv2`` takes a path it resolves itself under
+    /sys/fs/cgroup (fixed in nft), so the v2 hierarchy must be mounted there
+    (or below: ``unified`` on hybrid hosts) in this mount namespace.
+    """
+    mount = cgroup2_mount()
+    if mount is None:
+        raise PlanError(
+            "--exclude-cgroup: no cgroup2 file system is mounted here "
+            "(ip netns exec hides it: run setup with nsenter --net=/run/netns/NAME)"
+        )
+    if mount != NFT_CGROUP_BASE and not mount.startswith(NFT_CGROUP_BASE + "/"):
+        raise PlanError(
+            f"--exclude-cgroup with --backend nft: cgroup2 is mounted at {mount}, "
+            f"but nft finds cgroups only under {NFT_CGROUP_BASE}"
+        )
+    return mount[len(NFT_CGROUP_BASE) :].strip("/")
+
+
+def cgroup_problem(path: str, backend: str) -> str | None:
+    """Why ``--exclude-cgroup PATH`` cannot be installed here (None: it can).
+
+    The cgroup must exist: python-iptables' ``-m cgroup --path`` is resolved by
+    the kernel against the v2 root (EINVAL if missing), nft's by nft itself
+    under /sys/fs/cgroup. Where no cgroup2 is mounted (``ip netns exec``)
+    only the iptables backend can go on, and the kernel checks the path.
+    """
+    mount = cgroup2_mount()
+    if mount is None:
+        if backend == "nft":
+            return f"--exclude-cgroup {path}: no cgroup2 file system is mounted here"
+        return None
+    if not os.path.isdir(os.path.join(mount, path)):
+        return f"--exclude-cgroup {path}: no such cgroup (no directory {mount}/{path})"
+    return None
 
 
 def _cgroup(text: str) -> str:

@@ -87,7 +87,13 @@ def save(
     owner: str = "setup",
     process: tuple[int | None, str | None] | None = None,
 ) -> None:
-    """Record an instance's request atomically (write, fsync, rename).
+    """Record an instance's request atomically (write a temporary file, rename it).
+
+    A reader sees the old record or the new one, never half of one, whenever
+    this process dies. There is no fsync: it would only matter if the machine
+    went down, and that takes the rules the record describes with it (netfilter
+    state and ip rules live in the kernel; ``/run`` is normally a tmpfs), and a
+    record whose items are not installed is treated as stale anyway.
 
     ``owner`` is ``setup`` (installed by the command, removed by ``teardown``)
     or ``run`` (installed by ``tproxy run --setup`` for its lifetime).
@@ -107,10 +113,7 @@ def save(
         "pid_start": started,
         "netns_inode": os.stat("/proc/self/ns/net").st_ino,
     }
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+    tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
 
@@ -176,14 +179,21 @@ def collect_stale() -> list[Path]:
     """
     if not ROOT.is_dir():
         return []
-    live = _live_namespace_inodes()
+    ours = state_dir()
+    live: set[int] | None = None  # scanning /proc costs a few ms: only when needed
     removed = []
     for directory in ROOT.glob("ns-*"):
+        if directory == ours:
+            continue  # this namespace exists: we are in it
         inodes = set()
         for record in directory.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 inodes.add(json.loads(record.read_text()).get("netns_inode"))
-        if not inodes or None in inodes or inodes & live:
+        if not inodes or None in inodes:
+            continue
+        if live is None:
+            live = _live_namespace_inodes()
+        if inodes & live:
             continue
         for record in directory.iterdir():
             with contextlib.suppress(OSError):
