@@ -313,6 +313,19 @@ _WATCH = watchdog.WATCH
 _perf_counter = time.perf_counter
 
 
+def end_each(interceptors: Sequence[Interceptor], reason: str) -> None:
+    """Call every interceptor's ``end(reason)``; the first failure is raised (as an
+    :class:`InterceptorError`) once all of them ran. Stream and datagram chains share it."""
+    errors: list[InterceptorError] = []
+    for ic in interceptors:
+        try:
+            ic.end(reason)
+        except Exception as exc:
+            errors.append(InterceptorError(ic, "end", exc))
+    if errors:
+        raise errors[0]
+
+
 def _as_bytes(ic: Interceptor, hook: str, result: object) -> bytes:
     """A data hook's result that is not exactly ``bytes``: converted, or the hook's error."""
     if result is None:
@@ -373,16 +386,7 @@ class Chain:
         out = _Collect()
         injected: list[tuple[bytes, bytes]] = []
         for k, ic in enumerate(self.interceptors):
-            began = watchdog.hook_began()
-            try:
-                ic.start()
-            except AbortFlow as exc:
-                self._keep_reply(k, exc, out)
-                raise
-            except Exception as exc:
-                raise InterceptorError(ic, "start", exc) from exc
-            finally:
-                watchdog.hook_ended(began, ic, "start")
+            self._invoke(k, "start", (), out)
             injected.append((b"".join(ic._to_server), b"".join(ic._to_client)))
             ic._to_server.clear()
             ic._to_client.clear()
@@ -394,66 +398,41 @@ class Chain:
         return out.output()
 
     def client_data(self, data: bytes) -> Output:
-        # The common case inline (every chunk of every watched flow comes here): each
-        # interceptor in turn, no injection. The first one that injected hands the
-        # rest of the trip to the general routing (_call's tail, _to_server).
-        ics = self.interceptors
-        perf_counter = _perf_counter
-        for k, ic in enumerate(ics):
-            if ic._passthrough:
-                continue
-            began = perf_counter()
-            try:
-                result = ic.client_data(data)
-            except AbortFlow as exc:
-                out = _Collect()
-                self._keep_reply(k, exc, out)
-                raise
-            except Exception as exc:
-                raise InterceptorError(ic, "client_data", exc) from exc
-            finally:
-                if perf_counter() - began >= _WATCH.threshold:
-                    watchdog.hook_ended(began, ic, "client_data")
-            if type(result) is not bytes:
-                result = _as_bytes(ic, "client_data", result)
-            if ic._to_server or ic._to_client:
-                out = _Collect()
-                self._to_server(k + 1, self._route(k, result, out, toward_server=True), out)
-                return out.output()
-            data = result
-            if not data:
-                return Output()
-        return Output(data, b"")
+        return self._data(data, toward_server=True)
 
     def server_data(self, data: bytes) -> Output:
+        return self._data(data, toward_server=False)
+
+    def _data(self, data: bytes, *, toward_server: bool) -> Output:
+        """A chunk through the interceptors, the common case inline.
+
+        Every chunk of every watched flow comes here: each interceptor in turn,
+        no collector while none injects. The first one that injected hands the
+        rest of the trip to the general routing (:meth:`_route`, then
+        :meth:`_to_server` / :meth:`_to_client`).
+        """
         ics = self.interceptors
-        perf_counter = _perf_counter
-        for k in range(len(ics) - 1, -1, -1):
+        if toward_server:
+            hook, order = "client_data", range(len(ics))
+        else:
+            hook, order = "server_data", range(len(ics) - 1, -1, -1)
+        for k in order:
             ic = ics[k]
             if ic._passthrough:
                 continue
-            began = perf_counter()
-            try:
-                result = ic.server_data(data)
-            except AbortFlow as exc:
-                out = _Collect()
-                self._keep_reply(k, exc, out)
-                raise
-            except Exception as exc:
-                raise InterceptorError(ic, "server_data", exc) from exc
-            finally:
-                if perf_counter() - began >= _WATCH.threshold:
-                    watchdog.hook_ended(began, ic, "server_data")
-            if type(result) is not bytes:
-                result = _as_bytes(ic, "server_data", result)
+            result = self._invoke(k, hook, (data,), None)
             if ic._to_server or ic._to_client:
                 out = _Collect()
-                self._to_client(k - 1, self._route(k, result, out, toward_server=False), out)
+                result = self._route(k, result, out, toward_server=toward_server)
+                if toward_server:
+                    self._to_server(k + 1, result, out)
+                else:
+                    self._to_client(k - 1, result, out)
                 return out.output()
             data = result
             if not data:
                 return Output()
-        return Output(b"", data)
+        return Output(data, b"") if toward_server else Output(b"", data)
 
     def client_eof(self) -> Output:
         """Flush the client-to-server direction, interceptor by interceptor."""
@@ -472,14 +451,7 @@ class Chain:
         if self._ended:
             return
         self._ended = True
-        errors: list[InterceptorError] = []
-        for ic in self.interceptors:
-            try:
-                ic.end(reason)
-            except Exception as exc:
-                errors.append(InterceptorError(ic, "end", exc))
-        if errors:
-            raise errors[0]
+        end_each(self.interceptors, reason)
 
     # -- routing ------------------------------------------------------------
 
@@ -516,27 +488,36 @@ class Chain:
         """Call hook ``hook`` of interceptor ``k`` and route its injections.
 
         The hook's result continues in the direction being processed; the
-        caller passes it on. Injections in the *same* direction are put in
-        front of the result (they were made during the call, before it
-        returned); injections in the other direction start their own trip
-        from ``k``'s neighbour.
+        caller passes it on (see :meth:`_route`).
+        """
+        result = self._invoke(k, hook, args, out)
+        return self._route(k, result, out, toward_server=to_server_from is not None)
+
+    def _invoke(self, k: int, hook: str, args: tuple[bytes, ...], out: _Collect | None) -> bytes:
+        """Call hook ``hook`` of interceptor ``k``: its result as ``bytes``.
+
+        Timed for the stall watchdog; an abort keeps what ``k`` injected toward
+        the client (into ``out``, a new collector when ``None``) and is raised
+        on; any other exception is raised as :class:`InterceptorError`. ``None``
+        from an eof or start hook is "nothing"; from a data hook it is an error.
         """
         ic = self.interceptors[k]
-        began = watchdog.hook_began()
+        began = _perf_counter()
         try:
             result = getattr(ic, hook)(*args)
         except AbortFlow as exc:
-            self._keep_reply(k, exc, out)
+            self._keep_reply(k, exc, out if out is not None else _Collect())
             raise
         except Exception as exc:
             raise InterceptorError(ic, hook, exc) from exc
         finally:
-            watchdog.hook_ended(began, ic, hook)
+            if _perf_counter() - began >= _WATCH.threshold:
+                watchdog.hook_ended(began, ic, hook)
+        if type(result) is bytes:
+            return result
         if result is None and hook not in _DATA_HOOKS:
-            result = b""  # the eof hooks: None is "nothing held"
-        elif type(result) is not bytes:
-            result = _as_bytes(ic, hook, result)
-        return self._route(k, result, out, toward_server=to_server_from is not None)
+            return b""
+        return _as_bytes(ic, hook, result)
 
     def _route(self, k: int, result: bytes, out: _Collect, *, toward_server: bool) -> bytes:
         """What interceptor ``k`` injected during a call that returned ``result``.

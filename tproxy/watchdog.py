@@ -8,10 +8,10 @@ nothing would be logged.
 
 Two measurements, one report:
 
-- :func:`hook_began` / :func:`hook_ended` bracket each interceptor hook call
-  (the interceptor chain calls them; so may any other loop that calls hooks,
-  such as the epoll hub). A hook that took longer than the threshold is
-  reported by name: interceptor class, hook, flow id, duration.
+- the interceptor chain reads ``time.perf_counter()`` around each hook call
+  and calls :func:`hook_ended` when the hook took longer than the threshold
+  (so may any other loop that calls hooks). It is reported by name:
+  interceptor class, hook, flow id, duration.
 - :class:`LoopInstrument`, a trio instrument, times every task step. A step
   that held the loop longer than the threshold and was not already reported
   as a hook is reported with the task's name.
@@ -111,13 +111,9 @@ def summary() -> None:
         )
 
 
-def hook_began() -> float:
-    """Call right before a hook runs; pass the result to :func:`hook_ended`."""
-    return time.perf_counter()
-
-
 def hook_ended(began: float, interceptor: object, hook: str) -> None:
-    """Call right after a hook returned (or raised): report it if it held the loop too long.
+    """Call after a hook returned (or raised), ``began`` being ``time.perf_counter()``
+    before it: report it if it held the loop too long.
 
     ``interceptor`` is the instance whose ``hook`` ran; its class names it
     and its ``flow`` (when it has one) gives the flow id.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..interceptor import AbortFlow, Interceptor, InterceptorError
+from ..interceptor import AbortFlow, Interceptor, InterceptorError, end_each
 
 
 @dataclass
@@ -84,14 +84,7 @@ class DatagramChain:
         if self._ended:
             return
         self._ended = True
-        errors: list[InterceptorError] = []
-        for ic in self.interceptors:
-            try:
-                ic.end(reason)
-            except Exception as exc:
-                errors.append(InterceptorError(ic, "end", exc))
-        if errors:
-            raise errors[0]
+        end_each(self.interceptors, reason)
 
     # -- routing ------------------------------------------------------------
 
