@@ -62,7 +62,6 @@ from .relay.core import (
     CONNECTING,
     OPEN,
     SERVER,
-    SMALL_READ,
     Action,
     End,
     FlowCore,
@@ -668,9 +667,7 @@ class SpliceHub:
         """One read through user space, handed to the core; False when the direction waits."""
         core = flow.core
         side = way.side
-        size = core.read_size
-        if core.small[side] and size > SMALL_READ:  # core.next_read_size(side), inline
-            size = SMALL_READ
+        size = core.next_read_size(side)
         buf = self._buffer
         try:
             n = way.src.recv_into(buf, size)

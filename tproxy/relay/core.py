@@ -348,11 +348,7 @@ class FlowCore:
             else:
                 record.bytes_down += n
         self.last = now
-        small = self.small
-        size = self.read_size
-        if small[side] and size > SMALL_READ:  # self.next_read_size(side), inline
-            size = SMALL_READ
-        self.small = _set(small, side, n < size // 4)
+        self.small = _set(self.small, side, n < self.next_read_size(side) // 4)
         if self.tap is not None:
             self.tap.on_read(side, data)
         if not self.watching:
