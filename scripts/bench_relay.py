@@ -34,7 +34,6 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -103,29 +102,39 @@ def _pair(transport: str) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-async def _memory(config: str, flows: int) -> float:
-    """Python memory per idle flow pair in the hub (tracemalloc), sockets included."""
-    chains = {"unchanged": 1, "unchanged2": 2}.get(config, 0)
-    hub = SpliceHub(
+def _hub(config: str) -> SpliceHub:
+    """A hub as the engine makes one, splicing only for the ``splice`` configuration."""
+    return SpliceHub(
         opened=lambda info, local: FlowRecord(info, time.time()),
         rejected=lambda *a: None,
         closed=lambda record: None,
         splice=config == "splice",
     )
+
+
+def _adopt(hub: SpliceHub, config: str, k: int, transport: str) -> tuple[socket.socket, ...]:
+    """Flow pair ``k`` in the hub, with the configuration's interceptors; its two peer ends."""
+    client_peer, client = _pair(transport)
+    server, server_peer = _pair(transport)
+    for s in (client, server):
+        s.setblocking(False)
+    info = FlowInfo(k + 1, ("192.0.2.1", 40000 + k), ("192.0.2.2", 80), mode="forward")
+    chains = {"unchanged": 1, "unchanged2": 2}.get(config, 0)
+    chain = Chain([Unchanged(info) for _ in range(chains)]) if chains else None
+    hub.adopt(client, server, FlowRecord(info, time.time()), chain)
+    return client_peer, server_peer
+
+
+async def _memory(config: str, flows: int) -> float:
+    """Python memory per idle flow pair in the hub (tracemalloc), sockets included."""
+    hub = _hub(config)
     keep: list[socket.socket] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         for k in range(flows):
-            client_peer, client = socket.socketpair()
-            server, server_peer = socket.socketpair()
-            for s in (client, server):
-                s.setblocking(False)
-            info = FlowInfo(k + 1, ("192.0.2.1", 40000 + k), ("192.0.2.2", 80), mode="forward")
-            chain = Chain([Unchanged(info) for _ in range(chains)]) if chains else None
-            hub.adopt(client, server, FlowRecord(info, time.time()), chain)
-            keep += [client_peer, server_peer]
+            keep += _adopt(hub, config, k, "unix")
         await trio.sleep(0.2)
         used = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
@@ -144,30 +153,12 @@ async def _run(
     profile: str | None,
     transport: str,
 ) -> float:
-    chains = {"unchanged": 1, "unchanged2": 2}.get(config, 0)
-
-    def chain_for(info: FlowInfo) -> Any:
-        return Chain([Unchanged(info) for _ in range(chains)]) if chains else None
-
-    hub = SpliceHub(
-        opened=lambda info, local: FlowRecord(info, time.time()),
-        rejected=lambda *a: None,
-        closed=lambda record: None,
-        splice=config == "splice",
-    )
+    hub = _hub(config)
     peer_fds: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
-        flows = []
         for k in range(pairs):
-            client_peer, client = _pair(transport)
-            server, server_peer = _pair(transport)
-            for s in (client, server):
-                s.setblocking(False)
-            info = FlowInfo(k + 1, ("192.0.2.1", 40000 + k), ("192.0.2.2", 80), mode="forward")
-            record = FlowRecord(info, time.time())
-            flows.append(hub.adopt(client, server, record, chain_for(info)))
-            peer_fds += [client_peer.detach(), server_peer.detach()]
+            peer_fds += [peer.detach() for peer in _adopt(hub, config, k, transport)]
         proc = subprocess.Popen(
             [sys.executable, "-c", PEER, ",".join(map(str, peer_fds)), str(requests), str(up),
              str(down)],
